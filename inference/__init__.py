@@ -1,0 +1,1 @@
+"""Base model, multi-LoRA layers, adapter cache, generation engine, ModelFactory and worker."""

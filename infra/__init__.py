@@ -1,0 +1,1 @@
+"""Local infrastructure: settings, the Kafka broker runtime, ClickHouse DDL and clients."""

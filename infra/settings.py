@@ -1,0 +1,65 @@
+"""Settings read from the environment, the one place every component gets its configuration.
+
+Every variable here is documented in the README and set by docker-compose.yml; a test checks
+that compose sets no variable this module does not read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_VARS: dict[str, str] = {
+    "LORALEDGER_HOME": "directory for local state (broker data, ClickHouse, adapters, datanets)",
+    "KAFKA_BOOTSTRAP": "Kafka bootstrap servers, host:port[,host:port]",
+    "LORALEDGER_TOPIC_PREFIX": "prefix for every topic name, so several stacks share a cluster",
+    "CLICKHOUSE_URL": "chdb://DIR for the embedded engine, or http(s)://host:8123 for a server",
+    "LORALEDGER_DEVICE": "torch device for the worker and generation: cpu or cuda",
+    "LORALEDGER_WORKER_ID": "identity of a GPU worker, credited as compute operator",
+    "LORALEDGER_BASE_MODEL": "directory of the Hugging Face base model checkpoint",
+    "LORALEDGER_METRICS_PORT": "port of the worker's Prometheus endpoint (0 disables it)",
+    "LORALEDGER_CACHE": "cache for slow-to-build artifacts shared by checkouts (base model, jars)",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    kafka_bootstrap: str
+    topic_prefix: str
+    clickhouse_url: str
+    device: str
+    worker_id: str
+    base_model_dir: Path
+    metrics_port: int
+    cache_dir: Path
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def datanets_dir(self) -> Path:
+        return self.home / "datanets"
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.home / "kafka"
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Read settings from `env` (default: the process environment), with local defaults."""
+    env = dict(os.environ if env is None else env)
+    home = Path(env.get("LORALEDGER_HOME", ".loraledger")).expanduser().resolve()
+    return Settings(
+        home=home,
+        kafka_bootstrap=env.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+        topic_prefix=env.get("LORALEDGER_TOPIC_PREFIX", ""),
+        clickhouse_url=env.get("CLICKHOUSE_URL", f"chdb://{home / 'clickhouse'}"),
+        device=env.get("LORALEDGER_DEVICE", "cpu"),
+        worker_id=env.get("LORALEDGER_WORKER_ID", "worker-local"),
+        base_model_dir=Path(env.get("LORALEDGER_BASE_MODEL", str(home / "base-model"))),
+        metrics_port=int(env.get("LORALEDGER_METRICS_PORT", "0")),
+        cache_dir=Path(env.get("LORALEDGER_CACHE", "~/.cache/loraledger")).expanduser(),
+    )

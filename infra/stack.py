@@ -1,0 +1,79 @@
+"""`loraledger stack up | down | status`: the local stack, with no Docker.
+
+Kafka runs as one KRaft node from jars fetched with Maven; ClickHouse is the embedded engine
+(chdb) unless CLICKHOUSE_URL names a server, so `up` only has to start the broker, create the
+topics from the registry and apply the ClickHouse DDL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient
+
+from infra.kafka_broker import StackError, broker_paths, port_open, running_pid, start_broker
+from infra.settings import Settings
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    broker_pid: int | None
+    broker_answers: bool
+    topics: list[str]
+    bootstrap: str
+    clickhouse_url: str
+
+
+async def _list_topics(settings: Settings) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        return sorted(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> None:
+    """Wait until the broker answers a metadata request (the port opens a little earlier)."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            asyncio.run(_list_topics(settings))
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+            last_error = exc
+            time.sleep(1.0)
+    raise StackError(f"the broker at {settings.kafka_bootstrap} did not answer: {last_error}")
+
+
+def stack_up(settings: Settings, *, start_local_broker: bool = True) -> list[str]:
+    """Start what the local stack needs and return the topics created."""
+    from infra.clickhouse_client import apply_ddl, get_client
+    from pipeline.kafka_io import ensure_topics
+
+    if start_local_broker:
+        start_broker(settings)
+    wait_for_broker(settings)
+    created = asyncio.run(ensure_topics(settings))
+    apply_ddl(get_client(settings))
+    return created
+
+
+def stack_status(settings: Settings) -> StackStatus:
+    answers = port_open(settings.kafka_bootstrap)
+    topics: list[str] = []
+    if answers:
+        try:
+            topics = asyncio.run(_list_topics(settings))
+        except Exception:  # noqa: BLE001 - status reports, it does not fail
+            answers = False
+    return StackStatus(
+        broker_pid=running_pid(broker_paths(settings)),
+        broker_answers=answers,
+        topics=topics,
+        bootstrap=settings.kafka_bootstrap,
+        clickhouse_url=settings.clickhouse_url,
+    )

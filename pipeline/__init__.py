@@ -1,0 +1,1 @@
+"""The Faust pipeline (attribution, rewards, governance, ClickHouse sink) and the CLI."""

@@ -1,0 +1,32 @@
+"""The `loraledger` command line: one typer app assembled from the command modules."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+# Each module under pipeline/commands exposes `register(app)`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "stack",
+    "events",
+)
+
+app = typer.Typer(
+    name="loraledger",
+    help="Serve many LoRA adapters on one base model and pay the contributors behind each answer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"pipeline.commands.{_name}").register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

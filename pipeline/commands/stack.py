@@ -1,0 +1,57 @@
+"""`loraledger stack up | down | status`."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from infra.kafka_broker import StackError, stop_broker
+from infra.settings import load_settings
+from infra.stack import stack_status, stack_up
+
+console = Console()
+stack_app = typer.Typer(help="Start, stop and inspect the local stack (Kafka broker, ClickHouse).")
+
+
+@stack_app.command("up")
+def up(
+    external: bool = typer.Option(
+        False, "--external", help="Use the broker at KAFKA_BOOTSTRAP; start none locally."
+    ),
+) -> None:
+    """Start the local Kafka broker, create the topics and apply the ClickHouse DDL."""
+    settings = load_settings()
+    try:
+        with console.status("starting the stack"):
+            created = stack_up(settings, start_local_broker=not external)
+    except StackError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"stack up: broker {settings.kafka_bootstrap}, {len(created)} topics created, "
+        f"ClickHouse {settings.clickhouse_url}"
+    )
+
+
+@stack_app.command("down")
+def down() -> None:
+    """Stop the local Kafka broker (its data stays under LORALEDGER_HOME)."""
+    stopped = stop_broker(load_settings())
+    console.print("broker stopped" if stopped else "no local broker was running")
+
+
+@stack_app.command("status")
+def status() -> None:
+    """Report whether the broker runs and answers, and which topics exist."""
+    state = stack_status(load_settings())
+    pid = state.broker_pid if state.broker_pid is not None else "-"
+    answers = "[green]answers[/green]" if state.broker_answers else "[red]does not answer[/red]"
+    console.print(f"broker {state.bootstrap}: pid {pid}, {answers}")
+    console.print(f"topics: {', '.join(state.topics) or '-'}")
+    console.print(f"clickhouse: {state.clickhouse_url}")
+    if not state.broker_answers:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(stack_app, name="stack")

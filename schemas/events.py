@@ -1,0 +1,432 @@
+"""Every event on every topic. Models refuse unknown fields, carry `schema_version`, an id and a
+UTC timestamp, and state their bounds so that a value outside them never reaches a consumer."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    field_validator,
+    model_validator,
+)
+
+from schemas.ids import (
+    AdapterId,
+    ContributorId,
+    DatanetId,
+    EntityId,
+    Sha256Hex,
+    WorkerId,
+    new_id,
+)
+from schemas.text import row_id_for
+
+SCHEMA_VERSION = 1
+MAX_PROMPT_CHARS = 8192
+MAX_NEW_TOKENS = 2048
+MAX_CONTRIBUTION_CHARS = 16384
+PPM_TOTAL = 1_000_000
+BPS_TOTAL = 10_000
+
+Ppm = Annotated[int, Field(ge=0, le=PPM_TOTAL)]
+Bps = Annotated[int, Field(ge=0, le=BPS_TOTAL)]
+MicroUnits = NonNegativeInt
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """Base of every event: strict shape, immutable, versioned, timestamped in UTC."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    created_at: AwareDatetime = Field(default_factory=utc_now)
+
+    @field_validator("created_at")
+    @classmethod
+    def _in_utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+
+class Part(BaseModel):
+    """Base of nested values inside events."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- requests and results -------------------------------------------------------------------
+
+
+class InferenceRequest(Event):
+    request_id: EntityId = Field(default_factory=new_id)
+    adapter_id: AdapterId
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_new_tokens: int = Field(default=64, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=8
+    )
+    client_id: EntityId | None = None
+
+
+class ErrorCode(StrEnum):
+    UNKNOWN_ADAPTER = "unknown_adapter"
+    ADAPTER_REFUSED = "adapter_refused"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    INVALID_PARAMETERS = "invalid_parameters"
+    INTERNAL = "internal_error"
+
+
+class CacheTier(StrEnum):
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+    NONE = "none"
+
+
+class Usage(Part):
+    prompt_tokens: NonNegativeInt
+    completion_tokens: NonNegativeInt
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Timings(Part):
+    queue_ms: float = Field(ge=0.0)
+    adapter_load_ms: float = Field(ge=0.0)
+    prefill_ms: float = Field(ge=0.0)
+    decode_ms: float = Field(ge=0.0)
+    total_ms: float = Field(ge=0.0)
+
+
+class Sketch(Part):
+    """The projected gradient of the generated sequence's loss with respect to the adapter's
+    LoRA parameters: float32 little-endian, base64, so it round-trips bit for bit."""
+
+    k: int = Field(ge=1, le=65536)
+    seed: int = Field(ge=0)
+    projection: str = Field(min_length=1, max_length=64)
+    values_b64: str
+
+    @model_validator(mode="after")
+    def _length_matches_k(self) -> Sketch:
+        try:
+            raw = base64.b64decode(self.values_b64, validate=True)
+        except ValueError as exc:
+            raise ValueError(f"sketch values are not base64: {exc}") from exc
+        if len(raw) != 4 * self.k:
+            raise ValueError(f"sketch holds {len(raw) // 4} values, expected k={self.k}")
+        if not np.isfinite(np.frombuffer(raw, dtype="<f4")).all():
+            raise ValueError("sketch holds non-finite values")
+        return self
+
+    @classmethod
+    def from_array(cls, values: np.ndarray, *, seed: int, projection: str) -> Sketch:
+        array = np.ascontiguousarray(values, dtype="<f4").reshape(-1)
+        return cls(
+            k=array.size,
+            seed=seed,
+            projection=projection,
+            values_b64=base64.b64encode(array.tobytes()).decode("ascii"),
+        )
+
+    def to_array(self) -> np.ndarray:
+        return np.frombuffer(base64.b64decode(self.values_b64), dtype="<f4").copy()
+
+
+class InferenceResult(Event):
+    request_id: EntityId
+    adapter_id: AdapterId
+    status: Literal["ok", "error"]
+    error_code: ErrorCode | None = None
+    error_message: str | None = Field(default=None, max_length=1024)
+    prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    output_text: str = ""
+    prompt_token_ids: list[NonNegativeInt] = Field(default_factory=list)
+    output_token_ids: list[NonNegativeInt] = Field(default_factory=list)
+    finish_reason: Literal["stop", "length"] | None = None
+    usage: Usage = Field(default_factory=lambda: Usage(prompt_tokens=0, completion_tokens=0))
+    timings: Timings | None = None
+    cache_tier: CacheTier = CacheTier.NONE
+    adapter_hash: Sha256Hex | None = None
+    base_model_hash: Sha256Hex | None = None
+    worker_id: WorkerId
+    sketch: Sketch | None = None
+
+    @model_validator(mode="after")
+    def _status_consistent(self) -> InferenceResult:
+        if self.status == "ok" and self.error_code is not None:
+            raise ValueError("an ok result carries no error_code")
+        if self.status == "error" and self.error_code is None:
+            raise ValueError("an error result needs an error_code")
+        return self
+
+
+# --- attribution ------------------------------------------------------------------------------
+
+
+class MethodInfo(Part):
+    name: str = Field(min_length=1, max_length=64)
+    version: str = Field(min_length=1, max_length=32)
+    params: dict[str, float | int | str] = Field(default_factory=dict)
+
+
+class ExampleScore(Part):
+    example_index: NonNegativeInt
+    row_id: Sha256Hex
+    contributor_id: ContributorId
+    datanet_id: DatanetId
+    score: float = Field(allow_inf_nan=False)
+
+
+class ContributorWeight(Part):
+    contributor_id: ContributorId
+    datanet_id: DatanetId
+    ppm: Ppm
+
+
+class AttributionRecord(Event):
+    request_id: EntityId
+    adapter_id: AdapterId
+    adapter_hash: Sha256Hex | None = None
+    status: Literal["ok", "failed"]
+    failure_reason: str | None = Field(default=None, max_length=1024)
+    method: MethodInfo
+    index_hash: Sha256Hex | None = None
+    top_examples: list[ExampleScore] = Field(default_factory=list)
+    contributor_weights: list[ContributorWeight] = Field(default_factory=list)
+    evidence_hash: Sha256Hex
+
+    @model_validator(mode="after")
+    def _weights_sum_exactly(self) -> AttributionRecord:
+        if self.status == "failed":
+            if self.failure_reason is None:
+                raise ValueError("a failed attribution needs a failure_reason")
+            return self
+        total = sum(weight.ppm for weight in self.contributor_weights)
+        if self.contributor_weights and total != PPM_TOTAL:
+            raise ValueError(f"contributor weights sum to {total} ppm, not {PPM_TOTAL}")
+        return self
+
+
+# --- rewards ----------------------------------------------------------------------------------
+
+
+class RewardRole(StrEnum):
+    CONTRIBUTOR = "contributor"
+    ADAPTER_OWNER = "adapter_owner"
+    COMPUTE_OPERATOR = "compute_operator"
+    TREASURY = "treasury"
+
+
+def reward_entry_id(request_id: str, beneficiary_id: str, role: str) -> str:
+    """Deterministic, so the same request paid twice (a replay, a retry) yields the same id."""
+    return hashlib.sha256(f"{request_id}\0{beneficiary_id}\0{role}".encode()).hexdigest()[:32]
+
+
+class RewardEntry(Event):
+    entry_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    request_id: EntityId
+    adapter_id: AdapterId
+    epoch: NonNegativeInt
+    beneficiary_id: EntityId
+    role: RewardRole
+    amount: MicroUnits
+    fee_total: MicroUnits
+    parameters_version: NonNegativeInt
+    reason: str = Field(default="", max_length=256)
+
+    @model_validator(mode="after")
+    def _id_is_derived(self) -> RewardEntry:
+        expected = reward_entry_id(self.request_id, self.beneficiary_id, self.role.value)
+        if self.entry_id != expected:
+            raise ValueError("entry_id is not derived from (request_id, beneficiary_id, role)")
+        if self.amount > self.fee_total:
+            raise ValueError("an entry cannot exceed its request's fee")
+        return self
+
+
+# --- datanets and adapters --------------------------------------------------------------------
+
+
+class DatanetContribution(Event):
+    contribution_id: EntityId = Field(default_factory=new_id)
+    datanet_id: DatanetId
+    contributor_id: ContributorId
+    text: str = Field(min_length=1, max_length=MAX_CONTRIBUTION_CHARS)
+    license: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$")] = "CC-BY-4.0"
+    row_id: Sha256Hex
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_row_id(cls, data: object) -> object:
+        if isinstance(data, dict) and "row_id" not in data and isinstance(data.get("text"), str):
+            data = {**data, "row_id": row_id_for(data["text"])}
+        return data
+
+    @model_validator(mode="after")
+    def _row_id_matches_text(self) -> DatanetContribution:
+        if not self.text.strip():
+            raise ValueError("text is empty after trimming whitespace")
+        if self.row_id != row_id_for(self.text):
+            raise ValueError("row_id is not the sha256 of the normalized text")
+        return self
+
+
+class AdapterRegistered(Event):
+    adapter_id: AdapterId
+    owner_id: EntityId
+    base_model_hash: Sha256Hex
+    weights_hash: Sha256Hex
+    rank: int = Field(ge=1, le=256)
+    datanet_id: DatanetId
+    snapshot_version: NonNegativeInt
+    snapshot_hash: Sha256Hex
+    index_hash: Sha256Hex | None = None
+    training_config: dict[str, float | int | str | bool | list[str]] = Field(default_factory=dict)
+    contributors: list[ContributorId] = Field(default_factory=list)
+
+
+# --- governance -------------------------------------------------------------------------------
+
+
+class FeeSplit(Part):
+    """Basis points of each fee per role; they sum to exactly 10,000."""
+
+    contributors: Bps
+    adapter_owner: Bps
+    compute_operator: Bps
+    treasury: Bps
+
+    @model_validator(mode="after")
+    def _sums_to_whole(self) -> FeeSplit:
+        total = self.contributors + self.adapter_owner + self.compute_operator + self.treasury
+        if total != BPS_TOTAL:
+            raise ValueError(f"fee split sums to {total} bps, not {BPS_TOTAL}")
+        return self
+
+
+class Parameters(Part):
+    """Everything governance sets. A reward entry records the version it was computed with."""
+
+    fee_split: FeeSplit = FeeSplit(
+        contributors=5000, adapter_owner=2500, compute_operator=1500, treasury=1000
+    )
+    gradient_weight_ppm: Ppm = 800_000  # the rest goes to the span-matching method
+    top_k: int = Field(default=16, ge=1, le=1024)
+    min_weight_ppm: Ppm = 0
+    default_price_per_token: MicroUnits = 10
+    adapter_prices: dict[AdapterId, MicroUnits] = Field(default_factory=dict)
+
+
+class ParameterChanges(Part):
+    """A proposal's changes; fields left out keep their current value."""
+
+    fee_split: FeeSplit | None = None
+    gradient_weight_ppm: Ppm | None = None
+    top_k: int | None = Field(default=None, ge=1, le=1024)
+    min_weight_ppm: Ppm | None = None
+    default_price_per_token: MicroUnits | None = None
+    adapter_prices: dict[AdapterId, MicroUnits] | None = None
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> ParameterChanges:
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("a proposal must change at least one parameter")
+        return self
+
+    def apply(self, parameters: Parameters) -> Parameters:
+        changes = self.model_dump(exclude_none=True)
+        if "adapter_prices" in changes:
+            changes["adapter_prices"] = {**parameters.adapter_prices, **changes["adapter_prices"]}
+        return Parameters.model_validate({**parameters.model_dump(), **changes})
+
+
+class Proposal(Event):
+    kind: Literal["proposal"] = "proposal"
+    proposal_id: EntityId = Field(default_factory=new_id)
+    proposer_id: EntityId
+    epoch: NonNegativeInt  # tallied at the end of this epoch; activates at epoch + 1 if passed
+    changes: ParameterChanges
+    description: str = Field(default="", max_length=2048)
+
+
+class Vote(Event):
+    kind: Literal["vote"] = "vote"
+    vote_id: EntityId = Field(default_factory=new_id)
+    proposal_id: EntityId
+    voter_id: EntityId
+    support: bool
+
+
+class ProposalTallied(Event):
+    kind: Literal["tallied"] = "tallied"
+    proposal_id: EntityId
+    epoch: NonNegativeInt
+    yes_weight: MicroUnits
+    no_weight: MicroUnits
+    passed: bool
+
+
+class ParametersActivated(Event):
+    kind: Literal["activated"] = "activated"
+    version: NonNegativeInt
+    effective_epoch: NonNegativeInt
+    parameters: Parameters
+    proposal_id: EntityId | None = None
+
+
+GovernanceEvent = Annotated[
+    Proposal | Vote | ProposalTallied | ParametersActivated, Field(discriminator="kind")
+]
+
+
+# --- dead letters -----------------------------------------------------------------------------
+
+MAX_DEAD_LETTER_BYTES = 64 * 1024
+
+
+class DeadLetter(Event):
+    dead_letter_id: EntityId = Field(default_factory=new_id)
+    source_topic: str = Field(min_length=1, max_length=255)
+    partition: NonNegativeInt
+    offset: NonNegativeInt
+    consumer: str = Field(min_length=1, max_length=128)
+    reason: str = Field(min_length=1, max_length=2048)
+    raw_b64: str
+    raw_size: NonNegativeInt
+    truncated: bool
+
+    @classmethod
+    def for_bytes(
+        cls, raw: bytes, *, source_topic: str, partition: int, offset: int, consumer: str,
+        reason: str,
+    ) -> DeadLetter:
+        kept = raw[:MAX_DEAD_LETTER_BYTES]
+        return cls(
+            source_topic=source_topic,
+            partition=partition,
+            offset=offset,
+            consumer=consumer,
+            reason=reason[:2048],
+            raw_b64=base64.b64encode(kept).decode("ascii"),
+            raw_size=len(raw),
+            truncated=len(kept) < len(raw),
+        )

@@ -1,0 +1,77 @@
+"""The topic registry: the single place topic facts live (name, key, partitions, retention)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from schemas import events
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str  # logical name; the broker name is prefix + name
+    key_field: str  # event field whose value is the message key
+    partitions: int
+    value: Any  # the event model (or annotated union) of the values
+    compacted: bool = False
+    retention_ms: int = -1  # -1: keep forever (the log is the source of truth)
+
+    def broker_name(self, prefix: str = "") -> str:
+        return f"{prefix}{self.name}"
+
+    def topic_config(self) -> dict[str, str]:
+        if self.compacted:
+            return {"cleanup.policy": "compact"}
+        return {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+
+    def key_of(self, event: Any) -> bytes:
+        return str(getattr(event, self.key_field)).encode("utf-8")
+
+
+_SPECS = [
+    TopicSpec("requests", "adapter_id", 8, events.InferenceRequest),
+    TopicSpec("results", "adapter_id", 8, events.InferenceResult),
+    TopicSpec("attributions", "request_id", 8, events.AttributionRecord),
+    TopicSpec("rewards", "beneficiary_id", 8, events.RewardEntry),
+    TopicSpec("contributions", "datanet_id", 4, events.DatanetContribution),
+    TopicSpec("adapters", "adapter_id", 4, events.AdapterRegistered, compacted=True),
+    # One partition: proposals, votes and tallies must be read in the order they happened.
+    TopicSpec("governance", "proposal_id", 1, events.GovernanceEvent),
+    TopicSpec("dead-letters", "source_topic", 1, events.DeadLetter, retention_ms=30 * DAY_MS),
+]
+
+TOPICS: dict[str, TopicSpec] = {spec.name: spec for spec in _SPECS}
+
+_ADAPTERS: dict[str, TypeAdapter] = {spec.name: TypeAdapter(spec.value) for spec in _SPECS}
+
+
+def topic_spec(name: str) -> TopicSpec:
+    try:
+        return TOPICS[name]
+    except KeyError:
+        raise ValueError(f"unknown topic {name!r}: expected one of {', '.join(TOPICS)}") from None
+
+
+def topic_name(name: str, prefix: str = "") -> str:
+    """The broker's name for a logical topic under a stack's prefix."""
+    return topic_spec(name).broker_name(prefix)
+
+
+def value_adapter(name: str) -> TypeAdapter:
+    topic_spec(name)
+    return _ADAPTERS[name]
+
+
+def topic_for_event(event: Any) -> TopicSpec:
+    """The topic an event belongs on (governance events share one topic)."""
+    for spec in _SPECS:
+        value = spec.value
+        members = getattr(value, "__metadata__", None) and value.__origin__.__args__
+        if (members and type(event) in members) or type(event) is value:
+            return spec
+    raise ValueError(f"no topic carries {type(event).__name__}")
