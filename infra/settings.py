@@ -20,6 +20,7 @@ ENV_VARS: dict[str, str] = {
     "LORALEDGER_BASE_MODEL": "directory of the Hugging Face base model checkpoint",
     "LORALEDGER_METRICS_PORT": "port of the worker's Prometheus endpoint (0 disables it)",
     "LORALEDGER_CACHE": "cache for slow-to-build artifacts shared by checkouts (base model, jars)",
+    "LORALEDGER_EPOCH_SECONDS": "length of a reward and governance epoch in seconds",
 }
 
 
@@ -34,6 +35,7 @@ class Settings:
     base_model_dir: Path
     metrics_port: int
     cache_dir: Path
+    epoch_seconds: int
 
     @property
     def adapters_dir(self) -> Path:
@@ -46,6 +48,17 @@ class Settings:
     @property
     def kafka_dir(self) -> Path:
         return self.home / "kafka"
+
+
+def _positive_int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be a positive number of seconds")
+    return value
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -62,4 +75,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         base_model_dir=Path(env.get("LORALEDGER_BASE_MODEL", str(home / "base-model"))),
         metrics_port=int(env.get("LORALEDGER_METRICS_PORT", "0")),
         cache_dir=Path(env.get("LORALEDGER_CACHE", "~/.cache/loraledger")).expanduser(),
+        epoch_seconds=_positive_int(env, "LORALEDGER_EPOCH_SECONDS", 3600),
     )

@@ -1,0 +1,66 @@
+"""docker-compose.yml stays in step with the code: every command a service of the project's
+image runs exists in the CLI, and every variable it sets is one the code reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import typer.main
+import yaml
+
+from infra.settings import ENV_VARS
+from pipeline.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _project_services() -> dict[str, dict]:
+    return {
+        name: service
+        for name, service in _compose()["services"].items()
+        if service.get("image", "").startswith("loraledger")
+    }
+
+
+def _resolve(words: list[str]) -> click.Command:
+    command: click.Command = typer.main.get_command(app)
+    for word in words:
+        if word.startswith("-"):
+            break
+        assert isinstance(command, click.Group), f"{word!r} follows a command with no subcommands"
+        sub = command.commands.get(word)
+        assert sub is not None, f"`loraledger {' '.join(words)}`: no command {word!r}"
+        command = sub
+    return command
+
+
+def test_the_project_image_runs_the_worker_pipeline_and_init():
+    assert {"init", "worker", "pipeline"} <= set(_project_services())
+    assert {"kafka", "clickhouse"} <= set(_compose()["services"])
+
+
+def test_every_service_command_exists_in_the_cli():
+    for name, service in _project_services().items():
+        command = service["command"]
+        assert command[0] == "loraledger", name
+        resolved = _resolve(command[1:])
+        options = {opt for param in resolved.params for opt in getattr(param, "opts", [])}
+        for word in command[1:]:
+            if word.startswith("--"):
+                assert word in options, f"service {name}: {resolved.name} has no option {word}"
+
+
+def test_every_variable_a_service_sets_is_read_by_the_code():
+    for name, service in _project_services().items():
+        for variable in service.get("environment", {}):
+            assert variable in ENV_VARS, f"service {name} sets {variable}, which no code reads"
+
+
+def test_the_worker_reserves_a_gpu():
+    devices = _compose()["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]

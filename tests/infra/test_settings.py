@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from infra.settings import ENV_VARS, load_settings
+
+SAMPLE_VALUES = {
+    "LORALEDGER_HOME": "/srv/ll",
+    "KAFKA_BOOTSTRAP": "kafka:29092",
+    "LORALEDGER_TOPIC_PREFIX": "stack2.",
+    "CLICKHOUSE_URL": "http://clickhouse:8123",
+    "LORALEDGER_DEVICE": "cuda",
+    "LORALEDGER_WORKER_ID": "gpu-7",
+    "LORALEDGER_BASE_MODEL": "/models/llama",
+    "LORALEDGER_METRICS_PORT": "9400",
+    "LORALEDGER_CACHE": "/var/cache/ll",
+    "LORALEDGER_EPOCH_SECONDS": "60",
+}
+
+
+def test_every_documented_variable_changes_a_setting():
+    assert set(SAMPLE_VALUES) == set(ENV_VARS)
+    defaults = dataclasses.asdict(load_settings({}))
+    for name, value in SAMPLE_VALUES.items():
+        changed = dataclasses.asdict(load_settings({name: value}))
+        assert changed != defaults, f"{name} is documented but not read"
+
+
+def test_defaults_point_at_the_local_stack():
+    settings = load_settings({"LORALEDGER_HOME": "/srv/ll"})
+    assert settings.kafka_bootstrap == "127.0.0.1:9092"
+    assert settings.clickhouse_url == "chdb:///srv/ll/clickhouse"
+    assert settings.adapters_dir.as_posix() == "/srv/ll/adapters"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon"])
+def test_bad_epoch_length_is_refused(value):
+    with pytest.raises(ValueError, match="LORALEDGER_EPOCH_SECONDS"):
+        load_settings({"LORALEDGER_EPOCH_SECONDS": value})
