@@ -1,0 +1,124 @@
+"""Batch metadata for multi-LoRA layers: which adapter slot each token uses.
+
+Built once per forward pass (one host synchronisation) and shared by every LoRA layer, so the
+per-layer calls never need to read device values back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# Rows of one slot: a slice when they are consecutive (prefill runs), else an index tensor.
+SlotRows = slice | Tensor
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Runs of consecutive tokens that share one adapter slot (prefill / SGMV path)."""
+
+    seg_starts: Tensor  # [S] int32, index of the first token of each run
+    seg_lens: Tensor  # [S] int32, number of tokens in each run (>= 1)
+    seg_slots: Tensor  # [S] int32, slot of each run (>= 0; runs of -1 tokens are left out)
+    max_seg_len: int  # host copy of max(seg_lens) (0 when S == 0), sizes the kernel grid
+
+    @property
+    def num_segments(self) -> int:
+        return self.seg_starts.numel()
+
+
+@dataclass
+class LoraBatch:
+    """Which slot of an adapter pool each token of the batch uses.
+
+    Slots are positions in one stacked pool tensor, not adapter ids; -1 means the token has no
+    adapter in this pool and gets no work.
+    """
+
+    token_slots: Tensor  # [num_tokens] int64, slot per token, -1 = no adapter in this pool
+    segments: Segments | None  # prefill: runs of equal slots; None -> decode / BGMV path
+    num_active: int  # host count of tokens with slot >= 0; 0 makes add_lora a no-op
+    max_slot: int  # host max(token_slots) (-1 when no token is active), checked against the pool
+    _slot_rows: list[tuple[int, SlotRows]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_slots.numel()
+
+    @classmethod
+    def from_token_slots(
+        cls, token_slots: Tensor, prefill: bool, num_slots: int | None = None
+    ) -> LoraBatch:
+        """Build the metadata for `token_slots` ([num_tokens] integer, -1 = no adapter).
+
+        prefill=True also builds the SGMV segments (runs of equal consecutive slots). When
+        `num_slots` is given, slots must lie in [-1, num_slots).
+        """
+        if token_slots.dim() != 1:
+            raise ValueError(
+                f"token_slots must be 1-D [num_tokens], got shape {tuple(token_slots.shape)}"
+            )
+        if token_slots.dtype.is_floating_point or token_slots.dtype == torch.bool:
+            raise TypeError(f"token_slots must be an integer tensor, got {token_slots.dtype}")
+        token_slots = token_slots.to(torch.int64).contiguous()
+        if token_slots.numel() == 0:
+            min_slot, max_slot, num_active = -1, -1, 0
+        else:
+            # One transfer for the three host values every layer needs.
+            stats = torch.stack(
+                [token_slots.min(), token_slots.max(), (token_slots >= 0).sum()]
+            ).tolist()
+            min_slot, max_slot, num_active = (int(v) for v in stats)
+        if min_slot < -1:
+            raise ValueError(f"token_slots must be >= -1 (-1 = no adapter), got {min_slot}")
+        if num_slots is not None and max_slot >= num_slots:
+            raise ValueError(f"token slot {max_slot} is out of range for a pool of {num_slots}")
+        segments = _build_segments(token_slots) if prefill else None
+        return cls(token_slots, segments, num_active, max_slot)
+
+    def slot_rows(self) -> list[tuple[int, SlotRows]]:
+        """Active slots with the rows that use them, computed once and cached (torch path)."""
+        if self._slot_rows is None:
+            self._slot_rows = _group_rows(self)
+        return self._slot_rows
+
+
+def _build_segments(token_slots: Tensor) -> Segments:
+    device = token_slots.device
+    if token_slots.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.int32, device=device)
+        return Segments(empty, empty.clone(), empty.clone(), 0)
+    run_slots, run_lens = torch.unique_consecutive(token_slots, return_counts=True)
+    run_starts = torch.cumsum(run_lens, 0) - run_lens
+    keep = run_slots >= 0
+    seg_lens = run_lens[keep].to(torch.int32)
+    max_seg_len = int(seg_lens.max()) if seg_lens.numel() else 0
+    return Segments(
+        seg_starts=run_starts[keep].to(torch.int32).contiguous(),
+        seg_lens=seg_lens.contiguous(),
+        seg_slots=run_slots[keep].to(torch.int32).contiguous(),
+        max_seg_len=max_seg_len,
+    )
+
+
+def _group_rows(batch: LoraBatch) -> list[tuple[int, SlotRows]]:
+    # Grouped by slot even for prefill: runs of one adapter in several requests share a matmul.
+    if batch.num_active == 0:
+        return []
+    slots = batch.token_slots
+    order = torch.argsort(slots, stable=True)
+    group_slots, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    groups: list[tuple[int, SlotRows]] = []
+    for slot, rows in zip(group_slots.tolist(), torch.split(order, counts.tolist()), strict=True):
+        if slot < 0:
+            continue
+        first, last = int(rows[0]), int(rows[-1])
+        if last - first + 1 == rows.numel():
+            groups.append((slot, slice(first, last + 1)))
+        else:
+            groups.append((slot, rows))
+    return groups

@@ -1,0 +1,68 @@
+"""The CPU fast path (what CPU serving runs) against the float64 reference."""
+
+import pytest
+import torch
+
+from kernels.cases import POPULARITIES, RANK_CLASSES, make_case
+from kernels.dispatch import add_lora
+
+
+def run_torch(prefill: bool):
+    def run(case) -> None:
+        add_lora(
+            case.y,
+            case.x,
+            case.lora_a,
+            case.lora_b,
+            case.ranks,
+            case.scales,
+            case.batch(prefill),
+            backend="torch",
+        )
+
+    return run
+
+
+@pytest.mark.parametrize("prefill", [True, False], ids=["prefill", "decode"])
+@pytest.mark.parametrize("rank_class", RANK_CLASSES)
+@pytest.mark.parametrize("popularity", POPULARITIES)
+def test_matches_reference(check_run, popularity: str, rank_class, prefill: bool) -> None:
+    case = make_case(
+        popularity,
+        rank_class,
+        num_requests=12,
+        prefill=prefill,
+        in_features=72,
+        out_features=40,
+        seed=POPULARITIES.index(popularity) * 10 + RANK_CLASSES.index(rank_class),
+    )
+    check_run(case, run_torch(prefill))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prefill", [True, False], ids=["prefill", "decode"])
+def test_half_precision(check_run, dtype: torch.dtype, prefill: bool) -> None:
+    case = make_case(
+        "with_base",
+        "mix",
+        num_requests=10,
+        prefill=prefill,
+        in_features=48,
+        out_features=56,
+        dtype=dtype,
+        seed=7,
+    )
+    check_run(case, run_torch(prefill))
+
+
+def test_auto_backend_on_cpu_uses_the_torch_path(check_run, monkeypatch) -> None:
+    import kernels.dispatch as dispatch
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the Triton path ran for CPU tensors")
+
+    monkeypatch.setattr(dispatch, "_add_lora_triton", no_triton)
+    case = make_case("zipf", 16, num_requests=8, prefill=False, in_features=32, out_features=32)
+    check_run(
+        case, lambda c: add_lora(c.y, c.x, c.lora_a, c.lora_b, c.ranks, c.scales, c.batch(False))
+    )
