@@ -1,0 +1,389 @@
+"""ModelFactory: fine-tune LoRA adapters with peft on a datanet snapshot, on the CPU, and store
+each one in PEFT format with its attribution index and a manifest.
+
+`<adapters_dir>/<adapter_id>/`:
+- `adapter_config.json` + `adapter_model.safetensors`  (PEFT format; any peft loader reads it)
+- `attribution_index/`  (see `inference.attribution_index`)
+- `manifest.json`  owner, hashes of base model, weights, snapshot and index, training config,
+  contributors. No timestamps: the same inputs and seed give byte-identical files.
+
+Training is deterministic: one thread, seeded LoRA init, a seeded fixed data order, no dropout.
+Publishing the AdapterRegistered event is separate (`registration_event`), so training works
+with no broker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from inference.attribution_index import DEFAULT_LAMBDA_RELATIVE, IndexExample, write_index
+from inference.base_model import load_base_model, single_thread
+from inference.datanets import DatanetRow, Snapshot, snapshot_hash
+from inference.hashing import adapter_weights_hash, base_model_hash, sha256_file
+from inference.sketch import (
+    DEFAULT_K,
+    LOSS_DEFINITION,
+    PROJECTION_KIND,
+    Projector,
+    collate,
+    encode_pair,
+    layout_hash,
+    param_layout,
+    per_example_loss,
+    projected_gradient,
+)
+from schemas import AdapterRegistered
+from schemas.ids import check_id
+
+LORA_TARGETS: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)  # fmt: skip
+MANIFEST = "manifest.json"
+INDEX_DIR = "attribution_index"
+
+ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, loss)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 200
+    lr: float = 3e-3
+    seed: int = 0
+    batch_size: int = 8
+    max_length: int = 64
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    index_k: int = DEFAULT_K
+    projection_seed: int = 0
+    index_lambda_relative: float = DEFAULT_LAMBDA_RELATIVE
+    index_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rank <= 256:
+            raise ValueError(f"rank must be between 1 and 256, got {self.rank}")
+        if self.steps < 1 or self.batch_size < 1 or self.max_length < 2 or self.index_k < 1:
+            raise ValueError("steps, batch_size and index_k must be >= 1 and max_length >= 2")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        unknown = set(self.target_modules) - set(LORA_TARGETS)
+        if unknown or not self.target_modules:
+            raise ValueError(f"target modules must be a non-empty subset of {LORA_TARGETS}")
+
+    def to_record(self) -> dict[str, float | int | str | bool | list[str]]:
+        record = asdict(self)
+        record["target_modules"] = list(self.target_modules)
+        return record
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter of a batch: its id, owner, config, and which snapshot rows it trains on
+    (None: all)."""
+
+    adapter_id: str
+    owner_id: str
+    config: TrainConfig = field(default_factory=TrainConfig)
+    row_ids: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    manifest: dict[str, Any]
+    losses: list[float]  # per step
+    train_seconds: float
+    index_seconds: float
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _select_rows(snapshot: Snapshot, row_ids: Sequence[str] | None) -> list[DatanetRow]:
+    if row_ids is None:
+        return list(snapshot.rows)
+    by_id = {row.row_id: row for row in snapshot.rows}
+    missing = [row_id for row_id in row_ids if row_id not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} row ids are not in snapshot v{snapshot.manifest.version}")
+    # Snapshot order, whatever order the subset was given in: the data order depends on the seed.
+    wanted = set(row_ids)
+    return [row for row in snapshot.rows if row.row_id in wanted]
+
+
+def _train_steps(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[DatanetRow],
+    config: TrainConfig,
+    progress: ProgressFn | None,
+) -> list[float]:
+    examples = [encode_pair(tokenizer, "", row.text, config.max_length) for row in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order_rng = torch.Generator().manual_seed(config.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    model.train()
+    order = torch.randperm(len(examples), generator=order_rng)
+    cursor = 0
+    losses = []
+    for step in range(config.steps):
+        if cursor >= len(order):
+            order = torch.randperm(len(examples), generator=order_rng)
+            cursor = 0
+        picked = order[cursor : cursor + config.batch_size].tolist()
+        cursor += config.batch_size
+        ids, mask, labels = collate([examples[i] for i in picked], pad)
+        loss = per_example_loss(model, ids, mask, labels).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, config.steps, losses[-1])
+    model.eval()
+    return losses
+
+
+def _save_adapter(model: PeftModel, directory: Path) -> None:
+    # The checkpoint path of the base would tie the file to this machine; the manifest names the
+    # base by its hash instead.
+    model.peft_config["default"].base_model_name_or_path = None
+    model.save_pretrained(str(directory), safe_serialization=True)
+    (directory / "README.md").unlink(missing_ok=True)
+
+
+def _train_one(
+    base: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    base_hash: str,
+    snapshot: Snapshot,
+    spec: AdapterSpec,
+    adapters_dir: Path,
+    overwrite: bool,
+    progress: ProgressFn | None,
+    projectors: dict[tuple[str, int, int], Projector],
+) -> tuple[TrainResult, LlamaForCausalLM]:
+    """Train, save and index one adapter on `base`; returns the base with LoRA layers removed."""
+    config = spec.config
+    check_id(spec.adapter_id, "adapter id")
+    check_id(spec.owner_id, "owner id")
+    final = Path(adapters_dir) / spec.adapter_id
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"adapter {spec.adapter_id!r} already exists; pick another id")
+    rows = _select_rows(snapshot, spec.row_ids)
+    if not rows:
+        raise ValueError("no rows to train on")
+    staging = Path(adapters_dir) / f".{spec.adapter_id}.{os.getpid()}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for param in base.parameters():
+        param.requires_grad_(False)
+    torch.manual_seed(config.seed)  # LoRA A init
+    model = get_peft_model(base, lora_config(config))
+    try:
+        started = time.perf_counter()
+        losses = _train_steps(model, tokenizer, rows, config, progress)
+        train_seconds = time.perf_counter() - started
+        _save_adapter(model, staging)
+
+        started = time.perf_counter()
+        layout = param_layout(model)
+        # Adapters of one shape share a projection: generating it is the costly part of
+        # indexing a small adapter.
+        key = (layout_hash(layout), config.index_k, config.projection_seed)
+        if key not in projectors:
+            projectors[key] = Projector(layout, config.index_k, config.projection_seed)
+        projector = projectors[key]
+        features = projected_gradient(
+            model,
+            tokenizer,
+            [("", row.text) for row in rows],
+            projector,
+            config.max_length,
+            config.index_batch_size,
+        )
+        examples = [
+            IndexExample(i, row.row_id, row.contributor_id, row.datanet_id, row.text)
+            for i, row in enumerate(rows)
+        ]
+        index_hash = write_index(
+            staging / INDEX_DIR,
+            features,
+            examples,
+            seed=config.projection_seed,
+            projection=PROJECTION_KIND,
+            loss=LOSS_DEFINITION,
+            param_layout_hash=layout_hash(layout),
+            max_length=config.max_length,
+            lambda_relative=config.index_lambda_relative,
+        )
+        index_seconds = time.perf_counter() - started
+    finally:
+        base = model.unload()
+    manifest = {
+        "adapter_id": spec.adapter_id,
+        "owner_id": spec.owner_id,
+        "format": "peft-lora",
+        "base_model_hash": base_hash,
+        "weights_hash": adapter_weights_hash(staging),
+        "rank": config.rank,
+        "datanet_id": snapshot.manifest.datanet_id,
+        "snapshot_version": snapshot.manifest.version,
+        "snapshot_hash": snapshot.manifest.snapshot_hash,
+        "training_rows": len(rows),
+        "training_rows_hash": snapshot_hash([row.row_id for row in rows]),
+        "training_config": config.to_record(),
+        "contributors": sorted({row.contributor_id for row in rows}),
+        "index_hash": index_hash,
+        "first_loss": round(losses[0], 6),
+        "last_loss": round(losses[-1], 6),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return TrainResult(final, manifest, losses, train_seconds, index_seconds), base
+
+
+def train_adapter(
+    snapshot: Snapshot,
+    adapter_id: str,
+    owner_id: str,
+    base_model_dir: Path,
+    adapters_dir: Path,
+    config: TrainConfig | None = None,
+    row_ids: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Fine-tune one LoRA adapter on `snapshot` (or the given subset of its rows)."""
+    spec = AdapterSpec(adapter_id, owner_id, config or TrainConfig(), _tuple(row_ids))
+    return train_many(snapshot, [spec], base_model_dir, adapters_dir, overwrite, progress)[0]
+
+
+def train_many(
+    snapshot: Snapshot,
+    specs: Sequence[AdapterSpec],
+    base_model_dir: Path,
+    adapters_dir: Path,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    on_adapter: Callable[[TrainResult], None] | None = None,
+) -> list[TrainResult]:
+    """Train many adapters with the base model loaded once. Each adapter is identical to the one
+    `train_adapter` makes from the same spec."""
+    ids = [spec.adapter_id for spec in specs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("adapter ids in a batch must be distinct")
+    base_hash = base_model_hash(base_model_dir)
+    results = []
+    projectors: dict[tuple[str, int, int], Projector] = {}
+    with single_thread():
+        base, tokenizer = load_base_model(base_model_dir)
+        for spec in specs:
+            result, base = _train_one(
+                base, tokenizer, base_hash, snapshot, spec, adapters_dir, overwrite, progress,
+                projectors,
+            )  # fmt: skip
+            results.append(result)
+            if on_adapter is not None:
+                on_adapter(result)
+    return results
+
+
+def _tuple(row_ids: Sequence[str] | None) -> tuple[str, ...] | None:
+    return None if row_ids is None else tuple(row_ids)
+
+
+def subset_specs(
+    snapshot: Snapshot,
+    count: int,
+    prefix: str,
+    owner_id: str,
+    fraction: float,
+    config: TrainConfig,
+) -> list[AdapterSpec]:
+    """`count` adapters `PREFIX-0000`..., each on its own seeded random `fraction` of the rows
+    (as for the linear datamodeling score, which retrains on random halves)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    check_id(f"{prefix}-{count - 1:04d}", "adapter id prefix")
+    row_ids = [row.row_id for row in snapshot.rows]
+    size = max(1, round(fraction * len(row_ids)))
+    specs = []
+    for i in range(count):
+        rng = random.Random(f"subset:{config.seed}:{i}")
+        specs.append(
+            AdapterSpec(f"{prefix}-{i:04d}", owner_id, config, tuple(rng.sample(row_ids, size)))
+        )
+    return specs
+
+
+# --- the adapter store ------------------------------------------------------------------------
+
+
+def adapter_dir(adapters_dir: Path, adapter_id: str) -> Path:
+    return Path(adapters_dir) / check_id(adapter_id, "adapter id")
+
+
+def load_manifest(adapters_dir: Path, adapter_id: str) -> dict[str, Any]:
+    path = adapter_dir(adapters_dir, adapter_id) / MANIFEST
+    if not path.is_file():
+        raise KeyError(f"unknown adapter {adapter_id!r}: train it with `loraledger train`")
+    return json.loads(path.read_text())
+
+
+def manifest_hash(adapters_dir: Path, adapter_id: str) -> str:
+    return sha256_file(adapter_dir(adapters_dir, adapter_id) / MANIFEST)
+
+
+def list_adapters(adapters_dir: Path) -> list[dict[str, Any]]:
+    """Manifests of every stored adapter, by id."""
+    root = Path(adapters_dir)
+    if not root.is_dir():
+        return []
+    return [
+        json.loads((child / MANIFEST).read_text())
+        for child in sorted(root.iterdir())
+        if not child.name.startswith(".") and (child / MANIFEST).is_file()
+    ]
+
+
+def registration_event(manifest: dict[str, Any]) -> AdapterRegistered:
+    """The AdapterRegistered event announcing a trained adapter."""
+    return AdapterRegistered(
+        adapter_id=manifest["adapter_id"],
+        owner_id=manifest["owner_id"],
+        base_model_hash=manifest["base_model_hash"],
+        weights_hash=manifest["weights_hash"],
+        rank=manifest["rank"],
+        datanet_id=manifest["datanet_id"],
+        snapshot_version=manifest["snapshot_version"],
+        snapshot_hash=manifest["snapshot_hash"],
+        index_hash=manifest["index_hash"],
+        training_config=manifest["training_config"],
+        contributors=manifest["contributors"],
+    )
