@@ -1,0 +1,260 @@
+"""Multi-LoRA linear layers and the device slot pools they read.
+
+A `LoraPool` holds the adapters of one rank class in stacked tensors: `a [num_slots, rank, in]`,
+`b [num_slots, out, rank]` per adapted layer. A rank-8 adapter takes a slot of the rank-8 pool,
+so small adapters do not pay for the padding of large ones. A forward pass carries one
+`ActiveLora` per pool that has tokens in the batch, and every `MultiLoraLinear` calls
+`kernels.dispatch.add_lora` once per pool and params set: once per projection, or, with fused
+pools, once per fused layer (q|k|v, gate|up), which halves the calls where per-call overhead
+dominates (small models on the CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NewType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from inference.adapters import AdapterWeights
+from inference.config import ModelConfig
+from kernels.dispatch import LoraBatch, add_lora
+
+# A position in a pool's stacked tensors; never an adapter id.
+SlotIndex = NewType("SlotIndex", int)
+
+
+# How the model fuses projections: (group, member projections in output-column order).
+PROJECTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    ("o_proj", ("o_proj",)),
+    ("gate_up_proj", ("gate_proj", "up_proj")),
+    ("down_proj", ("down_proj",)),
+)
+
+
+@dataclass
+class LoraParams:
+    """The slots of one pool for some columns of one fused layer of one decoder layer.
+
+    Unfused, each adapted projection has its own params over its own columns and its own
+    scale. Fused, the projections of a group share one call: their A matrices are stacked along
+    the rank (slot rank = sum of member ranks), B is block-diagonal over the group's columns
+    with each member's scale folded in, and the slot scale is 1.
+    """
+
+    columns: slice  # columns of the fused layer's output these params update
+    members: tuple[tuple[str, int, int], ...]  # (projection, first column, width) within columns
+    a: Tensor  # [num_slots, max_rank, in_features], zero beyond each slot's rank
+    b: Tensor  # [num_slots, out_features, max_rank], zero beyond each slot's rank
+    ranks: Tensor  # [num_slots] int32, 0 where the slot's adapter leaves these columns alone
+    scales: Tensor  # [num_slots] float32
+    users: int = 0  # occupied slots with rank > 0; 0 lets the layer skip the kernel call
+
+    @property
+    def folds_scale(self) -> bool:
+        return len(self.members) > 1
+
+
+def pool_layout(
+    model_config: ModelConfig, target_modules: Sequence[str], fuse: bool
+) -> list[tuple[str, slice, tuple[tuple[str, int, int], ...], int]]:
+    """Per decoder layer: (group, columns, members, rank multiple) for every params set."""
+    layout = []
+    for group, members in PROJECTION_GROUPS:
+        offset = 0
+        placed = []
+        for target in members:
+            width = model_config.projection_shape(target)[1]
+            if target in target_modules:
+                placed.append((target, offset, width))
+            offset += width
+        if not placed:
+            continue
+        if fuse:
+            layout.append((group, slice(0, offset), tuple(placed), len(placed)))
+        else:
+            for target, first, width in placed:
+                layout.append((group, slice(first, first + width), ((target, 0, width),), 1))
+    return layout
+
+
+class LoraPool:
+    """Device slots for adapters of one rank class."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        rank_class: int,
+        num_slots: int,
+        target_modules: Sequence[str],
+        dtype: torch.dtype,
+        device: torch.device | str,
+        fuse: bool = False,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError(f"a pool needs at least one slot, got {num_slots}")
+        self.rank_class = rank_class
+        self.num_slots = num_slots
+        self.device = torch.device(device)
+        # params[layer][group] -> the params sets the fused layer `group` applies.
+        self.params: list[dict[str, list[LoraParams]]] = []
+        for _ in range(model_config.num_layers):
+            layer: dict[str, list[LoraParams]] = {}
+            for group, columns, members, multiple in pool_layout(
+                model_config, target_modules, fuse
+            ):
+                in_features = model_config.projection_shape(members[0][0])[0]
+                max_rank = rank_class * multiple
+                width = columns.stop - columns.start
+                layer.setdefault(group, []).append(
+                    LoraParams(
+                        columns=columns,
+                        members=members,
+                        a=torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device),
+                        b=torch.zeros(num_slots, width, max_rank, dtype=dtype, device=device),
+                        ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
+                        scales=torch.zeros(num_slots, dtype=torch.float32, device=device),
+                    )
+                )
+            self.params.append(layer)
+        self._occupied: dict[SlotIndex, list[LoraParams]] = {}
+
+    @staticmethod
+    def bytes_per_slot(
+        model_config: ModelConfig,
+        rank_class: int,
+        target_modules: Sequence[str],
+        dtype: torch.dtype,
+        fuse: bool = False,
+    ) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        per_layer = 0
+        for _, columns, members, multiple in pool_layout(model_config, target_modules, fuse):
+            in_features = model_config.projection_shape(members[0][0])[0]
+            per_layer += rank_class * multiple * (in_features + columns.stop - columns.start)
+        return per_layer * model_config.num_layers * element
+
+    def write(self, slot: SlotIndex, weights: AdapterWeights) -> None:
+        """Copy an adapter into `slot` (replacing whatever was there)."""
+        if weights.rank > self.rank_class:
+            raise ValueError(
+                f"adapter {weights.adapter_id!r} has rank {weights.rank}, too large for the "
+                f"rank-{self.rank_class} pool"
+            )
+        self.clear(slot)
+        used: list[LoraParams] = []
+        for layer, groups in enumerate(self.params):
+            for params_list in groups.values():
+                for params in params_list:
+                    if self._write_params(params, slot, layer, weights):
+                        used.append(params)
+        self._occupied[slot] = used
+
+    def _write_params(
+        self, params: LoraParams, slot: SlotIndex, layer: int, weights: AdapterWeights
+    ) -> bool:
+        packed = 0
+        for target, first, width in params.members:
+            module = weights.modules.get((layer, target))
+            if module is None:
+                continue
+            rank = module.rank
+            b = module.b * module.scale if params.folds_scale else module.b
+            params.a[slot, packed : packed + rank].copy_(module.a, non_blocking=True)
+            params.b[slot, first : first + width, packed : packed + rank].copy_(
+                b, non_blocking=True
+            )
+            params.scales[slot] = 1.0 if params.folds_scale else module.scale
+            packed += rank
+        if packed == 0:
+            return False
+        params.ranks[slot] = packed
+        params.users += 1
+        return True
+
+    def clear(self, slot: SlotIndex) -> None:
+        """Empty a slot; clearing an empty slot does nothing."""
+        for params in self._occupied.pop(slot, []):
+            params.a[slot].zero_()
+            params.b[slot].zero_()
+            params.ranks[slot] = 0
+            params.scales[slot] = 0.0
+            params.users -= 1
+
+
+@dataclass
+class ActiveLora:
+    """One pool's share of a forward pass."""
+
+    pool: LoraPool
+    batch: LoraBatch  # token_slots [num_tokens]: slot in this pool, -1 for other tokens
+
+
+def build_active_lora(
+    pools: Sequence[LoraPool],
+    token_pools: Sequence[int],
+    token_slots: Sequence[int],
+    *,
+    prefill: bool,
+) -> list[ActiveLora]:
+    """Per-pool batch metadata for a forward pass.
+
+    token_pools[i] is the index in `pools` of token i's adapter (-1 = base model only) and
+    token_slots[i] its slot there. Pools without tokens are left out, so a batch of base-model
+    requests costs no LoRA work at all.
+    """
+    active: list[ActiveLora] = []
+    for index, pool in enumerate(pools):
+        slots = [s if p == index else -1 for p, s in zip(token_pools, token_slots, strict=True)]
+        if all(s < 0 for s in slots):
+            continue
+        tensor = torch.tensor(slots, dtype=torch.int64, device=pool.device)
+        batch = LoraBatch.from_token_slots(tensor, prefill=prefill, num_slots=pool.num_slots)
+        active.append(ActiveLora(pool, batch))
+    return active
+
+
+class MultiLoraLinear(nn.Module):
+    """A fused linear layer (q|k|v, gate|up, or a single projection) whose outputs get the
+    LoRA delta of every token's own adapter."""
+
+    def __init__(
+        self,
+        group: str,
+        in_features: int,
+        parts: Sequence[tuple[str, int]],
+        layer_index: int,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        out_features = sum(size for _, size in parts)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.group = group
+        self.layer_index = layer_index
+        self.parts: list[tuple[str, slice]] = []
+        start = 0
+        for name, size in parts:
+            self.parts.append((name, slice(start, start + size)))
+            start += size
+
+    def forward(self, x: Tensor, lora: Sequence[ActiveLora]) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        for active in lora:
+            for params in active.pool.params[self.layer_index].get(self.group, ()):
+                if params.users == 0:
+                    continue
+                add_lora(
+                    y[:, params.columns],
+                    x,
+                    params.a,
+                    params.b,
+                    params.ranks,
+                    params.scales,
+                    active.batch,
+                )
+        return y

@@ -1,0 +1,109 @@
+"""The attribution query sketch on results: which results get one, and computing them in
+batches per adapter with the projection recorded in the adapter's attribution index."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from inference.adapters import AdapterStore
+from inference.sketch import Sketcher
+from schemas.events import Sketch
+
+log = logging.getLogger("loraledger.worker")
+
+INDEX_META = Path("attribution_index") / "index.json"
+
+
+class SketchMode(StrEnum):
+    ALWAYS = "always"
+    SAMPLED = "sampled"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class SketchPolicy:
+    mode: SketchMode = SketchMode.ALWAYS
+    rate: float = 1.0  # fraction of requests sketched in sampled mode
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"sketch rate must lie in [0, 1], got {self.rate}")
+
+    def wants(self, request_id: str) -> bool:
+        """Whether this request is sketched. Sampling hashes the request id, so a replayed
+        request gets the same answer on any worker."""
+        if self.mode is SketchMode.OFF:
+            return False
+        if self.mode is SketchMode.ALWAYS:
+            return True
+        digest = hashlib.sha256(request_id.encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.rate
+
+
+@dataclass(frozen=True)
+class SketchJob:
+    key: str  # the caller's handle, returned with the sketch
+    adapter_id: str
+    prompt: str
+    completion: str
+
+
+SketcherFactory = Callable[[], Sketcher]
+
+
+class SketchAttacher:
+    """Computes sketches for finished generations, one batched pass per adapter. The base model
+    for gradients is loaded on first use."""
+
+    def __init__(self, store: AdapterStore, make_sketcher: SketcherFactory) -> None:
+        self.store = store
+        self._make_sketcher = make_sketcher
+        self._sketcher: Sketcher | None = None
+
+    def has_index(self, adapter_id: str) -> bool:
+        try:
+            return (self.store.path_for(adapter_id) / INDEX_META).is_file()
+        except Exception:
+            return False
+
+    def compute(self, jobs: Sequence[SketchJob]) -> dict[str, Sketch]:
+        """Sketches by job key. A job whose adapter has no index, whose completion is empty or
+        whose computation fails gets none (the failure is logged, the result still goes out)."""
+        by_adapter: dict[str, list[SketchJob]] = {}
+        for job in jobs:
+            if job.completion and self.has_index(job.adapter_id):
+                by_adapter.setdefault(job.adapter_id, []).append(job)
+        sketches: dict[str, Sketch] = {}
+        # The adapter the sketcher holds goes first: switching adapters is the costly part.
+        current = self._sketcher.adapter_dir if self._sketcher is not None else None
+        ordered = sorted(
+            by_adapter.items(), key=lambda item: self.store.path_for(item[0]) != current
+        )
+        for adapter_id, group in ordered:
+            try:
+                sketcher = self._ensure_sketcher()
+                sketcher.use_adapter(self.store.path_for(adapter_id))
+                values = sketcher.projected_gradient([(j.prompt, j.completion) for j in group])
+            except Exception as exc:  # a broken index must not hold back the results
+                log.warning(
+                    "no sketch for %d result(s) of adapter %s: %s",
+                    len(group),
+                    adapter_id,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                continue
+            for job, row in zip(group, values, strict=True):
+                sketches[job.key] = Sketch.from_array(
+                    row, seed=sketcher.seed, projection=sketcher.projection
+                )
+        return sketches
+
+    def _ensure_sketcher(self) -> Sketcher:
+        if self._sketcher is None:
+            self._sketcher = self._make_sketcher()
+        return self._sketcher
