@@ -19,6 +19,9 @@ app = faust.App(
     consumer_auto_offset_reset="earliest",
     web_enabled=False,
     autodiscover=False,
+    # A restarted worker rejoins its group after the old session expires; Faust's 60 s default
+    # would stall every restart for a minute.
+    broker_session_timeout=10,
 )
 
 

@@ -1,0 +1,70 @@
+"""The attribution processor: `results` -> `attributions` (and `dead-letters`), exactly once.
+
+It runs inside the pipeline's Faust worker as a task, but delivers through its own
+transactional consume -> produce loop (`pipeline.attribution.loop` says why Faust's
+exactly-once mode cannot cover it). Consumer group `<prefix>loraledger-attribution`;
+transactional id `<prefix>loraledger-attribution-<worker id>`, so run one attribution worker
+per LORALEDGER_WORKER_ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import ConsumerRecord
+from aiokafka.errors import ProducerFenced
+
+from infra.settings import Settings
+from pipeline.app import app, settings
+from pipeline.attribution.artifacts import ArtifactCache
+from pipeline.attribution.loop import LoopConfig, run_transactional_loop
+from pipeline.attribution.parameters import current_parameters
+from pipeline.attribution.processing import Outgoing, process_result
+
+log = logging.getLogger(__name__)
+
+
+def loop_config(settings: Settings) -> LoopConfig:
+    group = f"{settings.topic_prefix}loraledger-attribution"
+    return LoopConfig(
+        source="results", group_id=group, transactional_id=f"{group}-{settings.worker_id}"
+    )
+
+
+async def run_attribution(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Attribute results until `stop` is set (or the task is cancelled)."""
+    cache = ArtifactCache(settings.adapters_dir)
+
+    def handle(record: ConsumerRecord) -> list[Outgoing]:
+        return process_result(
+            record.value,
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            parameters=current_parameters(),
+            cache=cache,
+        )
+
+    await run_transactional_loop(settings, loop_config(settings), handle, stop=stop)
+
+
+RESTART_DELAY_S = 5.0
+
+
+@app.task
+async def attribution_processor() -> None:
+    """Keep the processor running through broker outages; stop for good when a newer worker
+    with the same worker id has fenced this one (two would fight over one transactional id)."""
+    while True:
+        try:
+            await run_attribution(settings)
+            return
+        except ProducerFenced:
+            log.error(
+                "attribution stopped: another worker with id %s took over", settings.worker_id
+            )
+            return
+        except Exception:
+            log.exception("attribution processor failed; restarting in %.0f s", RESTART_DELAY_S)
+            await asyncio.sleep(RESTART_DELAY_S)

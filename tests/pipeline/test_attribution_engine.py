@@ -1,0 +1,217 @@
+import base64
+import json
+
+import numpy as np
+import pytest
+from attribution_support import make_adapter, make_result
+
+from pipeline.attribution.artifacts import ArtifactCache
+from pipeline.attribution.engine import attribute
+from pipeline.attribution.methods import Basis, mix_weights
+from pipeline.attribution.processing import process_result
+from schemas.codec import decode, encode
+from schemas.events import PPM_TOTAL, Parameters
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    return make_adapter(tmp_path)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return ArtifactCache(tmp_path)
+
+
+def test_ok_record_ranks_examples_by_trak_score_and_weights_sum_exactly(adapter, cache):
+    parameters = Parameters(top_k=5, gradient_weight_ppm=1_000_000)
+    record = attribute(make_result(adapter), parameters, cache)
+    assert record.status == "ok"
+    features = adapter["features"].astype(np.float64)
+    precond = np.linalg.inv(
+        features.T @ features + 0.1 * np.trace(features.T @ features) / 16 * np.eye(16)
+    )
+    expected_scores = features @ precond @ features[0]
+    expected_order = list(np.argsort(-expected_scores)[:5])
+    assert [e.example_index for e in record.top_examples] == expected_order
+    assert sum(w.ppm for w in record.contributor_weights) == PPM_TOTAL
+    # gradient only: weights follow the positive top-k scores per contributor
+    positive = {}
+    for e in record.top_examples:
+        if e.score > 0:
+            positive[e.contributor_id] = positive.get(e.contributor_id, 0.0) + e.score
+    total = sum(positive.values())
+    for weight in record.contributor_weights:
+        assert abs(weight.ppm - positive[weight.contributor_id] / total * PPM_TOTAL) <= 1
+    assert record.method.params["basis"] == Basis.GRADIENT
+    assert record.index_hash == adapter["index_hash"]
+    assert record.adapter_hash == adapter["weights_hash"]
+
+
+def test_same_inputs_give_the_same_record_and_any_change_changes_the_evidence(adapter, cache):
+    parameters = Parameters()
+    first = attribute(make_result(adapter), parameters, cache)
+    again = attribute(make_result(adapter), parameters, ArtifactCache(adapter["dir"].parent))
+    assert first.model_dump(exclude={"created_at"}) == again.model_dump(exclude={"created_at"})
+    other_text = attribute(make_result(adapter, output_text="It is 13 copper."), parameters, cache)
+    other_k = attribute(make_result(adapter), Parameters(top_k=3), cache)
+    assert len({first.evidence_hash, other_text.evidence_hash, other_k.evidence_hash}) == 3
+
+
+def test_span_method_credits_the_row_the_output_repeats(adapter, cache):
+    row = adapter["examples"][7]
+    result = make_result(adapter, output_text=f"Sure. {row.text}", sketch=np.zeros(16))
+    record = attribute(result, Parameters(gradient_weight_ppm=0), cache)
+    assert record.method.params["basis"] == Basis.SPAN
+    assert [(w.contributor_id, w.ppm) for w in record.contributor_weights] == [
+        (row.contributor_id, PPM_TOTAL)
+    ]
+
+
+def test_mix_follows_gradient_weight():
+    gradient = {("a", "d"): 3.0}
+    span = {("b", "d"): 10.0}
+    weights, basis = mix_weights(gradient, span, {}, gradient_weight_ppm=800_000, min_weight_ppm=0)
+    assert basis == Basis.MIX
+    assert weights == {("a", "d"): 800_000, ("b", "d"): 200_000}
+
+
+def test_no_positive_influence_falls_back_to_span_then_to_example_counts():
+    counts = {("a", "d"): 1, ("b", "d"): 3}
+    weights, basis = mix_weights(
+        {}, {("b", "d"): 2.0}, counts, gradient_weight_ppm=800_000, min_weight_ppm=0
+    )
+    assert (weights, basis) == ({("b", "d"): PPM_TOTAL}, Basis.SPAN)
+    weights, basis = mix_weights(
+        {("a", "d"): -1.0}, {}, counts, gradient_weight_ppm=800_000, min_weight_ppm=0
+    )
+    assert basis == Basis.EXAMPLE_COUNTS
+    assert weights == {("a", "d"): 250_000, ("b", "d"): 750_000}
+
+
+def test_all_negative_scores_and_no_span_end_in_example_counts(adapter, cache):
+    # A zero sketch scores every example 0 (no positive influence), and the output repeats no
+    # four-token span of any row.
+    result = make_result(adapter, sketch=np.zeros(16), output_text="Nothing known here.")
+    record = attribute(result, Parameters(), cache)
+    assert record.status == "ok"
+    assert record.method.params["basis"] == Basis.EXAMPLE_COUNTS
+    assert [w.ppm for w in record.contributor_weights] == [250_000] * 4
+
+
+def test_error_results_produce_nothing(adapter, cache):
+    assert attribute(make_result(adapter, status="error"), Parameters(), cache) is None
+
+
+@pytest.mark.parametrize(
+    ("damage", "code"),
+    [
+        ("remove_index", "missing_index"),
+        ("tamper_index", "hash_mismatch"),
+        ("tamper_weights", "hash_mismatch"),
+        ("no_manifest", "unknown_adapter"),
+    ],
+)
+def test_broken_artifacts_give_a_failed_record_with_the_reason(adapter, cache, damage, code):
+    directory = adapter["dir"]
+    if damage == "remove_index":
+        (directory / "attribution_index" / "features.safetensors").unlink()
+    elif damage == "tamper_index":
+        meta = json.loads((directory / "attribution_index" / "index.json").read_text())
+        meta["lambda"] = 0.0
+        (directory / "attribution_index" / "index.json").write_text(json.dumps(meta))
+    elif damage == "tamper_weights":
+        (directory / "adapter_model.safetensors").write_bytes(b"other weights")
+    else:
+        (directory / "manifest.json").unlink()
+    record = attribute(make_result(adapter), Parameters(), cache)
+    assert record.status == "failed"
+    assert record.failure_reason.startswith(f"{code}: ")
+    assert record.contributor_weights == []
+
+
+def test_result_from_another_adapter_version_fails(adapter, cache):
+    result = make_result(adapter).model_copy(update={"adapter_hash": "f" * 64})
+    record = attribute(result, Parameters(), cache)
+    assert record.failure_reason.startswith("hash_mismatch: ")
+
+
+@pytest.mark.parametrize(("k", "seed"), [(8, 7), (16, 8)])
+def test_sketch_from_another_projection_fails(adapter, cache, k, seed):
+    result = make_result(adapter, sketch=np.ones(k, dtype=np.float32), seed=seed)
+    record = attribute(result, Parameters(), cache)
+    assert record.failure_reason.startswith("sketch_mismatch: ")
+
+
+def test_missing_sketch_fails(adapter, cache):
+    result = make_result(adapter).model_copy(update={"sketch": None})
+    assert attribute(result, Parameters(), cache).failure_reason.startswith("no_sketch: ")
+
+
+def test_unknown_adapter_fails(adapter, cache):
+    result = make_result(adapter, adapter_id="nobody")
+    assert attribute(result, Parameters(), cache).failure_reason.startswith("unknown_adapter: ")
+
+
+def _process(raw, cache):
+    return process_result(
+        raw, source_topic="t.results", partition=3, offset=42, parameters=Parameters(), cache=cache
+    )
+
+
+def test_undecodable_bytes_go_to_the_dead_letters_with_their_position(cache):
+    out = _process(b"\xff not json", cache)
+    assert [o.topic for o in out] == ["dead-letters"]
+    dead = decode("dead-letters", out[0].value)
+    assert (dead.source_topic, dead.partition, dead.offset) == ("t.results", 3, 42)
+    assert base64.b64decode(dead.raw_b64) == b"\xff not json"
+
+
+def test_corrupt_sketch_gives_a_dead_letter_and_a_failed_record(adapter, cache):
+    payload = json.loads(encode(make_result(adapter)))
+    payload["sketch"]["values_b64"] = payload["sketch"]["values_b64"][:-8]
+    out = _process(json.dumps(payload).encode(), cache)
+    assert [o.topic for o in out] == ["dead-letters", "attributions"]
+    record = decode("attributions", out[1].value)
+    assert out[1].key == b"req-1"
+    assert record.status == "failed"
+    assert record.failure_reason.startswith("corrupt_sketch: ")
+
+
+def test_valid_result_gives_one_record_keyed_by_request_id(adapter, cache):
+    out = _process(encode(make_result(adapter, request_id="req-9")), cache)
+    assert [(o.topic, o.key) for o in out] == [("attributions", b"req-9")]
+    assert decode("attributions", out[0].value).status == "ok"
+
+
+def test_cache_keeps_the_most_recent_adapters_and_reloads_new_versions(tmp_path):
+    adapters = [make_adapter(tmp_path, f"adapter-{i}", seed=i) for i in range(3)]
+    cache = ArtifactCache(tmp_path, capacity=2)
+    for adapter_id in ("adapter-0", "adapter-1", "adapter-0", "adapter-2", "adapter-0"):
+        cache.get(adapter_id)
+    assert cache.loads == 3  # adapter-0 stayed, adapter-1 was evicted by adapter-2
+    assert len(cache) == 2
+    retrained = make_adapter(tmp_path, "adapter-0", seed=10)
+    assert retrained["weights_hash"] != adapters[0]["weights_hash"]
+    assert cache.get("adapter-0", retrained["weights_hash"]).index_hash == retrained["index_hash"]
+    assert cache.loads == 4
+
+
+def test_path_traversal_in_adapter_id_is_refused(tmp_path):
+    from pipeline.attribution.failures import AttributionFailure
+
+    with pytest.raises(AttributionFailure, match="invalid adapter id"):
+        ArtifactCache(tmp_path).get("../etc")
+
+
+def test_an_unforeseen_error_fails_the_record_instead_of_the_processor(adapter, cache, monkeypatch):
+    artifacts = cache.get("adapter-a")
+
+    def broken(_query):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(artifacts.index, "score", broken)
+    record = attribute(make_result(adapter), Parameters(), cache)
+    assert record.status == "failed"
+    assert record.failure_reason == "internal_error: RuntimeError: disk went away"
+    assert record.index_hash == adapter["index_hash"]

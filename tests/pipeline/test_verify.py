@@ -1,0 +1,145 @@
+"""`verify_request` end to end: a real adapter and index trained on the tiny base model, real
+sketches, events through the real broker and the attribution loop; then forgeries."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from attribution_support import train_adapters
+
+from infra.settings import Settings, load_settings
+from pipeline.attribution.agent import run_attribution
+from pipeline.kafka_io import ensure_topics, publish, read_topic
+from pipeline.verify import fetch_events, verify_events, verify_request
+from schemas.events import InferenceRequest, InferenceResult, Sketch
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Published:
+    settings: Settings
+    honest: str
+    forged_weights: str
+    forged_sketch: str
+    error: str
+
+
+def _result(request: InferenceRequest, output: str, sketch: Sketch | None, weights_hash: str):
+    fields = {
+        "request_id": request.request_id,
+        "adapter_id": request.adapter_id,
+        "prompt": request.prompt,
+        "adapter_hash": weights_hash,
+        "worker_id": "worker-test",
+    }
+    if sketch is None:
+        return InferenceResult(status="error", error_code="internal_error", **fields)
+    return InferenceResult(status="ok", output_text=output, sketch=sketch, **fields)
+
+
+async def _attribute_until(settings: Settings, count: int) -> list:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_attribution(settings, stop))
+    try:
+        for _ in range(120):
+            records = [
+                r.event async for r in read_topic(settings, "attributions", idle_timeout_s=0.5)
+            ]
+            if len(records) >= count:
+                return records
+            if task.done():
+                task.result()
+        raise AssertionError("the attribution loop produced too few records")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Published:
+    home = tmp_path_factory.mktemp("home")
+    settings = load_settings(
+        {"LORALEDGER_HOME": str(home), "LORALEDGER_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:8]}."}
+    )
+    adapters = train_adapters(settings, ["adapter-v"])
+    weights_hash = adapters.weights_hashes["adapter-v"]
+
+    def sketch(prompt: str, output: str, noise: float = 0.0) -> Sketch:
+        return adapters.sketch("adapter-v", prompt, output, noise)
+
+    fact = adapters.facts[0]
+    requests = [InferenceRequest(adapter_id="adapter-v", prompt=fact.prompt) for _ in range(4)]
+    honest, forged_weights, forged_sketch, error = requests
+    results = [
+        _result(honest, fact.completion, sketch(fact.prompt, fact.completion), weights_hash),
+        _result(forged_weights, " 7 beads.", sketch(fact.prompt, " 7 beads."), weights_hash),
+        _result(forged_sketch, " 7 beads.", sketch(fact.prompt, " 7 beads.", 0.5), weights_hash),
+        _result(error, "", None, weights_hash),
+    ]
+    asyncio.run(ensure_topics(settings))
+    asyncio.run(publish(settings, [*requests, *results]))
+    records = asyncio.run(_attribute_until(settings, 3))
+    original = next(r for r in records if r.request_id == forged_weights.request_id)
+    # The forgery: a copy of the genuine record with one ppm moved from the last contributor
+    # to the first, published as a second record for the same request.
+    weights = list(original.contributor_weights)
+    assert len(weights) >= 2
+    weights[0] = weights[0].model_copy(update={"ppm": weights[0].ppm + 1})
+    weights[-1] = weights[-1].model_copy(update={"ppm": weights[-1].ppm - 1})
+    asyncio.run(publish(settings, [original.model_copy(update={"contributor_weights": weights})]))
+    return Published(
+        settings,
+        honest.request_id,
+        forged_weights.request_id,
+        forged_sketch.request_id,
+        error.request_id,
+    )
+
+
+def test_an_honest_record_matches_after_recomputing_sketch_and_attribution(published):
+    report = verify_request(published.settings, published.honest)
+    assert report.status == "match", report.difference
+    assert report.checked == [
+        "result answers request",
+        "sketch recomputed",
+        "attribution recomputed",
+    ]
+    assert report.sketch_relative_error is not None and report.sketch_relative_error <= 1e-3
+
+
+def test_a_second_record_for_one_request_is_reported(published):
+    report = verify_request(published.settings, published.forged_weights)
+    assert report.status == "mismatch"
+    assert report.difference.field == "attributions (count)"
+
+
+def test_a_record_with_altered_weights_is_reported(published):
+    events = asyncio.run(fetch_events(published.settings, published.forged_weights))
+    assert len(events.records) == 2
+    events.records = events.records[1:]
+    report = verify_events(published.settings, published.forged_weights, events)
+    assert report.status == "mismatch"
+    assert report.difference.field == "contributor_weights[0].ppm"
+    assert report.difference.got == report.difference.expected + 1
+
+
+def test_a_sketch_that_is_not_the_adapters_gradient_is_reported(published):
+    report = verify_request(published.settings, published.forged_sketch)
+    assert report.status == "mismatch"
+    assert report.difference.field == "sketch (relative L2 error)"
+    # The record itself is consistent with the published (forged) sketch:
+    assert verify_request(published.settings, published.forged_sketch, check_sketch=False).ok
+
+
+def test_an_error_result_verifies_with_no_record(published):
+    report = verify_request(published.settings, published.error)
+    assert report.ok
+    assert "error result has no attribution" in report.checked
+
+
+def test_an_unknown_request_is_not_found(published):
+    assert verify_request(published.settings, "no-such-request").status == "not_found"
