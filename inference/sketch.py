@@ -17,6 +17,11 @@ name order, is multiplied by a Gaussian matrix with entries N(0, 1/k). The matri
 parameter is generated in blocks of at most `BLOCK_ROWS` rows, each from its own generator
 seeded by sha256(seed, parameter name, block), always on the CPU: memory stays bounded, and any
 device gets the same numbers.
+
+Switching adapters: adapters whose LoRA config matches the loaded one (rank, alpha, target
+modules, and so the same parameter names and shapes) are swapped by copying their weights into
+the loaded PeftModel's parameters; a small LRU keeps recently used adapters' weights in memory,
+so switching back costs one copy. Only a different config rebuilds the PeftModel.
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from peft import PeftModel
+from safetensors.torch import load
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -46,6 +54,14 @@ IGNORE = -100
 # Keep the whole projection in memory when it fits in this many bytes (it does for small
 # models); above it, blocks are regenerated for every batch.
 PROJECTION_CACHE_BYTES = 512 << 20
+# Adapters whose weights a Sketcher keeps in memory for cheap switches back, and projectors
+# (each may hold a cached projection of up to PROJECTION_CACHE_BYTES).
+DEFAULT_CACHED_ADAPTERS = 16
+CACHED_PROJECTORS = 4
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+# adapter_config.json fields that do not change the model the config builds.
+_CONFIG_FIELDS_IGNORED = frozenset({"base_model_name_or_path", "revision", "inference_mode"})
 
 
 @dataclass(frozen=True)
@@ -59,20 +75,38 @@ def encode_pair(
 ) -> EncodedPair:
     """bos + prompt + completion, at most `max_length` tokens: the completion keeps its first
     tokens, then the prompt keeps its last ones."""
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if not completion_ids:
-        raise ValueError("the completion is empty: there is no token to compute a loss on")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return encode_pairs(tokenizer, [(prompt, completion)], max_length)[0]
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], max_length: int
+) -> list[EncodedPair]:
+    """`encode_pair` of each pair, with the prompts and the completions each tokenized in one
+    call."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     room = max_length - len(bos)
     if room < 1:
         raise ValueError(f"max_length {max_length} leaves no room for a completion token")
-    completion_ids = completion_ids[:room]
-    keep = room - len(completion_ids)
-    prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep else []
-    ids = bos + prompt_ids + completion_ids
-    labels = [IGNORE] * (len(bos) + len(prompt_ids)) + completion_ids
-    return EncodedPair(ids, labels)
+    completions = _token_ids(tokenizer, [completion for _, completion in pairs])
+    prompts = _token_ids(tokenizer, [prompt for prompt, _ in pairs])
+    encoded = []
+    for prompt_ids, completion_ids in zip(prompts, completions, strict=True):
+        if not completion_ids:
+            raise ValueError("the completion is empty: there is no token to compute a loss on")
+        completion_ids = completion_ids[:room]
+        keep = room - len(completion_ids)
+        prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep else []
+        ids = bos + prompt_ids + completion_ids
+        labels = [IGNORE] * (len(bos) + len(prompt_ids)) + completion_ids
+        encoded.append(EncodedPair(ids, labels))
+    return encoded
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens; an empty text has none."""
+    nonempty = [text for text in texts if text]
+    ids = iter(tokenizer(nonempty, add_special_tokens=False)["input_ids"] if nonempty else [])
+    return [list(next(ids)) if text else [] for text in texts]
 
 
 def collate(
@@ -80,14 +114,10 @@ def collate(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids [B, T], attention mask [B, T] and labels [B, T]."""
     length = max(len(p.input_ids) for p in pairs)
-    ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(pairs), length), dtype=torch.long)
-    labels = torch.full((len(pairs), length), IGNORE, dtype=torch.long)
-    for row, pair in enumerate(pairs):
-        n = len(pair.input_ids)
-        ids[row, :n] = torch.tensor(pair.input_ids)
-        mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(pair.labels)
+    ids = torch.tensor([p.input_ids + [pad_id] * (length - len(p.input_ids)) for p in pairs])
+    labels = torch.tensor([p.labels + [IGNORE] * (length - len(p.labels)) for p in pairs])
+    lengths = torch.tensor([len(p.input_ids) for p in pairs])
+    mask = (torch.arange(length) < lengths[:, None]).long()
     return ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -95,7 +125,8 @@ def per_example_loss(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
     """[B]: each example's mean NLL over its labelled tokens (next-token prediction)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    # No KV cache: nothing reads it, and building it costs time on every batch.
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
     targets = labels[:, 1:]
     nll = nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
@@ -191,7 +222,7 @@ class Projector:
 
 @contextmanager
 def _capture(layers: Sequence[tuple[str, nn.Linear]]) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record each LoRA layer's input and, during backward, the gradient at its output."""
+    """Record each LoRA layer's input and output on every forward call."""
     captured: dict[str, list[torch.Tensor]] = {name: [] for name, _ in layers}
     handles = []
 
@@ -199,8 +230,7 @@ def _capture(layers: Sequence[tuple[str, nn.Linear]]) -> Iterator[dict[str, list
         def hook(
             _module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
         ) -> None:
-            captured[name] = [inputs[0].detach()]
-            output.register_hook(lambda grad: captured[name].append(grad.detach()))
+            captured[name] += [inputs[0].detach(), output]
 
         return hook
 
@@ -214,20 +244,27 @@ def _capture(layers: Sequence[tuple[str, nn.Linear]]) -> Iterator[dict[str, list
 
 
 def per_example_gradients(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    layers: Sequence[tuple[str, nn.Linear]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Exact per-example gradients of `per_example_loss` w.r.t. each LoRA weight: name ->
-    [B, out, in]; and the losses [B]."""
-    layers = lora_layers(model)
-    params = [layer.weight for _, layer in layers]
+    [B, out, in]; and the losses [B]. `layers`: `lora_layers(model)`, when the caller has it."""
+    layers = lora_layers(model) if layers is None else layers
     with _capture(layers) as captured:
         losses = per_example_loss(model, ids, mask, labels)
-        torch.autograd.grad(losses.sum(), params)
-    grads = {}
     for name, _ in layers:
         if len(captured[name]) != 2:
-            raise RuntimeError(f"LoRA layer {name} ran {len(captured[name]) - 1} backward passes")
-        x, g = captured[name]
+            raise RuntimeError(f"LoRA layer {name} ran {len(captured[name]) // 2} forward passes")
+    # Differentiating w.r.t. the layers' outputs, not their weights, skips the summed weight
+    # gradients, which nothing uses; the gradient at each output is the same either way.
+    outputs = [captured[name][1] for name, _ in layers]
+    output_grads = torch.autograd.grad(losses.sum(), outputs)
+    grads = {}
+    for (name, _), g in zip(layers, output_grads, strict=True):
+        x = captured[name][0]
         grads[name] = torch.einsum("bto,bti->boi", g.float(), x.float())
     return grads, losses.detach()
 
@@ -239,36 +276,42 @@ def projected_gradient(
     projector: Projector,
     max_length: int = DEFAULT_MAX_LENGTH,
     batch_size: int = 16,
+    layers: Sequence[tuple[str, nn.Linear]] | None = None,
 ) -> np.ndarray:
     """[len(pairs), k] float32: projected gradients of each pair's completion loss.
+    `layers`: `lora_layers(model)`, when the caller has it.
 
     Deterministic on the CPU for a given batch composition; a pair's sketch in another batch
     agrees up to float rounding."""
     if not pairs:
         return np.zeros((0, projector.k), dtype=np.float32)
     device = next(model.parameters()).device
-    encoded = [
-        encode_pair(tokenizer, prompt, completion, max_length) for prompt, completion in pairs
-    ]
+    layers = lora_layers(model) if layers is None else layers
+    encoded = encode_pairs(tokenizer, pairs, max_length)
     out = []
-    was_training = model.training
-    model.eval()
+    # Toggling train/eval walks every module (slow for a small model): only when needed.
+    modes = [(module, module.training) for module in model.modules() if module.training]
+    if modes:
+        model.eval()
     try:
         for start in range(0, len(encoded), batch_size):
             ids, mask, labels = collate(
                 encoded[start : start + batch_size], _pad_id(tokenizer), device
             )
-            grads, _ = per_example_gradients(model, ids, mask, labels)
+            grads, _ = per_example_gradients(model, ids, mask, labels, layers)
             out.append(projector.project(grads).cpu())
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
 def _files_version(adapter_dir: Path) -> tuple[int, ...]:
-    """(mtime, size) of the weights and the index metadata: changes when either is rewritten."""
+    """(mtime, size) of the weights, the config and the index metadata: changes when any of
+    them is rewritten."""
     paths = (
-        adapter_dir / "adapter_model.safetensors",
+        adapter_dir / WEIGHTS_FILE,
+        adapter_dir / CONFIG_FILE,
         adapter_dir / "attribution_index" / "index.json",
     )
     version: list[int] = []
@@ -287,6 +330,37 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(pad)
 
 
+@dataclass(frozen=True)
+class _AdapterFiles:
+    """What a Sketcher read from one adapter directory, valid while its files are unchanged."""
+
+    version: tuple[int, ...]  # _files_version when read
+    config: dict[str, Any]  # adapter_config.json, less _CONFIG_FIELDS_IGNORED
+    weights: dict[str, torch.Tensor]  # canonical name -> tensor on the sketcher's device
+    meta: dict[str, Any]  # the attribution index's metadata
+
+
+def _read_adapter(
+    adapter_dir: Path, version: tuple[int, ...], device: torch.device
+) -> _AdapterFiles:
+    meta = read_index_meta(adapter_dir / "attribution_index")
+    if meta.get("projection") != PROJECTION_KIND or meta.get("loss") != LOSS_DEFINITION:
+        raise ValueError(
+            f"index of {adapter_dir} uses projection {meta.get('projection')!r} and loss "
+            f"{meta.get('loss')!r}; this code computes {PROJECTION_KIND!r} and "
+            f"{LOSS_DEFINITION!r}"
+        )
+    config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{CONFIG_FILE} in {adapter_dir} is not a JSON object")
+    config = {key: value for key, value in config.items() if key not in _CONFIG_FIELDS_IGNORED}
+    # Read into memory, not mapped: a cached tensor mapped from the file would change under
+    # us (or fault) when the file is rewritten in place.
+    weights = load((adapter_dir / WEIGHTS_FILE).read_bytes())
+    weights = {name: tensor.to(device) for name, tensor in weights.items()}
+    return _AdapterFiles(version, config, weights, meta)
+
+
 class Sketcher:
     """Keeps the base model loaded and computes sketches for one adapter at a time, with the
     k, seed and max length recorded in the adapter's attribution index."""
@@ -297,66 +371,129 @@ class Sketcher:
         adapter_dir: Path | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 16,
+        cached_adapters: int = DEFAULT_CACHED_ADAPTERS,
     ) -> None:
         from inference.base_model import load_base_model
 
+        if cached_adapters < 0:
+            raise ValueError(f"cached_adapters must be >= 0, got {cached_adapters}")
         self._base, self.tokenizer = load_base_model(base_model_dir, device)
         for param in self._base.parameters():
             param.requires_grad_(False)
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self._cached_adapters = cached_adapters
+        self._adapters: OrderedDict[Path, _AdapterFiles] = OrderedDict()
+        self._projectors: OrderedDict[tuple[str, int, int], Projector] = OrderedDict()
+        # The PeftModel, with what it was built from and what it holds.
         self._model: PeftModel | None = None
-        self._projectors: dict[tuple[str, int, int], Projector] = {}
-        self.adapter_dir: Path | None = None
+        self._model_config: dict[str, Any] | None = None
+        self._params: dict[str, nn.Parameter] = {}  # canonical name -> adapter parameter
+        self._layers: list[tuple[str, nn.Linear]] = []
+        self._layout_hash = ""
+        self.adapter_dir: Path | None = None  # the adapter sketches are computed for
         self._version: tuple[int, ...] | None = None
         if adapter_dir is not None:
             self.use_adapter(adapter_dir)
 
     def use_adapter(self, adapter_dir: Path) -> None:
         """Swap in an adapter (safetensors weights). Calling it again with the same adapter is
-        free unless its files changed on disk."""
+        free unless its files changed on disk. After a refused switch no adapter is in use."""
         adapter_dir = Path(adapter_dir)
         version = _files_version(adapter_dir)
         if self.adapter_dir == adapter_dir and self._version == version:
             return
-        if self._model is not None:
-            self._base = self._model.unload()
-            self._model = None
-            self.adapter_dir = None
-        meta = read_index_meta(adapter_dir / "attribution_index")
-        if meta.get("projection") != PROJECTION_KIND or meta.get("loss") != LOSS_DEFINITION:
-            raise ValueError(
-                f"index of {adapter_dir} uses projection {meta.get('projection')!r} and loss "
-                f"{meta.get('loss')!r}; this code computes {PROJECTION_KIND!r} and "
-                f"{LOSS_DEFINITION!r}"
-            )
-        model = PeftModel.from_pretrained(
-            self._base, str(adapter_dir), is_trainable=True, use_safetensors=True
-        )
-        layout = param_layout(model)
-        if layout_hash(layout) != meta["param_layout_hash"]:
-            self._base = model.unload()
+        self.adapter_dir = None
+        self._version = None
+        files = self._adapter_files(adapter_dir, version)
+        if self._fits_loaded_model(files):
+            with torch.no_grad():
+                for name, param in self._params.items():
+                    param.copy_(files.weights[name])
+        else:
+            self._build_model(adapter_dir, files)
+        if self._layout_hash != files.meta["param_layout_hash"]:
             raise ValueError(
                 f"adapter in {adapter_dir} does not match its index's parameter layout"
             )
-        model.to(self.device)
-        model.eval()
+        meta = files.meta
         self.k, self.seed, self.max_length = meta["k"], meta["seed"], meta["max_length"]
-        key = (layout_hash(layout), self.k, self.seed)
-        if key not in self._projectors:
-            self._projectors[key] = Projector(layout, self.k, self.seed, self.device)
-        self._projector = self._projectors[key]
-        self._model = model
+        self._projector = self._projector_for(self.k, self.seed)
         self.adapter_dir = adapter_dir
         self._version = version
+
+    def _adapter_files(self, adapter_dir: Path, version: tuple[int, ...]) -> _AdapterFiles:
+        """The adapter's files from the LRU, or read again when absent or changed on disk."""
+        files = self._adapters.pop(adapter_dir, None)
+        if files is None or files.version != version:
+            files = _read_adapter(adapter_dir, version, self.device)
+        if self._cached_adapters:
+            self._adapters[adapter_dir] = files
+            while len(self._adapters) > self._cached_adapters:
+                self._adapters.popitem(last=False)
+        return files
+
+    def _fits_loaded_model(self, files: _AdapterFiles) -> bool:
+        """Whether the loaded PeftModel takes these weights as they are: same config, and the
+        weights name exactly its adapter parameters, with the same shapes."""
+        if self._model is None or files.config != self._model_config:
+            return False
+        if files.weights.keys() != self._params.keys():
+            return False
+        return all(files.weights[name].shape == param.shape for name, param in self._params.items())
+
+    def _build_model(self, adapter_dir: Path, files: _AdapterFiles) -> None:
+        if self._model is not None:
+            self._base = self._model.unload()
+            self._model = None
+            self._model_config = None
+        model = PeftModel.from_pretrained(
+            self._base, str(adapter_dir), is_trainable=True, use_safetensors=True
+        )
+        model.to(self.device)
+        model.eval()
+        try:
+            layers = lora_layers(model)
+        except ValueError:
+            self._base = model.unload()
+            raise
+        # Set together, once the model is complete, so a failed build leaves no stale state.
+        self._layers = layers
+        self._layout_hash = layout_hash(
+            [(name, tuple(layer.weight.shape)) for name, layer in layers]
+        )
+        self._params = {
+            canonical_name(name): param
+            for name, param in model.named_parameters()
+            if param.requires_grad
+        }
+        self._model_config = files.config
+        self._model = model
+
+    def _projector_for(self, k: int, seed: int) -> Projector:
+        key = (self._layout_hash, k, seed)
+        projector = self._projectors.pop(key, None)
+        if projector is None:
+            layout = [(name, tuple(layer.weight.shape)) for name, layer in self._layers]
+            projector = Projector(layout, k, seed, self.device)
+        self._projectors[key] = projector
+        while len(self._projectors) > CACHED_PROJECTORS:
+            self._projectors.popitem(last=False)
+        return projector
 
     @property
     def projection(self) -> str:
         return PROJECTION_KIND
 
     def projected_gradient(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        if self._model is None:
+        if self._model is None or self.adapter_dir is None:
             raise RuntimeError("no adapter loaded: call use_adapter(adapter_dir) first")
         return projected_gradient(
-            self._model, self.tokenizer, pairs, self._projector, self.max_length, self.batch_size
+            self._model,
+            self.tokenizer,
+            pairs,
+            self._projector,
+            self.max_length,
+            self.batch_size,
+            self._layers,
         )
