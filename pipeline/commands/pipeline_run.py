@@ -7,6 +7,10 @@ import sys
 
 import typer
 
+# Faust's own names for the levels.
+_FAUST_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "error",
+                 "critical": "crit"}
+
 
 def run_worker(log_level: str = "warning", agents_module: str = "pipeline.agents") -> None:
     """Run the Faust worker with the agents `agents_module` registers (default: all of them)
@@ -16,7 +20,8 @@ def run_worker(log_level: str = "warning", agents_module: str = "pipeline.agents
     from pipeline.app import app, settings
 
     datadir = settings.home / "faust"
-    sys.argv = [sys.argv[0], "--datadir", str(datadir), "worker", "-l", log_level, "--without-web"]
+    level = _FAUST_LEVELS[log_level]
+    sys.argv = [sys.argv[0], "--datadir", str(datadir), "worker", "-l", level, "--without-web"]
     app.main()
 
 
@@ -28,6 +33,6 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Run the stream processors (attribution and the others) in one Faust worker."""
-        if log_level not in ("debug", "info", "warning", "error", "critical"):
+        if log_level not in _FAUST_LEVELS:
             raise typer.BadParameter("use debug, info, warning, error or critical")
         run_worker(log_level)

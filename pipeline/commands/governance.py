@@ -1,0 +1,133 @@
+"""`loraledger governance propose | vote | show`: governance events on the `governance` topic."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.settings import Settings, load_settings
+from pipeline.governance import active_parameters, changes_from_options, fold_log
+from pipeline.kafka_io import publish_sync, read_topic
+from pipeline.rewards import epoch_of
+from schemas.events import Proposal, Vote
+from schemas.ids import check_id
+
+
+def _id(value: str, what: str) -> str:
+    try:
+        return check_id(value, what)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def parse_fee_split(text: str) -> tuple[int, int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 4 or not all(part.strip().isdigit() for part in parts):
+        raise typer.BadParameter(
+            f"--fee-split {text!r}: give four basis points C,O,W,T (contributors, owner, "
+            "worker, treasury) summing to 10000"
+        )
+    contributors, owner, operator, treasury = (int(part) for part in parts)
+    return contributors, owner, operator, treasury
+
+
+def parse_prices(values: list[str]) -> dict[str, int]:
+    prices: dict[str, int] = {}
+    for value in values:
+        adapter, sep, amount = value.partition("=")
+        if not sep or not amount.strip().isdigit():
+            raise typer.BadParameter(f"--price {value!r}: use ADAPTER=MICRO_UNITS_PER_TOKEN")
+        prices[_id(adapter.strip(), "adapter id")] = int(amount)
+    return prices
+
+
+async def _governance_events(settings: Settings) -> list:
+    return [
+        decoded.event async for decoded in read_topic(settings, "governance")
+        if decoded.event is not None
+    ]
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="Propose parameter changes, vote, and show governance state.",
+                        no_args_is_help=True)
+    app.add_typer(group, name="governance")
+
+    @group.command("propose")
+    def propose(
+        proposer: Annotated[str, typer.Option("--proposer", help="proposer id")],
+        fee_split: Annotated[str | None, typer.Option(
+            "--fee-split", help="C,O,W,T basis points: contributors, owner, worker, treasury",
+        )] = None,
+        top_k: Annotated[int | None, typer.Option("--top-k", min=1)] = None,
+        gradient_weight_ppm: Annotated[int | None, typer.Option(
+            "--gradient-weight-ppm", min=0, help="share of the gradient method in the mix")] = None,
+        min_weight_ppm: Annotated[int | None, typer.Option("--min-weight-ppm", min=0)] = None,
+        price: Annotated[list[str] | None, typer.Option(
+            "--price", help="ADAPTER=N micro-units per token (repeatable)")] = None,
+        default_price: Annotated[int | None, typer.Option("--default-price", min=0)] = None,
+        epoch: Annotated[int | None, typer.Option(
+            "--epoch", min=0, help="epoch to tally at the end of (default: the current one)",
+        )] = None,
+        description: Annotated[str, typer.Option("--description")] = "",
+    ) -> None:
+        """Publish a proposal; it is tallied when its epoch ends."""
+        try:
+            changes = changes_from_options(
+                fee_split=parse_fee_split(fee_split) if fee_split else None,
+                top_k=top_k, gradient_weight_ppm=gradient_weight_ppm,
+                min_weight_ppm=min_weight_ppm, prices=parse_prices(price or []),
+                default_price=default_price,
+            )
+        except ValueError as exc:
+            first_line = str(exc).splitlines()
+            raise typer.BadParameter(" ".join(first_line[:3])) from None
+        proposal = Proposal(
+            proposer_id=_id(proposer, "proposer id"),
+            epoch=epoch_of(datetime.now(UTC)) if epoch is None else epoch,
+            changes=changes,
+            description=description,
+        )
+        publish_sync(load_settings(), [proposal])
+        typer.echo(f"proposal {proposal.proposal_id} for epoch {proposal.epoch}")
+
+    @group.command("vote")
+    def vote(
+        proposal_id: Annotated[str, typer.Argument(help="proposal id")],
+        voter: Annotated[str, typer.Option("--voter", help="voter id")],
+        support: Annotated[bool, typer.Option("--yes/--no", help="for or against")],
+    ) -> None:
+        """Publish a vote; its weight is the voter's rewards from earlier epochs."""
+        cast = Vote(proposal_id=_id(proposal_id, "proposal id"), voter_id=_id(voter, "voter id"),
+                    support=support)
+        publish_sync(load_settings(), [cast])
+        typer.echo(f"vote {cast.vote_id}: {voter} {'yes' if support else 'no'} on {proposal_id}")
+
+    @group.command("show")
+    def show() -> None:
+        """The active parameters and the proposals, read from the governance log."""
+        view = fold_log(asyncio.run(_governance_events(load_settings())))
+        epoch = epoch_of(datetime.now(UTC))
+        active = active_parameters(view.history, epoch)
+        console = Console()
+        console.print(f"epoch {epoch}: parameters version {active.version} "
+                      f"(effective from epoch {active.effective_epoch})")
+        console.print_json(active.parameters.model_dump_json())
+        table = Table(title="Proposals")
+        for column in ("proposal", "proposer", "epoch", "changes", "votes", "status"):
+            table.add_column(column, overflow="fold")
+        for proposal_id, entry in view.open_proposals.items():
+            yes = sum(entry.votes.values())
+            votes = f"{yes} yes / {len(entry.votes) - yes} no"
+            table.add_row(proposal_id, entry.proposal.proposer_id, str(entry.proposal.epoch),
+                          entry.proposal.changes.model_dump_json(exclude_none=True), votes, "open")
+        for proposal_id, tallied in view.tallies.items():
+            status = "passed" if tallied.passed else "rejected"
+            table.add_row(proposal_id, "", str(tallied.epoch), "",
+                          f"{tallied.yes_weight} yes / {tallied.no_weight} no (weight)", status)
+        console.print(table)

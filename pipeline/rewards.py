@@ -1,0 +1,203 @@
+"""Fee and reward maths: pure functions, integers throughout.
+
+Rounding rules (the ledger's contract):
+- A fee is `total_tokens * price_per_token` in integer micro-units, so the fee itself is
+  never rounded. The price is `adapter_prices[adapter_id]`, else `default_price_per_token`.
+- The fee splits into four role shares by basis points with largest-remainder rounding:
+  each share is floored, and the units left over go one each to the largest remainders,
+  ties broken by the fixed role order contributors, adapter owner, compute operator, treasury.
+- The contributors' share splits by attribution ppm the same way, ties broken by contributor
+  id (ascending), so the result never depends on the order weights arrive in.
+- A failed (or empty) attribution sends the contributors' share to the treasury, and a
+  result whose adapter has no known owner sends the owner's share to the treasury: a fee is
+  never paid to nobody. The entries of one request always sum to its fee exactly.
+- Zero amounts produce no entry; a zero fee produces no entries at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from datetime import datetime
+
+from infra.settings import load_settings
+from schemas.events import (
+    BPS_TOTAL,
+    PPM_TOTAL,
+    AttributionRecord,
+    InferenceResult,
+    Parameters,
+    RewardEntry,
+    RewardRole,
+    reward_entry_id,
+)
+
+TREASURY_ID = "treasury"
+MAX_REASON_CHARS = 256
+
+# Tie-break order of the role shares in largest-remainder rounding.
+ROLE_ORDER: tuple[RewardRole, ...] = (
+    RewardRole.CONTRIBUTOR,
+    RewardRole.ADAPTER_OWNER,
+    RewardRole.COMPUTE_OPERATOR,
+    RewardRole.TREASURY,
+)
+
+
+def epoch_seconds() -> int:
+    """Length of an epoch in seconds, from the settings (LORALEDGER_EPOCH_SECONDS)."""
+    return load_settings().epoch_seconds
+
+
+def epoch_of(timestamp: datetime, seconds: int | None = None) -> int:
+    """Epoch number of a UTC timestamp: whole epochs since the Unix epoch (epoch 0 starts at
+    1970-01-01T00:00Z), so every component derives the same epoch from an event's timestamp."""
+    length = epoch_seconds() if seconds is None else seconds
+    if length <= 0:
+        raise ValueError(f"epoch length must be positive, got {length}")
+    return int(timestamp.timestamp()) // length
+
+
+def price_per_token(parameters: Parameters, adapter_id: str) -> int:
+    return parameters.adapter_prices.get(adapter_id, parameters.default_price_per_token)
+
+
+def fee_for(result: InferenceResult, parameters: Parameters) -> int:
+    """The fee of a result in micro-units; error results cost nothing."""
+    if result.status != "ok":
+        return 0
+    return result.usage.total_tokens * price_per_token(parameters, result.adapter_id)
+
+
+def largest_remainder(total: int, weights: Sequence[int], keys: Sequence[Hashable]) -> list[int]:
+    """Split `total` in proportion to `weights` so the parts sum to `total` exactly.
+
+    Each part is floored; the leftover units go one each to the largest remainders, ties broken
+    by ascending `keys`. Every part is within one unit of its exact share.
+    """
+    if total < 0:
+        raise ValueError(f"cannot split a negative total {total}")
+    if len(weights) != len(keys):
+        raise ValueError("weights and keys differ in length")
+    if any(weight < 0 for weight in weights):
+        raise ValueError("weights must be non-negative")
+    weight_sum = sum(weights)
+    if weight_sum == 0:
+        if total:
+            raise ValueError(f"cannot split {total} over weights that sum to zero")
+        return [0] * len(weights)
+    parts = [total * weight // weight_sum for weight in weights]
+    remainders = [total * weight % weight_sum for weight in weights]
+    leftover = total - sum(parts)
+    order = sorted(range(len(weights)), key=lambda i: (-remainders[i], keys[i]))
+    for index in order[:leftover]:
+        parts[index] += 1
+    return parts
+
+
+def role_shares(fee: int, parameters: Parameters) -> dict[RewardRole, int]:
+    split = parameters.fee_split
+    bps = {
+        RewardRole.CONTRIBUTOR: split.contributors,
+        RewardRole.ADAPTER_OWNER: split.adapter_owner,
+        RewardRole.COMPUTE_OPERATOR: split.compute_operator,
+        RewardRole.TREASURY: split.treasury,
+    }
+    weights = [bps[role] for role in ROLE_ORDER]
+    if sum(weights) != BPS_TOTAL:
+        raise ValueError(f"fee split sums to {sum(weights)} bps, not {BPS_TOTAL}")
+    parts = largest_remainder(fee, weights, list(range(len(ROLE_ORDER))))
+    return dict(zip(ROLE_ORDER, parts, strict=True))
+
+
+def contributor_ppm(attribution: AttributionRecord) -> dict[str, int]:
+    """Ppm per contributor; a contributor weighted in several datanets gets the sum, because a
+    reward entry is unique per (request, beneficiary, role)."""
+    merged: dict[str, int] = {}
+    if attribution.status != "ok":
+        return merged
+    for weight in attribution.contributor_weights:
+        merged[weight.contributor_id] = merged.get(weight.contributor_id, 0) + weight.ppm
+    return {contributor: ppm for contributor, ppm in merged.items() if ppm > 0}
+
+
+def _reason(text: str) -> str:
+    return text[:MAX_REASON_CHARS]
+
+
+def split_fee(
+    result: InferenceResult,
+    attribution: AttributionRecord,
+    parameters: Parameters,
+    *,
+    parameters_version: int,
+    adapter_owner: str | None,
+    epoch: int,
+) -> list[RewardEntry]:
+    """The reward entries of one request; their amounts sum to its fee exactly.
+
+    Entries are fully determined by their inputs (ids, timestamps, amounts), so computing them
+    again after a crash or a replay yields identical events.
+    """
+    if result.request_id != attribution.request_id:
+        raise ValueError(
+            f"result {result.request_id} and attribution {attribution.request_id} differ"
+        )
+    fee = fee_for(result, parameters)
+    if fee == 0:
+        return []
+    shares = role_shares(fee, parameters)
+    weights = contributor_ppm(attribution)
+    amounts: dict[tuple[str, RewardRole], int] = {}
+    reasons: dict[tuple[str, RewardRole], list[str]] = {}
+
+    def credit(beneficiary: str, role: RewardRole, amount: int, reason: str) -> None:
+        if amount <= 0:
+            return
+        key = (beneficiary, role)
+        amounts[key] = amounts.get(key, 0) + amount
+        reasons.setdefault(key, []).append(reason)
+
+    treasury = RewardRole.TREASURY
+    if weights and sum(weights.values()) == PPM_TOTAL:
+        contributors = sorted(weights)
+        parts = largest_remainder(
+            shares[RewardRole.CONTRIBUTOR], [weights[c] for c in contributors], contributors
+        )
+        method = attribution.method.name
+        for contributor, part in zip(contributors, parts, strict=True):
+            credit(
+                contributor,
+                RewardRole.CONTRIBUTOR,
+                part,
+                f"attribution {weights[contributor]} ppm by {method}",
+            )
+    else:
+        why = attribution.failure_reason or "no contributor weights"
+        credit(TREASURY_ID, treasury, shares[RewardRole.CONTRIBUTOR], f"unattributed: {why}")
+    if adapter_owner:
+        credit(adapter_owner, RewardRole.ADAPTER_OWNER, shares[RewardRole.ADAPTER_OWNER],
+               "adapter owner")
+    else:
+        credit(TREASURY_ID, treasury, shares[RewardRole.ADAPTER_OWNER], "adapter has no owner")
+    credit(result.worker_id, RewardRole.COMPUTE_OPERATOR, shares[RewardRole.COMPUTE_OPERATOR],
+           "compute operator")
+    credit(TREASURY_ID, treasury, shares[RewardRole.TREASURY], "protocol treasury")
+
+    return [
+        RewardEntry(
+            entry_id=reward_entry_id(result.request_id, beneficiary, role.value),
+            request_id=result.request_id,
+            adapter_id=result.adapter_id,
+            epoch=epoch,
+            beneficiary_id=beneficiary,
+            role=role,
+            amount=amount,
+            fee_total=fee,
+            parameters_version=parameters_version,
+            reason=_reason("; ".join(reasons[(beneficiary, role)])),
+            created_at=result.created_at,
+        )
+        for (beneficiary, role), amount in sorted(
+            amounts.items(), key=lambda item: (ROLE_ORDER.index(item[0][1]), item[0][0])
+        )
+    ]

@@ -1,0 +1,177 @@
+"""Governance rules: weighted votes, quorum, tallies at epoch end, versioned activations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import typer
+
+from pipeline.commands.governance import parse_fee_split, parse_prices
+from pipeline.governance import (
+    GENESIS,
+    OpenProposal,
+    active_parameters,
+    changes_from_options,
+    fold_log,
+    record_vote,
+    tally_due,
+    vote_weight,
+)
+from pipeline.rewards import TREASURY_ID
+from schemas.events import ParameterChanges, ParametersActivated, Proposal, ProposalTallied, Vote
+
+AT = datetime(2026, 5, 1, tzinfo=UTC)
+EARNINGS = {
+    "alice": {1: 600, 2: 100, 5: 1_000_000},  # epoch 5 is not before the proposals' epoch
+    "bob": {2: 300},
+    "carol": {1: 50},
+    TREASURY_ID: {1: 10_000},
+}
+
+
+def proposal(pid: str, epoch: int = 5, **changes) -> Proposal:
+    return Proposal(
+        proposal_id=pid,
+        proposer_id="alice",
+        epoch=epoch,
+        changes=ParameterChanges(**(changes or {"top_k": 4})),
+        created_at=AT,
+    )
+
+
+def vote(pid: str, voter: str, support: bool) -> Vote:
+    return Vote(proposal_id=pid, voter_id=voter, support=support, created_at=AT)
+
+
+def test_vote_weight_counts_only_earlier_epochs_and_never_the_treasury():
+    assert vote_weight(EARNINGS, "alice", 5) == 700
+    assert vote_weight(EARNINGS, "alice", 2) == 600
+    assert vote_weight(EARNINGS, "nobody", 5) == 0
+    assert vote_weight(EARNINGS, TREASURY_ID, 5) == 0
+
+
+def test_weighted_majority_passes_and_activates_next_epoch_as_next_version():
+    pending = {"p1": OpenProposal(proposal("p1"))}
+    record_vote(pending, vote("p1", "alice", True))
+    record_vote(pending, vote("p1", "bob", False))
+    emitted = tally_due(pending, [], EARNINGS, now_epoch=6, at=AT)
+    tallied, activated = emitted
+    assert isinstance(tallied, ProposalTallied)
+    assert (tallied.yes_weight, tallied.no_weight, tallied.passed) == (700, 300, True)
+    assert isinstance(activated, ParametersActivated)
+    assert (activated.version, activated.effective_epoch) == (1, 6)
+    assert activated.parameters.top_k == 4
+    assert pending == {}
+
+
+def test_majority_by_count_but_not_by_weight_fails():
+    pending = {"p1": OpenProposal(proposal("p1"))}
+    record_vote(pending, vote("p1", "bob", True))
+    record_vote(pending, vote("p1", "carol", True))
+    record_vote(pending, vote("p1", "alice", False))
+    (tallied,) = tally_due(pending, [], EARNINGS, now_epoch=6, at=AT)
+    assert not tallied.passed
+
+
+def test_quorum_is_required():
+    # carol's 50 of 1050 eligible is under 10%.
+    pending = {"p1": OpenProposal(proposal("p1"))}
+    record_vote(pending, vote("p1", "carol", True))
+    (tallied,) = tally_due(pending, [], EARNINGS, now_epoch=6, at=AT)
+    assert tallied.yes_weight == 50 and not tallied.passed
+
+
+def test_latest_vote_counts_and_votes_on_unknown_proposals_are_ignored():
+    pending = {"p1": OpenProposal(proposal("p1"))}
+    record_vote(pending, vote("p1", "alice", False))
+    record_vote(pending, vote("p1", "alice", True))
+    assert not record_vote(pending, vote("nope", "alice", True))
+    (tallied, _) = tally_due(pending, [], EARNINGS, now_epoch=6, at=AT)
+    assert (tallied.yes_weight, tallied.no_weight) == (700, 0)
+
+
+def test_nothing_is_tallied_before_its_epoch_ends():
+    pending = {"p1": OpenProposal(proposal("p1", epoch=5))}
+    assert tally_due(pending, [], EARNINGS, now_epoch=5, at=AT) == []
+    assert "p1" in pending
+
+
+def test_two_passed_proposals_stack_in_order():
+    first = proposal("p1", top_k=4)
+    second = Proposal(
+        proposal_id="p0",
+        proposer_id="bob",
+        epoch=5,
+        changes=ParameterChanges(default_price_per_token=99),
+        created_at=AT.replace(hour=1),
+    )
+    pending = {"p1": OpenProposal(first), "p0": OpenProposal(second)}
+    for pid in pending:
+        record_vote(pending, vote(pid, "alice", True))
+    emitted = tally_due(pending, [], EARNINGS, now_epoch=9, at=AT)
+    activations = [e for e in emitted if isinstance(e, ParametersActivated)]
+    assert [a.proposal_id for a in activations] == ["p1", "p0"]
+    assert [a.version for a in activations] == [1, 2]
+    assert all(a.effective_epoch == 9 for a in activations)  # tallied late: no retroactivity
+    assert activations[1].parameters.top_k == 4
+    assert activations[1].parameters.default_price_per_token == 99
+
+
+def test_active_parameters_by_epoch():
+    v1 = ParametersActivated(
+        version=1,
+        effective_epoch=10,
+        parameters=ParameterChanges(top_k=2).apply(GENESIS.parameters),
+    )
+    assert active_parameters([v1], 9) == GENESIS
+    assert active_parameters([v1], 10).version == 1
+
+
+def test_fold_log_matches_agent_state():
+    p1 = proposal("p1")
+    tallied = ProposalTallied(proposal_id="p1", epoch=5, yes_weight=1, no_weight=0, passed=True)
+    activated = ParametersActivated(
+        version=1,
+        effective_epoch=6,
+        parameters=p1.changes.apply(GENESIS.parameters),
+        proposal_id="p1",
+    )
+    p2 = proposal("p2", epoch=6)
+    view = fold_log(
+        [
+            p1,
+            vote("p1", "alice", True),
+            tallied,
+            activated,
+            activated,
+            p2,
+            vote("p2", "bob", False),
+            vote("p1", "bob", True),
+        ]
+    )
+    assert list(view.open_proposals) == ["p2"]
+    assert view.open_proposals["p2"].votes == {"bob": False}
+    assert [a.version for a in view.history] == [1]
+    assert view.tallies["p1"].passed
+
+
+def test_changes_from_options_validates_through_the_schema():
+    changes = changes_from_options(fee_split=(4000, 3000, 2000, 1000), prices={"ad": 5}, top_k=8)
+    assert changes.fee_split.contributors == 4000
+    assert changes.adapter_prices == {"ad": 5}
+    with pytest.raises(ValueError, match="10000"):
+        changes_from_options(fee_split=(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="at least one"):
+        changes_from_options()
+
+
+def test_cli_option_parsing_errors_are_one_line():
+    assert parse_fee_split("5000,2500,1500,1000") == (5000, 2500, 1500, 1000)
+    assert parse_prices(["ad-1=7"]) == {"ad-1": 7}
+    with pytest.raises(typer.BadParameter, match="C,O,W,T"):
+        parse_fee_split("1,2")
+    with pytest.raises(typer.BadParameter, match="ADAPTER="):
+        parse_prices(["ad-1"])
+    with pytest.raises(typer.BadParameter, match="invalid adapter id"):
+        parse_prices(["../x=3"])
