@@ -10,6 +10,15 @@ import typer
 COMMAND_MODULES: tuple[str, ...] = (
     "stack",
     "events",
+    "generate",
+    "governance",
+    "query",
+    "replay",
+    "worker",
+    "pipeline_run",
+    "verify",
+    "datanet",
+    "models",
 )
 
 app = typer.Typer(
