@@ -14,6 +14,7 @@ app = faust.App(
     broker=[f"kafka://{server}" for server in settings.kafka_bootstrap.split(",")],
     processing_guarantee="exactly_once",
     store="memory://",  # tables are rebuilt from their changelog topics on start
+    datadir=str(settings.home / "faust"),
     topic_partitions=8,
     topic_replication_factor=1,
     consumer_auto_offset_reset="earliest",

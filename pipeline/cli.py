@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "verify",
     "datanet",
     "models",
+    "demo",
 )
 
 app = typer.Typer(

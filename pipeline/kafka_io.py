@@ -5,6 +5,7 @@ does not decode to the dead-letter topic, so a bad message never blocks a partit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,10 +39,9 @@ async def ensure_topics(settings: Settings, names: Iterable[str] | None = None) 
             if spec.broker_name(settings.topic_prefix) not in existing
         ]
         if wanted:
-            try:
+            # Another process may create them between our listing and our request.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass  # another process created them between our listing and our request
         return [topic.name for topic in wanted]
     finally:
         await admin.close()
@@ -134,7 +134,9 @@ def make_consumer(
 
 def logical_topic(settings: Settings, broker_topic: str) -> str:
     prefix = settings.topic_prefix
-    return broker_topic[len(prefix):] if prefix and broker_topic.startswith(prefix) else broker_topic
+    if prefix and broker_topic.startswith(prefix):
+        return broker_topic[len(prefix):]
+    return broker_topic
 
 
 async def read_topic(

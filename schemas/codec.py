@@ -47,7 +47,9 @@ def decode(topic: str, data: bytes | None) -> Any:
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DecodeError(f"value is not JSON: {exc.msg} at line {exc.lineno} col {exc.colno}")
+        raise DecodeError(
+            f"value is not JSON: {exc.msg} at line {exc.lineno} col {exc.colno}"
+        ) from None
     if not isinstance(payload, dict):
         raise DecodeError(f"value is JSON {type(payload).__name__}, expected an object")
     try:

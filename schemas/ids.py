@@ -1,5 +1,6 @@
 """Identifier types. Their character sets make path traversal impossible: an id is one path
-component that starts with a letter or digit and holds no slash, so `..` and `a/../b` are refused."""
+component that starts with a letter or digit and holds no slash, so `..` and `a/../b` are
+refused."""
 
 from __future__ import annotations
 

@@ -120,7 +120,9 @@ schemas_app = typer.Typer(help="Event schemas.")
 
 
 @schemas_app.command("export")
-def export(directory: Path = typer.Argument(..., help="Directory to write *.schema.json to.")) -> None:
+def export(
+    directory: Path = typer.Argument(..., help="Directory to write *.schema.json to."),
+) -> None:
     """Write a JSON Schema for every event."""
     written = export_json_schemas(directory)
     console.print(f"wrote {len(written)} schemas to {directory}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import typer
 
@@ -14,14 +15,14 @@ _FAUST_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "
 
 def run_worker(log_level: str = "warning", agents_module: str = "pipeline.agents") -> None:
     """Run the Faust worker with the agents `agents_module` registers (default: all of them)
-    until it is stopped. Its data directory lives under the settings' home, and it serves no
-    web endpoint (several stacks share a machine, and nothing reads it)."""
+    until it is stopped. It serves no web endpoint: several stacks share a machine, and nothing
+    reads it."""
     importlib.import_module(agents_module)
-    from pipeline.app import app, settings
+    from pipeline.app import app
 
-    datadir = settings.home / "faust"
-    level = _FAUST_LEVELS[log_level]
-    sys.argv = [sys.argv[0], "--datadir", str(datadir), "worker", "-l", level, "--without-web"]
+    # Faust creates its data directory but not the parents.
+    Path(app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
+    sys.argv = [sys.argv[0], "worker", "-l", _FAUST_LEVELS[log_level], "--without-web"]
     app.main()
 
 
