@@ -9,14 +9,23 @@ with Zipf popularity and measures decode tokens/s for
 plus adapter cold-load p50/p99 and the device-slot hit rate. Ratios are against (a), measured
 in the same process. Prints a markdown table and writes JSON.
 
+At the tiny default shape (hidden 64) the LoRA arithmetic alone is a large share of the base
+model's, so (b)/(a) is bounded well below 1 whatever the engine does. Each (b)/(a) ratio is
+printed next to its FLOP ceiling, base MACs / (base + LoRA MACs) per decode token for the
+workload's rank mix and the engine's pool layout, so the gap that is overhead (ceiling minus
+measured) reads apart from the gap that is arithmetic (1 minus ceiling). Extra shapes, the base
+model preset `default` (hidden 128, 4 layers) and a large one (hidden 1024), repeat (a) and (b)
+with fewer adapters and requests.
+
     python bench/multi_lora.py                      # defaults: 1000 adapters, batch 32
-    python bench/multi_lora.py --adapters 100 --requests 64 --steps 8   # a quick look
+    python bench/multi_lora.py --adapters 100 --requests 64 --steps 8 --extra-shapes ""  # quick
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -32,12 +41,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.adapter_cache import AdapterCache  # noqa: E402
 from inference.adapters import AdapterStore, save_peft_adapter  # noqa: E402
+from inference.base_model import PRESETS as BASE_PRESETS  # noqa: E402
 from inference.config import LORA_TARGETS, LoraServingConfig, ModelConfig  # noqa: E402
 from inference.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from inference.lora_layers import pool_layout  # noqa: E402
 from inference.model import load_model  # noqa: E402
 
 RANKS = (8, 16, 32)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "multi_lora.json"
+_DEFAULT_BASE = BASE_PRESETS["default"]
+# Model shapes measured after the main run, (a) and (b) only, as overrides of the tiny preset.
+EXTRA_SHAPES: dict[str, dict[str, int]] = {
+    "default": {
+        "hidden_size": _DEFAULT_BASE.hidden_size,
+        "num_layers": _DEFAULT_BASE.num_layers,
+        "intermediate_size": _DEFAULT_BASE.intermediate_size,
+        "num_heads": _DEFAULT_BASE.num_heads,
+        "num_kv_heads": _DEFAULT_BASE.num_kv_heads,
+        "vocab_size": _DEFAULT_BASE.vocab_size,
+    },
+    "large": {
+        "hidden_size": 1024,
+        "num_layers": 2,
+        "intermediate_size": 2816,
+        "num_heads": 16,
+        "num_kv_heads": 4,
+        "vocab_size": 2048,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -77,9 +108,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="one LoRA call per fused q|k|v and gate|up layer, or per projection",
     )
+    parser.add_argument(
+        "--extra-shapes",
+        default=",".join(EXTRA_SHAPES),
+        help=f"extra (a)/(b) rows on these shapes ({', '.join(EXTRA_SHAPES)}; '' for none)",
+    )
+    parser.add_argument("--extra-adapters", type=int, default=60, help="adapters per extra shape")
+    parser.add_argument("--extra-requests", type=int, default=64, help="requests per extra shape")
+    parser.add_argument("--extra-max-new", type=int, default=24, help="max new tokens, extras")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = {s for s in args.extra_shapes.split(",") if s} - set(EXTRA_SHAPES)
+    if unknown:
+        parser.error(f"unknown extra shapes {sorted(unknown)}; known: {', '.join(EXTRA_SHAPES)}")
+    return args
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -205,34 +248,51 @@ def peft_decode(model, prompts: list[list[int]], adapter_names: list[str] | None
     return time.perf_counter() - started
 
 
-# --- report -----------------------------------------------------------------------------------
+# --- FLOP ceiling -----------------------------------------------------------------------------
 
 
-def markdown(rows: list[tuple[str, float, float | None]], extra: dict) -> str:
-    lines = ["| configuration | decode tokens/s | vs (a) |", "| --- | ---: | ---: |"]
-    for name, tps, ratio in rows:
-        lines.append(f"| {name} | {tps:,.0f} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
-    lines.append("")
-    lines.extend(f"- {key}: {value}" for key, value in extra.items())
-    return "\n".join(lines)
+def base_macs_per_token(config: ModelConfig, context: float) -> float:
+    """Multiply-adds of one decode token through the base model at a given context length."""
+    linear = sum(
+        math.prod(config.projection_shape(target))
+        for target in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
+    attention = 2 * config.num_heads * config.head_dim * context  # q.k and p.v
+    return config.num_layers * (linear + attention) + config.hidden_size * config.vocab_size
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    overrides = {
-        field: getattr(args, field)
-        for field in (
-            "hidden_size",
-            "num_layers",
-            "intermediate_size",
-            "num_heads",
-            "num_kv_heads",
-            "vocab_size",
-        )
-        if getattr(args, field) is not None
-    }
-    config = replace(ModelConfig.from_preset(args.preset), **overrides)
+def lora_macs_per_token(
+    config: ModelConfig, targets: tuple[str, ...], fuse: bool, rank: int
+) -> float:
+    """Multiply-adds of one token's LoRA delta as the engine computes it: a fused call packs
+    the members' ranks and expands over the whole fused width (block-diagonal B)."""
+    per_layer = 0
+    for _, columns, members, _ in pool_layout(config, targets, fuse):
+        in_features = config.projection_shape(members[0][0])[0]
+        packed = rank * len(members)
+        per_layer += packed * (in_features + columns.stop - columns.start)
+    return config.num_layers * per_layer
+
+
+def flop_ceiling(
+    config: ModelConfig, targets: tuple[str, ...], fuse: bool, workload: Workload, prompt_len: int
+) -> float:
+    """Highest (b)/(a) decode throughput ratio if both ran at the same FLOP rate: base MACs over
+    base + LoRA MACs, summed over the workload's decode tokens (ranks from adapter ids)."""
+    base = lora = 0.0
+    for adapter_id, new_tokens in zip(workload.adapters, workload.max_new_tokens, strict=True):
+        rank = int(adapter_id.rsplit("-r", 1)[1])
+        context = prompt_len + new_tokens / 2
+        base += new_tokens * base_macs_per_token(config, context)
+        lora += new_tokens * lora_macs_per_token(config, targets, fuse, rank)
+    return base / (base + lora)
+
+
+# --- one model shape --------------------------------------------------------------------------
+
+
+def run_shape(args: argparse.Namespace, config: ModelConfig, with_peft: bool) -> dict:
+    """(a), (b), (a) again on one model shape; with_peft adds (c) and (d)."""
     targets = tuple(t for t in args.targets.split(",") if t)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -260,28 +320,138 @@ def main(argv: list[str] | None = None) -> dict:
         multi = run_engine(Engine(model, cache, engine_config), workload, True, args.batch)
         print(f"(b) {multi['decode_tokens_per_s']:.0f} tok/s", file=sys.stderr)
         cache_stats = cache.stats()
+        fused = cache.fuse_projections
         cache.close()
         # The same base run again, so drift on a shared machine shows up in the numbers.
         base_again = run_engine(Engine(model, None, engine_config), workload, False, args.batch)
+        base_tps = statistics.mean([base["decode_tokens_per_s"], base_again["decode_tokens_per_s"]])
+        result = {
+            "config": config,
+            "workload": workload,
+            "a": base,
+            "a_again": base_again,
+            "a_tps": base_tps,
+            "b": multi,
+            "b_over_a": multi["decode_tokens_per_s"] / base_tps,
+            "flop_ceiling": flop_ceiling(config, targets, fused, workload, args.prompt_len),
+            "fused": fused,
+            "cache": cache_stats,
+        }
+        if with_peft:
+            result.update(run_peft(args, model_dir, store, workload))
+    return result
 
-        batch_prompts = workload.prompts[: args.batch]
-        batch_adapters = workload.adapters[: args.batch]
-        t0 = time.perf_counter()
-        peft = load_peft(model_dir, store, batch_adapters)
-        peft_load_s = time.perf_counter() - t0
-        mixed_s = peft_decode(peft, batch_prompts, batch_adapters, args.steps)
-        peft_mixed = args.batch * args.steps / mixed_s
-        print(f"(c) {peft_mixed:.0f} tok/s", file=sys.stderr)
-        switch_s = 0.0
-        for prompt, adapter_id in list(zip(batch_prompts, batch_adapters, strict=True))[
-            : args.switch_requests
-        ]:
-            peft.set_adapter(adapter_id)
-            switch_s += peft_decode(peft, [prompt], None, args.steps)
-        peft_switch = args.switch_requests * args.steps / switch_s
-        print(f"(d) {peft_switch:.0f} tok/s", file=sys.stderr)
 
-    base_tps = statistics.mean([base["decode_tokens_per_s"], base_again["decode_tokens_per_s"]])
+def run_peft(args: argparse.Namespace, model_dir: Path, store: Path, workload: Workload) -> dict:
+    batch_prompts = workload.prompts[: args.batch]
+    batch_adapters = workload.adapters[: args.batch]
+    t0 = time.perf_counter()
+    peft = load_peft(model_dir, store, batch_adapters)
+    peft_load_s = time.perf_counter() - t0
+    mixed_s = peft_decode(peft, batch_prompts, batch_adapters, args.steps)
+    peft_mixed = args.batch * args.steps / mixed_s
+    print(f"(c) {peft_mixed:.0f} tok/s", file=sys.stderr)
+    switch_s = 0.0
+    for prompt, adapter_id in list(zip(batch_prompts, batch_adapters, strict=True))[
+        : args.switch_requests
+    ]:
+        peft.set_adapter(adapter_id)
+        switch_s += peft_decode(peft, [prompt], None, args.steps)
+    peft_switch = args.switch_requests * args.steps / switch_s
+    print(f"(d) {peft_switch:.0f} tok/s", file=sys.stderr)
+    return {
+        "c_tps": peft_mixed,
+        "d_tps": peft_switch,
+        "peft_load_seconds": peft_load_s,
+        "peft_adapters_loaded": len(set(batch_adapters)),
+    }
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def markdown(
+    rows: list[tuple[str, float, float | None]], extra: dict, shapes: dict[str, dict]
+) -> str:
+    lines = ["| configuration | decode tokens/s | vs (a) |", "| --- | ---: | ---: |"]
+    for name, tps, ratio in rows:
+        lines.append(f"| {name} | {tps:,.0f} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+    lines.append("")
+    lines.extend(f"- {key}: {value}" for key, value in extra.items())
+    lines += [
+        "",
+        "| shape (hidden / layers / intermediate) | (a) tok/s | (b) tok/s | (b)/(a) "
+        "| FLOP ceiling of (b)/(a) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, run in shapes.items():
+        config = run["config"]
+        lines.append(
+            f"| {name} ({config.hidden_size} / {config.num_layers} / "
+            f"{config.intermediate_size}) | {run['a_tps']:,.0f} | "
+            f"{run['b']['decode_tokens_per_s']:,.0f} | {run['b_over_a']:.2f}x | "
+            f"{run['flop_ceiling']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def shown_path(path: Path) -> str:
+    """A path as the report records it: relative to the project, never the machine's layout."""
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return path.name
+
+
+def shape_json(run: dict) -> dict:
+    return {
+        "model": run["config"].to_hf_config(),
+        "fused_projections": run["fused"],
+        "a_base": run["a_tps"],
+        "a_base_runs": [run["a"]["decode_tokens_per_s"], run["a_again"]["decode_tokens_per_s"]],
+        "b_engine_multi_lora": run["b"]["decode_tokens_per_s"],
+        "b_over_a": run["b_over_a"],
+        "flop_ceiling_b_over_a": run["flop_ceiling"],
+        "device_hit_rate": run["cache"]["device_hit_rate"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    overrides = {
+        field: getattr(args, field)
+        for field in (
+            "hidden_size",
+            "num_layers",
+            "intermediate_size",
+            "num_heads",
+            "num_kv_heads",
+            "vocab_size",
+        )
+        if getattr(args, field) is not None
+    }
+    config = replace(ModelConfig.from_preset(args.preset), **overrides)
+    main_run = run_shape(args, config, with_peft=True)
+    shapes = {"main": main_run}
+    for name in (s for s in args.extra_shapes.split(",") if s):
+        print(f"extra shape {name}", file=sys.stderr)
+        extra_args = argparse.Namespace(
+            **{
+                **vars(args),
+                "adapters": args.extra_adapters,
+                "requests": args.extra_requests,
+                "max_new": max(args.extra_max_new, args.min_new),
+                "device_slots": min(args.device_slots, args.extra_adapters),
+            }
+        )
+        shapes[name] = run_shape(
+            extra_args, replace(ModelConfig.from_preset("tiny"), **EXTRA_SHAPES[name]), False
+        )
+
+    base_tps, multi = main_run["a_tps"], main_run["b"]
+    peft_mixed, peft_switch = main_run["c_tps"], main_run["d_tps"]
+    workload, cache_stats = main_run["workload"], main_run["cache"]
     rows = [
         ("(a) base model, no LoRA (this engine)", base_tps, 1.0),
         ("(b) this engine, mixed adapters", multi["decode_tokens_per_s"], None),
@@ -291,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [(name, tps, tps / base_tps) for name, tps, _ in rows]
     disk_ms = cache_stats["disk_load_ms"]
     upload_ms = cache_stats["upload_ms"]
-    distinct_in_batch = len(set(batch_adapters))
+    distinct_in_batch = main_run["peft_adapters_loaded"]
     summary = {
         "adapter cold-load (disk -> host, read + validate) p50 / p99 ms": (
             f"{disk_ms['p50_ms']:.2f} / {disk_ms['p99_ms']:.2f}"
@@ -303,13 +473,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"{cache_stats['device_hit_rate']:.3f} ({len(set(workload.adapters))} distinct "
             f"adapters in {len(workload.adapters)} requests: first uses always miss)"
         ),
+        "(b) over (a), FLOP ceiling": (
+            f"{main_run['b_over_a']:.2f}x measured, {main_run['flop_ceiling']:.2f}x ceiling"
+        ),
         "(b) over (c)": f"{multi['decode_tokens_per_s'] / peft_mixed:.1f}x",
         "distinct adapters in the (c) batch": distinct_in_batch,
     }
-    print(markdown(rows, summary))
+    print(markdown(rows, summary, shapes))
     result = {
         "benchmark": "multi_lora",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {k: shown_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": {"preset": args.preset, **config.to_hf_config()},
         "machine": {
             "python": platform.python_version(),
@@ -319,17 +492,22 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "decode_tokens_per_s": {
             "a_base": base_tps,
-            "a_base_runs": [base["decode_tokens_per_s"], base_again["decode_tokens_per_s"]],
+            "a_base_runs": [
+                main_run["a"]["decode_tokens_per_s"],
+                main_run["a_again"]["decode_tokens_per_s"],
+            ],
             "b_engine_multi_lora": multi["decode_tokens_per_s"],
             "c_peft_mixed_batch": peft_mixed,
             "d_peft_switching": peft_switch,
         },
         "ratios_vs_a": {name: ratio for name, _, ratio in rows},
+        "flop_ceiling_b_over_a": main_run["flop_ceiling"],
         "b_over_c": multi["decode_tokens_per_s"] / peft_mixed,
-        "engine_runs": {"a": base, "a_again": base_again, "b": multi},
+        "engine_runs": {"a": main_run["a"], "a_again": main_run["a_again"], "b": multi},
         "cache": cache_stats,
         "peft_adapters_loaded": distinct_in_batch,
-        "peft_load_seconds": peft_load_s,
+        "peft_load_seconds": main_run["peft_load_seconds"],
+        "shapes": {name: shape_json(run) for name, run in shapes.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))

@@ -4,15 +4,16 @@ A `LoraPool` holds the adapters of one rank class in stacked tensors: `a [num_sl
 `b [num_slots, out, rank]` per adapted layer. A rank-8 adapter takes a slot of the rank-8 pool,
 so small adapters do not pay for the padding of large ones. A forward pass carries one
 `ActiveLora` per pool that has tokens in the batch, and every `MultiLoraLinear` calls
-`kernels.dispatch.add_lora` once per pool and params set: once per projection, or, with fused
-pools, once per fused layer (q|k|v, gate|up), which halves the calls where per-call overhead
-dominates (small models on the CPU).
+`kernels.dispatch.add_lora_trusted` once per pool and params set: once per projection, or, with
+fused pools, once per fused layer (q|k|v, gate|up), which halves the calls where per-call
+overhead dominates (small models on the CPU). The pool validates ranks when a slot is written,
+so those calls skip the per-call input checks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NewType
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from inference.adapters import AdapterWeights
 from inference.config import ModelConfig
-from kernels.dispatch import LoraBatch, add_lora
+from kernels.dispatch import LoraBatch, add_lora_trusted
 
 # A position in a pool's stacked tensors; never an adapter id.
 SlotIndex = NewType("SlotIndex", int)
@@ -40,10 +41,11 @@ PROJECTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 class LoraParams:
     """The slots of one pool for some columns of one fused layer of one decoder layer.
 
-    Unfused, each adapted projection has its own params over its own columns and its own
-    scale. Fused, the projections of a group share one call: their A matrices are stacked along
-    the rank (slot rank = sum of member ranks), B is block-diagonal over the group's columns
-    with each member's scale folded in, and the slot scale is 1.
+    Unfused, each adapted projection has its own params over its own columns. Fused, the
+    projections of a group share one call: their A matrices are stacked along the rank (slot
+    rank = sum of member ranks) and B is block-diagonal over the group's columns. Either way
+    each member's scale is folded into B when the slot is written and the slot scale is 1,
+    which spares every call a per-token scale (the kernels still honour other scales).
     """
 
     columns: slice  # columns of the fused layer's output these params update
@@ -53,10 +55,18 @@ class LoraParams:
     ranks: Tensor  # [num_slots] int32, 0 where the slot's adapter leaves these columns alone
     scales: Tensor  # [num_slots] float32
     users: int = 0  # occupied slots with rank > 0; 0 lets the layer skip the kernel call
+    # Host copies of ranks and scales, kept in step by the pool: the CPU path reads them per
+    # call, and reading the tensors back would cost two device reads per layer.
+    host_ranks: list[int] = field(default_factory=list)  # [num_slots]
+    host_scales: list[float] = field(default_factory=list)  # [num_slots]
+    # [num_slots] (a[s, :r], b[s, :, :r].T) views of occupied slots, None for empty ones
+    slot_views: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)
 
-    @property
-    def folds_scale(self) -> bool:
-        return len(self.members) > 1
+    def __post_init__(self) -> None:
+        if not self.host_ranks:
+            self.host_ranks = self.ranks.tolist()
+            self.host_scales = self.scales.tolist()
+            self.slot_views = [None] * len(self.host_ranks)
 
 
 def pool_layout(
@@ -140,6 +150,9 @@ class LoraPool:
 
     def write(self, slot: SlotIndex, weights: AdapterWeights) -> None:
         """Copy an adapter into `slot` (replacing whatever was there)."""
+        # The model's LoRA calls skip add_lora's per-call checks, so this is where ranks are
+        # validated, once per write: every member rank <= rank_class keeps each packed slot
+        # rank <= its params' max_rank, and the copies below refuse wrongly shaped weights.
         if weights.rank > self.rank_class:
             raise ValueError(
                 f"adapter {weights.adapter_id!r} has rank {weights.rank}, too large for the "
@@ -163,16 +176,19 @@ class LoraPool:
             if module is None:
                 continue
             rank = module.rank
-            b = module.b * module.scale if params.folds_scale else module.b
+            b = module.b * module.scale
             params.a[slot, packed : packed + rank].copy_(module.a, non_blocking=True)
             params.b[slot, first : first + width, packed : packed + rank].copy_(
                 b, non_blocking=True
             )
-            params.scales[slot] = 1.0 if params.folds_scale else module.scale
+            params.scales[slot] = 1.0
+            params.host_scales[slot] = 1.0
             packed += rank
         if packed == 0:
             return False
         params.ranks[slot] = packed
+        params.host_ranks[slot] = packed
+        params.slot_views[slot] = (params.a[slot, :packed], params.b[slot, :, :packed].t())
         params.users += 1
         return True
 
@@ -183,6 +199,9 @@ class LoraPool:
             params.b[slot].zero_()
             params.ranks[slot] = 0
             params.scales[slot] = 0.0
+            params.host_ranks[slot] = 0
+            params.host_scales[slot] = 0.0
+            params.slot_views[slot] = None
             params.users -= 1
 
 
@@ -213,7 +232,9 @@ def build_active_lora(
         if all(s < 0 for s in slots):
             continue
         tensor = torch.tensor(slots, dtype=torch.int64, device=pool.device)
-        batch = LoraBatch.from_token_slots(tensor, prefill=prefill, num_slots=pool.num_slots)
+        batch = LoraBatch.from_token_slots(
+            tensor, prefill=prefill, num_slots=pool.num_slots, host_slots=slots
+        )
         active.append(ActiveLora(pool, batch))
     return active
 
@@ -248,7 +269,9 @@ class MultiLoraLinear(nn.Module):
             for params in active.pool.params[self.layer_index].get(self.group, ()):
                 if params.users == 0:
                     continue
-                add_lora(
+                # Shapes are fixed by the pool, ranks checked on write, slots when the batch
+                # was built: nothing is left for per-call checks to find.
+                add_lora_trusted(
                     y[:, params.columns],
                     x,
                     params.a,
@@ -256,5 +279,8 @@ class MultiLoraLinear(nn.Module):
                     params.ranks,
                     params.scales,
                     active.batch,
+                    host_ranks=params.host_ranks,
+                    host_scales=params.host_scales,
+                    slot_views=params.slot_views,
                 )
         return y

@@ -126,6 +126,9 @@ class ForwardBatch:
     decode_rows: Tensor  # [num_decode] int64, their cache rows
     decode_lengths: Tensor  # [num_decode] int64, context length including the new token
     max_decode_length: int  # host copy of decode_lengths.max() (0 when num_decode == 0)
+    # [num_decode, 1, 1, max_decode_length] bool, the cache positions each decode token sees;
+    # built once per pass rather than once per layer.
+    decode_mask: Tensor
     prefill_chunks: list[tuple[int, int, int, int]]  # (first token, num tokens, kv row, start pos)
     logits_index: Tensor  # [num_logits] int64, tokens whose next-token logits are returned
     token_pools: list[int]  # [num_tokens] pool index per token, -1 = no adapter
@@ -181,14 +184,18 @@ class ForwardBatch:
         def long(values: list[int]) -> Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
+        lengths = long(decode_lengths)
+        max_length = max(decode_lengths, default=0)
+        visible = torch.arange(max_length, device=device) < lengths[:, None]
         return cls(
             token_ids=long(token_ids),
             positions=long(positions),
             kv_rows=long(kv_rows),
             num_decode=len(decode),
             decode_rows=long([chunks[i].kv_row for i in decode]),
-            decode_lengths=long(decode_lengths),
-            max_decode_length=max(decode_lengths, default=0),
+            decode_lengths=lengths,
+            max_decode_length=max_length,
+            decode_mask=visible[:, None, None, :],
             prefill_chunks=prefill_chunks,
             logits_index=long(logits_index),
             token_pools=token_pools,
@@ -240,12 +247,11 @@ class Attention(nn.Module):
             d, length = batch.num_decode, batch.max_decode_length
             keys = k_cache[batch.decode_rows, :, :length]  # [d, kv_heads, length, head_dim]
             values = v_cache[batch.decode_rows, :, :length]
-            visible = torch.arange(length, device=x.device) < batch.decode_lengths[:, None]
             out[:d] = F.scaled_dot_product_attention(
                 q[:d].unsqueeze(2),  # [d, heads, 1, head_dim]
                 keys,
                 values,
-                attn_mask=visible[:, None, None, :],
+                attn_mask=batch.decode_mask,
                 enable_gqa=True,
             ).squeeze(2)
         for first, n, row, start in batch.prefill_chunks:

@@ -6,6 +6,14 @@ when a Triton backend runs.
 """
 
 from kernels.batch import LoraBatch, Segments
-from kernels.dispatch import BACKENDS, Backend, add_lora, use_backend
+from kernels.dispatch import BACKENDS, Backend, add_lora, add_lora_trusted, use_backend
 
-__all__ = ["BACKENDS", "Backend", "LoraBatch", "Segments", "add_lora", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "LoraBatch",
+    "Segments",
+    "add_lora",
+    "add_lora_trusted",
+    "use_backend",
+]

@@ -6,6 +6,7 @@ per-layer calls never need to read device values back to the host.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,15 @@ from torch import Tensor
 
 # Rows of one slot: a slice when they are consecutive (prefill runs), else an index tensor.
 SlotRows = slice | Tensor
+
+
+@dataclass(frozen=True)
+class GatherBucket:
+    """Active tokens whose slots share one rank, for the gathered (batched matmul) path."""
+
+    rank: int  # rank of every slot in the bucket (> 0)
+    rows: SlotRows  # [k] the bucket's tokens, a slice when consecutive
+    slots: Tensor  # [k] int64, slot of each of those tokens
 
 
 @dataclass(frozen=True)
@@ -44,19 +54,45 @@ class LoraBatch:
     _slot_rows: list[tuple[int, SlotRows]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    _host_slots: list[int] | None = field(default=None, repr=False, compare=False)
+    # Keyed by the ranks of the active slots: the layers of one pass share a few rank patterns.
+    _buckets: dict[tuple[int, ...], list[GatherBucket]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def num_tokens(self) -> int:
         return self.token_slots.numel()
 
+    @property
+    def host_slots(self) -> list[int]:
+        """token_slots as a host list (read from the device once, then cached)."""
+        if self._host_slots is None:
+            self._host_slots = self.token_slots.tolist()
+        return self._host_slots
+
+    @property
+    def active_slots(self) -> list[int]:
+        """Distinct slots with tokens, ascending."""
+        return [slot for slot, _ in self.slot_rows()]
+
+    @property
+    def num_active_slots(self) -> int:
+        return len(self.slot_rows())
+
     @classmethod
     def from_token_slots(
-        cls, token_slots: Tensor, prefill: bool, num_slots: int | None = None
+        cls,
+        token_slots: Tensor,
+        prefill: bool,
+        num_slots: int | None = None,
+        host_slots: list[int] | None = None,
     ) -> LoraBatch:
         """Build the metadata for `token_slots` ([num_tokens] integer, -1 = no adapter).
 
         prefill=True also builds the SGMV segments (runs of equal consecutive slots). When
-        `num_slots` is given, slots must lie in [-1, num_slots).
+        `num_slots` is given, slots must lie in [-1, num_slots). `host_slots`, the same slots
+        as a host list when the caller has one, spares reading them back from the device.
         """
         if token_slots.dim() != 1:
             raise ValueError(
@@ -65,8 +101,15 @@ class LoraBatch:
         if token_slots.dtype.is_floating_point or token_slots.dtype == torch.bool:
             raise TypeError(f"token_slots must be an integer tensor, got {token_slots.dtype}")
         token_slots = token_slots.to(torch.int64).contiguous()
+        if host_slots is not None and len(host_slots) != token_slots.numel():
+            raise ValueError(
+                f"host_slots has {len(host_slots)} entries, token_slots {token_slots.numel()}"
+            )
         if token_slots.numel() == 0:
             min_slot, max_slot, num_active = -1, -1, 0
+        elif host_slots is not None:
+            min_slot, max_slot = min(host_slots), max(host_slots)
+            num_active = sum(1 for s in host_slots if s >= 0)
         else:
             # One transfer for the three host values every layer needs.
             stats = torch.stack(
@@ -78,13 +121,22 @@ class LoraBatch:
         if num_slots is not None and max_slot >= num_slots:
             raise ValueError(f"token slot {max_slot} is out of range for a pool of {num_slots}")
         segments = _build_segments(token_slots) if prefill else None
-        return cls(token_slots, segments, num_active, max_slot)
+        return cls(token_slots, segments, num_active, max_slot, _host_slots=host_slots)
 
     def slot_rows(self) -> list[tuple[int, SlotRows]]:
         """Active slots with the rows that use them, computed once and cached (torch path)."""
         if self._slot_rows is None:
             self._slot_rows = _group_rows(self)
         return self._slot_rows
+
+    def gather_buckets(self, rank_of: Sequence[int]) -> list[GatherBucket]:
+        """Active tokens bucketed by their slot's rank (`rank_of[slot]`), rank-0 slots left
+        out; cached per rank pattern (gathered torch path)."""
+        key = tuple(rank_of[slot] for slot in self.active_slots)
+        buckets = self._buckets.get(key)
+        if buckets is None:
+            buckets = self._buckets[key] = _bucket_by_rank(self, rank_of)
+        return buckets
 
 
 def _build_segments(token_slots: Tensor) -> Segments:
@@ -105,20 +157,39 @@ def _build_segments(token_slots: Tensor) -> Segments:
     )
 
 
+def _rows(indices: list[int], device: torch.device) -> SlotRows:
+    first, last = indices[0], indices[-1]
+    if last - first + 1 == len(indices):
+        return slice(first, last + 1)
+    return torch.tensor(indices, dtype=torch.int64, device=device)
+
+
 def _group_rows(batch: LoraBatch) -> list[tuple[int, SlotRows]]:
     # Grouped by slot even for prefill: runs of one adapter in several requests share a matmul.
+    # Built on the host: a handful of list operations beats a sort and a split on the device.
     if batch.num_active == 0:
         return []
-    slots = batch.token_slots
-    order = torch.argsort(slots, stable=True)
-    group_slots, counts = torch.unique_consecutive(slots[order], return_counts=True)
-    groups: list[tuple[int, SlotRows]] = []
-    for slot, rows in zip(group_slots.tolist(), torch.split(order, counts.tolist()), strict=True):
-        if slot < 0:
-            continue
-        first, last = int(rows[0]), int(rows[-1])
-        if last - first + 1 == rows.numel():
-            groups.append((slot, slice(first, last + 1)))
-        else:
-            groups.append((slot, rows))
-    return groups
+    by_slot: dict[int, list[int]] = {}
+    for index, slot in enumerate(batch.host_slots):
+        if slot >= 0:
+            by_slot.setdefault(slot, []).append(index)
+    device = batch.token_slots.device
+    return [(slot, _rows(by_slot[slot], device)) for slot in sorted(by_slot)]
+
+
+def _bucket_by_rank(batch: LoraBatch, rank_of: Sequence[int]) -> list[GatherBucket]:
+    by_rank: dict[int, tuple[list[int], list[int]]] = {}
+    for index, slot in enumerate(batch.host_slots):
+        if slot >= 0 and rank_of[slot] > 0:
+            rows, slots = by_rank.setdefault(rank_of[slot], ([], []))
+            rows.append(index)
+            slots.append(slot)
+    device = batch.token_slots.device
+    return [
+        GatherBucket(
+            rank=rank,
+            rows=_rows(rows, device),
+            slots=torch.tensor(slots, dtype=torch.int64, device=device),
+        )
+        for rank, (rows, slots) in sorted(by_rank.items())
+    ]

@@ -1,14 +1,19 @@
 """The one entry point the model calls: add the LoRA delta of a mixed-adapter batch to y.
 
-Backend choice: Triton kernels for CUDA tensors, the grouped PyTorch path for CPU tensors.
+Backend choice: Triton kernels for CUDA tensors, the PyTorch paths for CPU tensors.
 `backend="triton"` (or the `use_backend("triton")` context) forces the kernels on CPU tensors
 too, where they run under Triton's interpreter; tests use this to check the kernels without a
 GPU.
+
+`add_lora` checks every input on every call. `add_lora_trusted` skips the checks for callers
+that own their tensors and validated them once (the model's slot pools check ranks when a slot
+is written and slots when a batch is built); on small CPU models the per-call checks cost as
+much as the LoRA arithmetic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Literal
@@ -28,14 +33,22 @@ from kernels.checks import (
     check_same_dtype,
     check_size,
 )
-from kernels.torch_path import add_lora_torch
+from kernels.torch_path import SlotViews, add_lora_torch
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
 _forced_backend: ContextVar[Backend] = ContextVar("lora_backend", default="auto")
 
-__all__ = ["BACKENDS", "Backend", "LoraBatch", "Segments", "add_lora", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "LoraBatch",
+    "Segments",
+    "add_lora",
+    "add_lora_trusted",
+    "use_backend",
+]
 
 
 @contextmanager
@@ -81,12 +94,50 @@ def add_lora(
             `use_backend`, default "auto".
     """
     _check_inputs(y, x, lora_a, lora_b, ranks, scales, batch)
+    if backend is not None:
+        _check_backend(backend)
+    add_lora_trusted(y, x, lora_a, lora_b, ranks, scales, batch, backend=backend)
+
+
+def add_lora_trusted(
+    y: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    ranks: Tensor,
+    scales: Tensor,
+    batch: LoraBatch,
+    *,
+    host_ranks: Sequence[int] | None = None,
+    host_scales: Sequence[float] | None = None,
+    slot_views: SlotViews | None = None,
+    backend: Backend | None = None,
+) -> None:
+    """`add_lora` without the input checks, for callers that validated their inputs once.
+
+    The caller guarantees everything `add_lora` checks: shapes, dtypes, one device, dense rows,
+    contiguous pools, slots of `batch` inside the pool and ranks in [0, max_rank].
+    `host_ranks` / `host_scales`, host copies of `ranks` / `scales` kept by the caller, spare
+    the CPU path two device reads per call; `slot_views[s]`, views `(lora_a[s, :r],
+    lora_b[s, :, :r].T)` of each occupied slot (None for empty ones), spare it slicing the pool
+    per slot. The Triton kernels ignore the three.
+    """
     if batch.num_active == 0:
         return
     chosen = _forced_backend.get() if backend is None else backend
-    _check_backend(chosen)
     if chosen == "torch" or (chosen == "auto" and not y.is_cuda):
-        add_lora_torch(y, x, lora_a, lora_b, ranks, scales, batch)
+        add_lora_torch(
+            y,
+            x,
+            lora_a,
+            lora_b,
+            ranks,
+            scales,
+            batch,
+            host_ranks=host_ranks,
+            host_scales=host_scales,
+            slot_views=slot_views,
+        )
     else:
         _add_lora_triton(y, x, lora_a, lora_b, ranks, scales, batch)
 

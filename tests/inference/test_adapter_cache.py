@@ -204,11 +204,17 @@ def test_reused_slot_holds_nothing_of_the_previous_adapter(tmp_path: Path, fuse:
             for params in params_list:
                 members = {target for target, _, _ in params.members}
                 rank = int(params.ranks[slot.slot])
+                # The host mirrors the CPU path reads instead of the tensors stay in step.
+                assert params.host_ranks == params.ranks.tolist()
+                assert params.host_scales == params.scales.tolist()
+                views = params.slot_views[slot.slot]
                 if members & {"q_proj", "v_proj"}:
                     assert rank == 4 * len(members & {"q_proj", "v_proj"})
                     assert not params.a[slot.slot, rank:].any()
+                    assert views is not None and torch.equal(views[0], params.a[slot.slot, :rank])
+                    assert torch.equal(views[1], params.b[slot.slot, :, :rank].t())
                 else:
-                    assert rank == 0 and params.users == 0
+                    assert rank == 0 and params.users == 0 and views is None
                     assert not params.a[slot.slot].any() and not params.b[slot.slot].any()
 
 

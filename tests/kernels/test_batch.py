@@ -73,3 +73,25 @@ def test_slot_rows_groups_a_slot_across_prefill_runs() -> None:
 def test_bad_token_slots_are_rejected(token_slots: torch.Tensor, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         LoraBatch.from_token_slots(token_slots, prefill=True, num_slots=4)
+
+
+def test_gather_buckets_split_tokens_by_rank_and_skip_rank_zero() -> None:
+    batch = LoraBatch.from_token_slots(slots(0, 1, 1, 2, -1, 3), prefill=False)
+    rank_of = [8, 16, 8, 0]
+    buckets = batch.gather_buckets(rank_of)
+    assert [b.rank for b in buckets] == [8, 16]
+    eight, sixteen = buckets
+    assert eight.rows.tolist() == [0, 3] and eight.slots.tolist() == [0, 2]
+    assert sixteen.rows == slice(1, 3) and sixteen.slots.tolist() == [1, 1]
+    assert batch.gather_buckets(rank_of) is buckets  # cached per rank pattern
+    assert [b.rank for b in batch.gather_buckets([8, 8, 8, 8])] == [8]
+
+
+def test_host_slots_give_the_same_metadata_without_a_device_read() -> None:
+    values = [2, -1, 0, 2]
+    from_host = LoraBatch.from_token_slots(slots(*values), prefill=False, host_slots=values)
+    from_device = LoraBatch.from_token_slots(slots(*values), prefill=False)
+    assert (from_host.num_active, from_host.max_slot) == (from_device.num_active, 2)
+    assert from_host.active_slots == from_device.active_slots == [0, 2]
+    with pytest.raises(ValueError, match="host_slots has 1 entries"):
+        LoraBatch.from_token_slots(slots(*values), prefill=False, host_slots=[0])

@@ -43,3 +43,50 @@ def test_gpu_bench_without_cuda_says_so(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "needs a CUDA device" in result.stderr
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_multi_lora_bench_reports_ratios_with_flop_ceilings(tmp_path: Path) -> None:
+    out = tmp_path / "multi_lora.json"
+    result = run_script(
+        "bench/multi_lora.py",
+        *("--adapters", "9", "--requests", "6", "--batch", "3", "--steps", "2"),
+        *("--switch-requests", "1", "--min-new", "2", "--max-new", "4", "--device-slots", "4"),
+        *("--extra-shapes", "default", "--extra-adapters", "6", "--extra-requests", "4"),
+        *("--extra-max-new", "3", "--out", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["shapes"]) == {"main", "default"}
+    assert report["shapes"]["default"]["model"]["hidden_size"] == 128
+    for shape in report["shapes"].values():
+        assert 0.0 < shape["flop_ceiling_b_over_a"] < 1.0
+        assert shape["b_engine_multi_lora"] > 0
+    assert report["engine_runs"]["b"]["errors"] == 0
+    assert "FLOP ceiling" in result.stdout and "| (d) peft" in result.stdout
+
+
+def test_multi_lora_flop_count_follows_the_pool_layout() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import multi_lora
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from inference.config import LORA_TARGETS, ModelConfig
+
+    config = ModelConfig.from_preset("tiny")
+    shapes = [config.projection_shape(t) for t in LORA_TARGETS]
+    per_rank_unfused = config.num_layers * sum(i + o for i, o in shapes)
+    assert multi_lora.lora_macs_per_token(config, LORA_TARGETS, False, 8) == 8 * per_rank_unfused
+    # Fused, B is block-diagonal: each member's rank also expands over its siblings' columns.
+    fused = multi_lora.lora_macs_per_token(config, LORA_TARGETS, True, 8)
+    assert fused > 8 * per_rank_unfused
+    qkv_out = sum(config.projection_shape(t)[1] for t in ("q_proj", "k_proj", "v_proj"))
+    gate_up_out = 2 * config.intermediate_size
+    hidden, inter = config.hidden_size, config.intermediate_size
+    expected_layer = (
+        3 * 8 * (hidden + qkv_out)
+        + 8 * (hidden + hidden)
+        + 2 * 8 * (hidden + gate_up_out)
+        + 8 * (inter + hidden)
+    )
+    assert fused == config.num_layers * expected_layer

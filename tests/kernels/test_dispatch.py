@@ -89,7 +89,7 @@ def test_use_backend_routes_calls_and_resets(monkeypatch) -> None:
 
     used = []
     monkeypatch.setattr(dispatch, "_add_lora_triton", lambda *a: used.append("triton"))
-    monkeypatch.setattr(dispatch, "add_lora_torch", lambda *a: used.append("torch"))
+    monkeypatch.setattr(dispatch, "add_lora_torch", lambda *a, **k: used.append("torch"))
     case = small_case()
     with use_backend("triton"):
         call(case)

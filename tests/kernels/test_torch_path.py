@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kernels.cases import POPULARITIES, RANK_CLASSES, make_case
-from kernels.dispatch import add_lora
+from kernels.dispatch import add_lora, add_lora_trusted
+from kernels.torch_path import add_lora_torch
 
 
 def run_torch(prefill: bool):
@@ -65,4 +66,70 @@ def test_auto_backend_on_cpu_uses_the_torch_path(check_run, monkeypatch) -> None
     case = make_case("zipf", 16, num_requests=8, prefill=False, in_features=32, out_features=32)
     check_run(
         case, lambda c: add_lora(c.y, c.x, c.lora_a, c.lora_b, c.ranks, c.scales, c.batch(False))
+    )
+
+
+def force(strategy: str) -> dict[str, int]:
+    """Thresholds that make add_lora_torch take `strategy` whatever the batch."""
+    if strategy == "gathered":
+        return {"gather_min_slots": 1, "gather_max_slot_elements": 10**9}
+    return {"gather_min_slots": 10**6}
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "gathered"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("popularity", POPULARITIES)
+def test_both_decode_strategies_match_reference(
+    check_run, popularity: str, dtype: torch.dtype, strategy: str
+) -> None:
+    # "mix" puts slots of several ranks (and NaN padding) in one pool: the gathered path must
+    # bucket them by rank and never read the padding.
+    case = make_case(
+        popularity,
+        "mix",
+        num_requests=14,
+        prefill=False,
+        in_features=40,
+        out_features=24,
+        dtype=dtype,
+        seed=POPULARITIES.index(popularity) + 50,
+    )
+
+    def run(c) -> None:
+        batch = c.batch(False)
+        add_lora_torch(c.y, c.x, c.lora_a, c.lora_b, c.ranks, c.scales, batch, **force(strategy))
+
+    check_run(case, run)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "gathered"])
+def test_trusted_call_with_host_copies_matches_reference(check_run, strategy: str) -> None:
+    case = make_case("zipf", "mix", num_requests=16, prefill=False, in_features=32, out_features=48)
+
+    def run(c) -> None:
+        add_lora_torch(
+            c.y,
+            c.x,
+            c.lora_a,
+            c.lora_b,
+            c.ranks,
+            c.scales,
+            c.batch(False),
+            host_ranks=c.ranks.tolist(),
+            host_scales=c.scales.tolist(),
+            slot_views=[
+                (c.lora_a[s, :r], c.lora_b[s, :, :r].t()) if r else None
+                for s, r in enumerate(c.ranks.tolist())
+            ],
+            **force(strategy),
+        )
+
+    check_run(case, run)
+
+
+def test_trusted_dispatch_skips_checks_but_computes_the_same(check_run) -> None:
+    case = make_case("uniform", 16, num_requests=9, prefill=False, in_features=24, out_features=16)
+    check_run(
+        case,
+        lambda c: add_lora_trusted(c.y, c.x, c.lora_a, c.lora_b, c.ranks, c.scales, c.batch(False)),
     )
