@@ -19,7 +19,7 @@ venv: $(INSTALLED)
 $(VENV)/.deps-ready:
 	@echo "creating the environment in $(VENV) (first run only)"
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --upgrade pip 'setuptools>=68' wheel
+	$(VPY) -m pip install --quiet --upgrade pip 'setuptools>=77' wheel
 	$(VPY) -m pip install --quiet --prefer-binary -e '.[dev]'
 	touch $@
 
