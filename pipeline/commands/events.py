@@ -18,8 +18,8 @@ from schemas.events import InferenceRequest
 from schemas.export import export_json_schemas
 from schemas.topics import TOPICS
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def parse_request_lines(lines: list[str]) -> tuple[list[InferenceRequest], list[str]]:
