@@ -2,8 +2,9 @@
 materialized rollups) and the latency of each governance query at N reward entries.
 
 Rows are generated inside ClickHouse (INSERT ... SELECT FROM numbers()), five entries per
-request (two contributors, owner, operator, treasury) with one result, one attribution record
-and two contributor rows per request, over 100 epochs and 1000 adapters. The writer path the
+request (two contributors, each naming their datanet, owner, operator, treasury) with one
+result, one attribution record and two contributor rows per request, over 100 epochs, 1000
+adapters and 20 datanets. The writer path the
 sink uses (Python events -> LedgerWriter) is measured separately on a smaller batch.
 
     python bench/ledger.py [--rows 10000000] [--dir DIR] [--out bench/results/ledger.json]
@@ -42,10 +43,11 @@ CHUNK = 2_000_000
 # Per generated number n: request r = n / 5 and slot k = n % 5 decide role and beneficiary.
 REWARD_SELECT = """
 SELECT
-    lower(hex(substring(SHA256(concat(request_id, beneficiary_id, role)), 1, 16))) AS entry_id,
+    lower(hex(substring(SHA256(concat(request_id, beneficiary_id, role, datanet_id)), 1, 16)))
+        AS entry_id,
     request_id, adapter_id, epoch, beneficiary_id, role, amount, toUInt64(500) AS fee_total,
     toUInt32(0) AS parameters_version, '' AS reason,
-    toDateTime64(epoch * 3600 + r % 3600, 3, 'UTC') AS created_at
+    toDateTime64(epoch * 3600 + r % 3600, 3, 'UTC') AS created_at, datanet_id
 FROM (
     SELECT
         intDiv(number, 5) AS r, number % 5 AS k,
@@ -58,6 +60,7 @@ FROM (
                 k = 3, concat('gpu-', toString(r % 8)), 'treasury') AS beneficiary_id,
         ['contributor', 'contributor', 'adapter_owner', 'compute_operator', 'treasury'][k + 1]
             AS role,
+        if(k < 2, concat('dn-', toString(cityHash64(beneficiary_id) % 20)), '') AS datanet_id,
         toUInt64(1 + cityHash64(number) % 200) AS amount
     FROM numbers({start:UInt64}, {count:UInt64})
 )
@@ -97,7 +100,7 @@ COLUMNS = {
     "attribution_rows": "request_id, contributor_id, datanet_id, adapter_id, ppm, method, "
                         "created_at",
     "reward_entries": "entry_id, request_id, adapter_id, epoch, beneficiary_id, role, amount, "
-                      "fee_total, parameters_version, reason, created_at",
+                      "fee_total, parameters_version, reason, created_at, datanet_id",
 }
 
 
@@ -191,6 +194,7 @@ def main() -> None:
         "usage": lambda: queries.usage(client, DATABASE),
         "usage --adapter A": lambda: queries.usage(client, DATABASE, adapter="ad-7"),
         "datanets": lambda: queries.datanets(client, DATABASE),
+        "datanets --epoch E": lambda: queries.datanets(client, DATABASE, epoch=mid_epoch),
         "contributor C (statement)": lambda: queries.contributor_statement(client, "c123",
                                                                            DATABASE),
         "proposals": lambda: queries.proposals(client, DATABASE),

@@ -6,11 +6,16 @@ share one implementation.
 - A vote's weight is the voter's rewards earned in epochs before the proposal's epoch; the
   treasury never votes. A voter's latest vote before the tally counts.
 - A proposal is tallied once its epoch has ended: on the first governance event from a later
-  epoch (or the agent's timer). It passes when yes weight > no weight and the weight that voted
-  reaches the quorum: QUORUM_PPM of all voting weight that existed (rewards earned by anyone
-  but the treasury in epochs before the proposal's). With no rewards earned yet, nothing passes.
+  epoch. An EpochTick is such an event with no other effect, so an operator or a cron job can
+  close epochs when nobody proposes or votes (`loraledger governance tick`). A tick closes the
+  epochs before min(its epoch, the epoch of its timestamp): a tick claiming a future epoch
+  cannot close an epoch still running. A proposal passes when yes weight > no weight and the
+  weight that voted reaches the quorum: QUORUM_PPM of all voting weight that existed (rewards
+  earned by anyone but the treasury in epochs before the proposal's). With no rewards earned
+  yet, nothing passes.
 - A passed proposal activates at the first epoch after its tally: max(proposal epoch + 1,
-  epoch of the tally), as version latest + 1. Proposals tallied together apply in order of
+  epoch of the tally's timestamp), as version latest + 1, so a tick for an old epoch never
+  activates parameters retroactively. Proposals tallied together apply in order of
   (epoch, creation time, id), each on top of the previous.
 """
 
@@ -20,8 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pipeline.rewards import TREASURY_ID
+from pipeline.rewards import TREASURY_ID, epoch_of
 from schemas.events import (
+    EpochTick,
     ParameterChanges,
     Parameters,
     ParametersActivated,
@@ -109,9 +115,13 @@ def tally_due(
     earnings: Earnings,
     now_epoch: int,
     at: datetime,
+    *,
+    activate_from: int | None = None,
 ) -> list[ProposalTallied | ParametersActivated]:
     """Tally every open proposal whose epoch ended before `now_epoch` and activate the passed
-    ones; removes them from `open_proposals`. Returns the events to publish, in order."""
+    ones from max(proposal epoch + 1, `activate_from`) (default `now_epoch`); removes them from
+    `open_proposals`. Returns the events to publish, in order."""
+    floor = now_epoch if activate_from is None else activate_from
     due = sorted(
         (entry for entry in open_proposals.values() if entry.proposal.epoch < now_epoch),
         key=lambda entry: (entry.proposal.epoch, entry.proposal.created_at,
@@ -127,7 +137,7 @@ def tally_due(
             continue
         latest = ParametersActivated(
             version=latest.version + 1,
-            effective_epoch=max(entry.proposal.epoch + 1, now_epoch),
+            effective_epoch=max(entry.proposal.epoch + 1, floor),
             parameters=entry.proposal.changes.apply(latest.parameters),
             proposal_id=entry.proposal.proposal_id,
             created_at=at,
@@ -168,11 +178,22 @@ class GovernanceView:
     tallies: dict[str, ProposalTallied] = field(default_factory=dict)
 
 
-def fold_log(events: list[Proposal | Vote | ProposalTallied | ParametersActivated]
-             ) -> GovernanceView:
-    """Fold governance events (in log order) into the state the agent holds."""
+def tick_epochs(tick: EpochTick, epoch_seconds: int) -> tuple[int, int]:
+    """(close epochs before, activate from) for a tick: its epoch, capped by the epoch of its
+    timestamp so a tick from the future closes nothing early, and its timestamp's epoch."""
+    stamped = epoch_of(tick.created_at, epoch_seconds)
+    return min(tick.epoch, stamped), stamped
+
+
+def fold_log(
+    events: list[Proposal | Vote | ProposalTallied | ParametersActivated | EpochTick],
+) -> GovernanceView:
+    """Fold governance events (in log order) into the state the agent holds; ticks change
+    nothing by themselves (the tallies they cause are events of their own)."""
     view = GovernanceView()
     for event in events:
+        if isinstance(event, EpochTick):
+            continue
         if isinstance(event, Proposal):
             if event.proposal_id not in view.tallies:
                 view.open_proposals.setdefault(event.proposal_id, OpenProposal(event))

@@ -9,8 +9,10 @@ and the tables the other agents read the active parameters and vote weights from
 - `open_proposals` (table, proposal id -> proposal and votes): the governance topic has one
   partition, so one agent instance sees every governance event in order.
 
-Tallies run when the first governance event from a later epoch arrives (a proposal, a vote or
-an activation published after the epoch ended); the events they cause go back onto
+Tallies run when the first governance event from a later epoch arrives (a proposal, a vote,
+an activation published after the epoch ended, or an EpochTick, which exists for this: a tick
+published at epoch boundaries tallies proposals when there is no other traffic; a tick's epoch
+is capped by its timestamp's). The events they cause go back onto
 `governance`, and the activation is recorded in the history at once so that a second tally
 before it comes back cannot reuse its version number.
 """
@@ -27,11 +29,13 @@ from pipeline.governance import (
     active_parameters,
     record_vote,
     tally_due,
+    tick_epochs,
 )
 from pipeline.rewards import epoch_of
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import (
     DeadLetter,
+    EpochTick,
     Parameters,
     ParametersActivated,
     Proposal,
@@ -97,11 +101,12 @@ async def _dead_letter(event: faust.EventT, reason: str) -> None:
     await dead_letters.send(key=message.topic.encode(), value=encode(letter))
 
 
-async def _tally_before(now_epoch: int, at: datetime) -> None:
+async def _tally_before(now_epoch: int, at: datetime, activate_from: int | None = None) -> None:
     pending = _open_snapshot()
     if not any(entry.proposal.epoch < now_epoch for entry in pending.values()):
         return
-    emitted = tally_due(pending, history(), _earnings_snapshot(), now_epoch, at)
+    emitted = tally_due(pending, history(), _earnings_snapshot(), now_epoch, at,
+                        activate_from=activate_from)
     for produced in emitted:
         if isinstance(produced, ProposalTallied):
             open_proposals.pop(produced.proposal_id, None)
@@ -119,6 +124,10 @@ async def govern(stream: faust.StreamT) -> None:
             decoded = decode("governance", event.value)
         except DecodeError as exc:
             await _dead_letter(event, exc.reason)
+            continue
+        if isinstance(decoded, EpochTick):
+            close_before, activate_from = tick_epochs(decoded, settings.epoch_seconds)
+            await _tally_before(close_before, decoded.created_at, activate_from)
             continue
         now_epoch = epoch_of(decoded.created_at, settings.epoch_seconds)
         await _tally_before(now_epoch, decoded.created_at)

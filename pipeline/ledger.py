@@ -54,7 +54,7 @@ TABLES: dict[str, TableSpec] = {
             "created_at")),
         TableSpec("reward_entries", "entry_id", (
             "entry_id", "request_id", "adapter_id", "epoch", "beneficiary_id", "role", "amount",
-            "fee_total", "parameters_version", "reason", "created_at"),
+            "fee_total", "parameters_version", "reason", "created_at", "datanet_id"),
             key_prefix=(("epoch", "UInt64"), ("beneficiary_id", "String"))),
         TableSpec("proposals", "proposal_id", (
             "proposal_id", "proposer_id", "epoch", "changes", "description", "created_at")),
@@ -100,7 +100,7 @@ def _reward_rows(event: RewardEntry) -> dict[str, list[Row]]:
     return {"reward_entries": [(
         event.entry_id, event.request_id, event.adapter_id, event.epoch, event.beneficiary_id,
         event.role.value, event.amount, event.fee_total, event.parameters_version, event.reason,
-        event.created_at,
+        event.created_at, event.datanet_id or "",
     )]}
 
 

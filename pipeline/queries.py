@@ -77,18 +77,34 @@ def usage(client: Client, database: str = DEFAULT_DATABASE, *, adapter: str | No
     return _run(client, "Usage per adapter per day", sql, parameters)
 
 
-def datanets(client: Client, database: str = DEFAULT_DATABASE) -> QueryResult:
-    """Value per datanet: requests and contributors it influenced, its ppm mass in whole-request
-    equivalents, and the micro-units paid to its contributors.
+def datanets(
+    client: Client, database: str = DEFAULT_DATABASE, *, epoch: int | None = None
+) -> QueryResult:
+    """Value per datanet, read from rollups only (no join over base tables).
 
-    A reward entry is per contributor, not per datanet, so `paid` splits a contributor's entry
-    over their datanets by their ppm in each (exact when a contributor is in one datanet).
+    All time: the requests and contributors a datanet's attribution weight touched, its ppm
+    mass in whole-request equivalents, and the micro-units paid to its contributors. Each
+    contributor entry names the datanet it pays for, so `paid` is that rollup's plain sum.
+
+    With `epoch`: for that epoch, the requests that paid the datanet's contributors, the
+    contributors paid, the entries and the micro-units paid.
     """
     db = check_database(database)
+    if epoch is not None:
+        sql = f"""
+            SELECT epoch, datanet_id, uniqExactMerge(requests) AS requests,
+                   uniqExactMerge(contributors) AS contributors, sum(entries) AS entries,
+                   sum(paid) AS paid
+            FROM {db}.value_by_datanet_epoch
+            WHERE epoch = {{epoch:UInt64}}
+            GROUP BY epoch, datanet_id
+            ORDER BY paid DESC, datanet_id
+        """
+        return _run(client, f"Value per datanet in epoch {epoch}", sql, {"epoch": epoch})
     sql = f"""
         SELECT v.datanet_id AS datanet_id, v.requests AS requests,
                v.contributors AS contributors, v.request_equivalents AS request_equivalents,
-               toUInt64(round(p.paid)) AS paid
+               p.paid AS paid
         FROM (
             SELECT datanet_id, uniqExactMerge(requests) AS requests,
                    uniqExactMerge(contributors) AS contributors,
@@ -97,17 +113,9 @@ def datanets(client: Client, database: str = DEFAULT_DATABASE) -> QueryResult:
             GROUP BY datanet_id
         ) AS v
         LEFT JOIN (
-            SELECT a.datanet_id AS datanet_id, sum(e.amount * a.ppm / t.contributor_ppm) AS paid
-            FROM (SELECT request_id, contributor_id, datanet_id, ppm
-                  FROM {db}.attribution_rows FINAL) AS a
-            INNER JOIN (SELECT request_id, contributor_id, sum(ppm) AS contributor_ppm
-                        FROM {db}.attribution_rows FINAL
-                        GROUP BY request_id, contributor_id) AS t
-                USING (request_id, contributor_id)
-            INNER JOIN (SELECT request_id, beneficiary_id AS contributor_id, amount
-                        FROM {db}.reward_entries FINAL WHERE role = 'contributor') AS e
-                USING (request_id, contributor_id)
-            GROUP BY a.datanet_id
+            SELECT datanet_id, sum(paid) AS paid
+            FROM {db}.value_by_datanet_epoch
+            GROUP BY datanet_id
         ) AS p ON p.datanet_id = v.datanet_id
         ORDER BY paid DESC, datanet_id
     """
@@ -116,24 +124,33 @@ def datanets(client: Client, database: str = DEFAULT_DATABASE) -> QueryResult:
 
 def contributor_statement(client: Client, contributor: str, database: str = DEFAULT_DATABASE
                           ) -> QueryResult:
-    """Each request that paid `contributor`: how much, and why (attribution weight, method)."""
+    """Each payment to `contributor`: how much, and why (attribution weight, method).
+
+    An entry that names its datanet shows the weight in that datanet; an entry recorded before
+    entries named datanets shows the contributor's weight summed over the request's datanets.
+    """
     db = check_database(database)
     sql = f"""
         SELECT e.created_at AS at, e.epoch AS epoch, e.request_id AS request_id,
                e.adapter_id AS adapter_id, e.amount AS amount, e.fee_total AS fee_total,
-               w.ppm AS weight_ppm, w.datanets AS datanets, a.method AS method,
-               a.method_version AS method_version, e.parameters_version AS parameters_version
+               if(e.datanet_id = '', w.total_ppm,
+                  arrayElement(w.ppms, indexOf(w.datanet_list, e.datanet_id))) AS weight_ppm,
+               if(e.datanet_id = '', arrayStringConcat(w.datanet_list, ','), e.datanet_id)
+                   AS datanets,
+               a.method AS method, a.method_version AS method_version,
+               e.parameters_version AS parameters_version
         FROM (SELECT * FROM {db}.reward_entries FINAL
               WHERE beneficiary_id = {{contributor:String}} AND role = 'contributor') AS e
-        LEFT JOIN (SELECT request_id, sum(ppm) AS ppm,
-                          arrayStringConcat(groupArray(datanet_id), ',') AS datanets
+        LEFT JOIN (SELECT request_id, sum(ppm) AS total_ppm,
+                          groupArray(datanet_id) AS datanet_list,
+                          groupArray(ppm) AS ppms
                    FROM (SELECT request_id, datanet_id, ppm FROM {db}.attribution_rows FINAL
                          WHERE contributor_id = {{contributor:String}}
                          ORDER BY datanet_id)
                    GROUP BY request_id) AS w ON w.request_id = e.request_id
         LEFT JOIN (SELECT request_id, method, method_version FROM {db}.attributions FINAL) AS a
             ON a.request_id = e.request_id
-        ORDER BY at, request_id
+        ORDER BY at, request_id, datanets
     """
     return _run(client, f"Statement for {contributor}", sql, {"contributor": contributor})
 

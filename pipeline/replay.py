@@ -23,6 +23,7 @@ ROLLUP_TABLES = (
     "usage_by_adapter_day",
     "attribution_by_contributor",
     "value_by_datanet",
+    "value_by_datanet_epoch",
 )
 
 
@@ -93,6 +94,10 @@ def table_fingerprint(client: Client, database: str, table: str) -> list[tuple]:
     if table == "value_by_datanet":
         sql = (f"SELECT datanet_id, uniqExactMerge(requests), uniqExactMerge(contributors), "
                f"sum(ppm_total) FROM {database}.{table} GROUP BY datanet_id ORDER BY datanet_id")
+    elif table == "value_by_datanet_epoch":
+        sql = (f"SELECT epoch, datanet_id, sum(paid), sum(entries), uniqExactMerge(requests), "
+               f"uniqExactMerge(contributors) FROM {database}.{table} GROUP BY epoch, datanet_id "
+               f"ORDER BY epoch, datanet_id")
     elif table in ROLLUP_TABLES:
         keys = {
             "rewards_by_beneficiary_epoch": ("epoch, beneficiary_id, role", "amount, entries"),

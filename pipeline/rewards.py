@@ -6,8 +6,14 @@ Rounding rules (the ledger's contract):
 - The fee splits into four role shares by basis points with largest-remainder rounding:
   each share is floored, and the units left over go one each to the largest remainders,
   ties broken by the fixed role order contributors, adapter owner, compute operator, treasury.
-- The contributors' share splits by attribution ppm the same way, ties broken by contributor
-  id (ascending), so the result never depends on the order weights arrive in.
+- The contributors' share splits by attribution ppm the same way, over (contributor, datanet)
+  pairs, ties broken by (contributor id, datanet id) ascending, so the result never depends on
+  the order weights arrive in.
+- A contributor is paid one entry per datanet their weight came from, and the entry records
+  that datanet. Its id hashes (request, beneficiary, role, datanet), so it stays deterministic
+  and unique; the value a datanet earned is then a plain sum of its contributor entries (the
+  per-datanet rollup is a materialized view), never a split of a mixed entry at query time.
+  Other roles carry no datanet and keep the (request, beneficiary, role) id.
 - A failed (or empty) attribution sends the contributors' share to the treasury, and a
   result whose adapter has no known owner sends the owner's share to the treasury: a fee is
   never paid to nobody. The entries of one request always sum to its fee exactly.
@@ -109,15 +115,15 @@ def role_shares(fee: int, parameters: Parameters) -> dict[RewardRole, int]:
     return dict(zip(ROLE_ORDER, parts, strict=True))
 
 
-def contributor_ppm(attribution: AttributionRecord) -> dict[str, int]:
-    """Ppm per contributor; a contributor weighted in several datanets gets the sum, because a
-    reward entry is unique per (request, beneficiary, role)."""
-    merged: dict[str, int] = {}
+def contributor_ppm(attribution: AttributionRecord) -> dict[tuple[str, str], int]:
+    """Ppm per (contributor, datanet); a pair listed twice gets the sum."""
+    merged: dict[tuple[str, str], int] = {}
     if attribution.status != "ok":
         return merged
     for weight in attribution.contributor_weights:
-        merged[weight.contributor_id] = merged.get(weight.contributor_id, 0) + weight.ppm
-    return {contributor: ppm for contributor, ppm in merged.items() if ppm > 0}
+        key = (weight.contributor_id, weight.datanet_id)
+        merged[key] = merged.get(key, 0) + weight.ppm
+    return {key: ppm for key, ppm in merged.items() if ppm > 0}
 
 
 def _reason(text: str) -> str:
@@ -147,29 +153,33 @@ def split_fee(
         return []
     shares = role_shares(fee, parameters)
     weights = contributor_ppm(attribution)
-    amounts: dict[tuple[str, RewardRole], int] = {}
-    reasons: dict[tuple[str, RewardRole], list[str]] = {}
+    # (beneficiary, role, datanet or "") -> amount; "" because None does not sort with str.
+    amounts: dict[tuple[str, RewardRole, str], int] = {}
+    reasons: dict[tuple[str, RewardRole, str], list[str]] = {}
 
-    def credit(beneficiary: str, role: RewardRole, amount: int, reason: str) -> None:
+    def credit(
+        beneficiary: str, role: RewardRole, amount: int, reason: str, datanet: str = ""
+    ) -> None:
         if amount <= 0:
             return
-        key = (beneficiary, role)
+        key = (beneficiary, role, datanet)
         amounts[key] = amounts.get(key, 0) + amount
         reasons.setdefault(key, []).append(reason)
 
     treasury = RewardRole.TREASURY
     if weights and sum(weights.values()) == PPM_TOTAL:
-        contributors = sorted(weights)
+        pairs = sorted(weights)
         parts = largest_remainder(
-            shares[RewardRole.CONTRIBUTOR], [weights[c] for c in contributors], contributors
+            shares[RewardRole.CONTRIBUTOR], [weights[pair] for pair in pairs], pairs
         )
         method = attribution.method.name
-        for contributor, part in zip(contributors, parts, strict=True):
+        for (contributor, datanet), part in zip(pairs, parts, strict=True):
             credit(
                 contributor,
                 RewardRole.CONTRIBUTOR,
                 part,
-                f"attribution {weights[contributor]} ppm by {method}",
+                f"attribution {weights[(contributor, datanet)]} ppm in {datanet} by {method}",
+                datanet,
             )
     else:
         why = attribution.failure_reason or "no contributor weights"
@@ -185,7 +195,8 @@ def split_fee(
 
     return [
         RewardEntry(
-            entry_id=reward_entry_id(result.request_id, beneficiary, role.value),
+            entry_id=reward_entry_id(result.request_id, beneficiary, role.value, datanet or None),
+            datanet_id=datanet or None,
             request_id=result.request_id,
             adapter_id=result.adapter_id,
             epoch=epoch,
@@ -194,10 +205,11 @@ def split_fee(
             amount=amount,
             fee_total=fee,
             parameters_version=parameters_version,
-            reason=_reason("; ".join(reasons[(beneficiary, role)])),
+            reason=_reason("; ".join(reasons[(beneficiary, role, datanet)])),
             created_at=result.created_at,
         )
-        for (beneficiary, role), amount in sorted(
-            amounts.items(), key=lambda item: (ROLE_ORDER.index(item[0][1]), item[0][0])
+        for (beneficiary, role, datanet), amount in sorted(
+            amounts.items(),
+            key=lambda item: (ROLE_ORDER.index(item[0][1]), item[0][0], item[0][2]),
         )
     ]

@@ -236,9 +236,19 @@ class RewardRole(StrEnum):
     TREASURY = "treasury"
 
 
-def reward_entry_id(request_id: str, beneficiary_id: str, role: str) -> str:
-    """Deterministic, so the same request paid twice (a replay, a retry) yields the same id."""
-    return hashlib.sha256(f"{request_id}\0{beneficiary_id}\0{role}".encode()).hexdigest()[:32]
+def reward_entry_id(
+    request_id: str, beneficiary_id: str, role: str, datanet_id: str | None = None
+) -> str:
+    """Deterministic, so the same request paid twice (a replay, a retry) yields the same id.
+
+    A contributor is paid once per datanet their weight came from, so a contributor entry's id
+    also hashes its datanet. Without a datanet the id is the original (request, beneficiary,
+    role) hash, so entries written before datanets were recorded keep their ids.
+    """
+    key = f"{request_id}\0{beneficiary_id}\0{role}"
+    if datanet_id is not None:
+        key += f"\0{datanet_id}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 class RewardEntry(Event):
@@ -252,12 +262,21 @@ class RewardEntry(Event):
     fee_total: MicroUnits
     parameters_version: NonNegativeInt
     reason: str = Field(default="", max_length=256)
+    # The datanet a contributor entry pays for; None on other roles (and on contributor entries
+    # recorded before datanets were, which still decode).
+    datanet_id: DatanetId | None = None
 
     @model_validator(mode="after")
     def _id_is_derived(self) -> RewardEntry:
-        expected = reward_entry_id(self.request_id, self.beneficiary_id, self.role.value)
+        if self.datanet_id is not None and self.role != RewardRole.CONTRIBUTOR:
+            raise ValueError(f"a {self.role.value} entry carries no datanet_id")
+        expected = reward_entry_id(
+            self.request_id, self.beneficiary_id, self.role.value, self.datanet_id
+        )
         if self.entry_id != expected:
-            raise ValueError("entry_id is not derived from (request_id, beneficiary_id, role)")
+            raise ValueError(
+                "entry_id is not derived from (request_id, beneficiary_id, role, datanet_id)"
+            )
         if self.amount > self.fee_total:
             raise ValueError("an entry cannot exceed its request's fee")
         return self
@@ -393,8 +412,22 @@ class ParametersActivated(Event):
     proposal_id: EntityId | None = None
 
 
+class EpochTick(Event):
+    """Marks that `epoch` has begun, so proposals of earlier epochs are tallied even when no
+    proposal or vote arrives (published by an operator or a timer at epoch boundaries)."""
+
+    kind: Literal["tick"] = "tick"
+    epoch: NonNegativeInt
+
+    @property
+    def proposal_id(self) -> None:
+        """The governance topic is keyed by proposal id; a tick concerns no proposal."""
+        return None
+
+
 GovernanceEvent = Annotated[
-    Proposal | Vote | ProposalTallied | ParametersActivated, Field(discriminator="kind")
+    Proposal | Vote | ProposalTallied | ParametersActivated | EpochTick,
+    Field(discriminator="kind"),
 ]
 
 

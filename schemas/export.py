@@ -20,6 +20,7 @@ EXPORTED: tuple[type[BaseModel], ...] = (
     events.Vote,
     events.ProposalTallied,
     events.ParametersActivated,
+    events.EpochTick,
     events.DeadLetter,
 )
 

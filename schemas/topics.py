@@ -30,7 +30,9 @@ class TopicSpec:
         return {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
 
     def key_of(self, event: Any) -> bytes:
-        return str(getattr(event, self.key_field)).encode("utf-8")
+        """The message key; empty for events without one (an epoch tick has no proposal)."""
+        key = getattr(event, self.key_field)
+        return b"" if key is None else str(key).encode("utf-8")
 
 
 _SPECS = [

@@ -1,4 +1,5 @@
-"""`loraledger governance propose | vote | show`: governance events on the `governance` topic."""
+"""`loraledger governance propose | vote | tick | show`: governance events on the `governance`
+topic."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from infra.settings import Settings, load_settings
 from pipeline.governance import active_parameters, changes_from_options, fold_log
 from pipeline.kafka_io import publish_sync, read_topic
 from pipeline.rewards import epoch_of
-from schemas.events import Proposal, Vote
+from schemas.events import EpochTick, Proposal, Vote
 from schemas.ids import check_id
 
 
@@ -44,6 +45,18 @@ def parse_prices(values: list[str]) -> dict[str, int]:
             raise typer.BadParameter(f"--price {value!r}: use ADAPTER=MICRO_UNITS_PER_TOKEN")
         prices[_id(adapter.strip(), "adapter id")] = int(amount)
     return prices
+
+
+def build_tick(epoch: int | None, now: datetime, epoch_seconds: int) -> EpochTick:
+    """A tick for `epoch` (default: the epoch `now` falls in); a future epoch is refused,
+    because a tick says that epoch has begun."""
+    current = epoch_of(now, epoch_seconds)
+    if epoch is not None and epoch > current:
+        raise typer.BadParameter(
+            f"--epoch {epoch} has not begun (the current epoch is {current}): give {current} "
+            "or an earlier one"
+        )
+    return EpochTick(epoch=current if epoch is None else epoch, created_at=now)
 
 
 async def _governance_events(settings: Settings) -> list:
@@ -107,6 +120,19 @@ def register(app: typer.Typer) -> None:
                     support=support)
         publish_sync(load_settings(), [cast])
         typer.echo(f"vote {cast.vote_id}: {voter} {'yes' if support else 'no'} on {proposal_id}")
+
+    @group.command("tick")
+    def tick(
+        epoch: Annotated[int | None, typer.Option(
+            "--epoch", min=0, help="the epoch that has begun (default: the current one)",
+        )] = None,
+    ) -> None:
+        """Publish an epoch tick: proposals of earlier epochs are tallied without waiting for
+        other governance traffic (run it from cron at epoch boundaries)."""
+        settings = load_settings()
+        published = build_tick(epoch, datetime.now(UTC), settings.epoch_seconds)
+        publish_sync(settings, [published])
+        typer.echo(f"tick for epoch {published.epoch}: proposals of earlier epochs are tallied")
 
     @group.command("show")
     def show() -> None:

@@ -101,10 +101,15 @@ def register(app: typer.Typer) -> None:
         _run(fmt, database, queries.usage, adapter=_valid_id(adapter, "adapter id"))
 
     @group.command("datanets")
-    def datanets(fmt: FormatOption = "table", database: DatabaseOption = DEFAULT_DATABASE
-                 ) -> None:
+    def datanets(
+        epoch: Annotated[int | None, typer.Option(
+            help="only this epoch: requests, contributors and micro-units paid in it", min=0,
+        )] = None,
+        fmt: FormatOption = "table",
+        database: DatabaseOption = DEFAULT_DATABASE,
+    ) -> None:
         """Value per datanet: requests influenced, ppm mass and micro-units paid."""
-        _run(fmt, database, queries.datanets)
+        _run(fmt, database, queries.datanets, epoch=epoch)
 
     @group.command("contributor")
     def contributor(

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 import typer
 
-from pipeline.commands.governance import parse_fee_split, parse_prices
+from pipeline.commands.governance import build_tick, parse_fee_split, parse_prices
 from pipeline.governance import (
     GENESIS,
     OpenProposal,
@@ -16,10 +16,18 @@ from pipeline.governance import (
     fold_log,
     record_vote,
     tally_due,
+    tick_epochs,
     vote_weight,
 )
-from pipeline.rewards import TREASURY_ID
-from schemas.events import ParameterChanges, ParametersActivated, Proposal, ProposalTallied, Vote
+from pipeline.rewards import TREASURY_ID, epoch_of
+from schemas.events import (
+    EpochTick,
+    ParameterChanges,
+    ParametersActivated,
+    Proposal,
+    ProposalTallied,
+    Vote,
+)
 
 AT = datetime(2026, 5, 1, tzinfo=UTC)
 EARNINGS = {
@@ -175,3 +183,83 @@ def test_cli_option_parsing_errors_are_one_line():
         parse_prices(["ad-1"])
     with pytest.raises(typer.BadParameter, match="invalid adapter id"):
         parse_prices(["../x=3"])
+
+
+EPOCH_SECONDS = 3600
+
+
+def at_epoch(epoch: int) -> datetime:
+    return datetime.fromtimestamp(epoch * EPOCH_SECONDS, UTC)
+
+
+def test_a_tick_tallies_proposals_of_earlier_epochs_only():
+    pending = {
+        "p5": OpenProposal(proposal("p5", epoch=5)),
+        "p6": OpenProposal(proposal("p6", epoch=6, default_price_per_token=2)),
+    }
+    record_vote(pending, vote("p5", "alice", True))
+    close_before, activate_from = tick_epochs(EpochTick(epoch=6, created_at=at_epoch(6)),
+                                              EPOCH_SECONDS)
+    assert (close_before, activate_from) == (6, 6)
+    emitted = tally_due(pending, [], EARNINGS, close_before, at_epoch(6),
+                        activate_from=activate_from)
+    assert [type(e) for e in emitted] == [ProposalTallied, ParametersActivated]
+    assert emitted[0].proposal_id == "p5" and emitted[1].effective_epoch == 6
+    assert list(pending) == ["p6"]
+
+
+def test_a_late_tick_for_an_old_epoch_activates_from_its_own_time_not_retroactively():
+    pending = {"p5": OpenProposal(proposal("p5", epoch=5))}
+    record_vote(pending, vote("p5", "alice", True))
+    close_before, activate_from = tick_epochs(EpochTick(epoch=6, created_at=at_epoch(9)),
+                                              EPOCH_SECONDS)
+    assert (close_before, activate_from) == (6, 9)
+    _, activated = tally_due(pending, [], EARNINGS, close_before, at_epoch(9),
+                             activate_from=activate_from)
+    assert activated.effective_epoch == 9
+
+
+def test_a_tick_from_the_future_closes_nothing_early():
+    pending = {"p5": OpenProposal(proposal("p5", epoch=5))}
+    close_before, _ = tick_epochs(EpochTick(epoch=99, created_at=at_epoch(5)), EPOCH_SECONDS)
+    assert close_before == 5
+    assert tally_due(pending, [], EARNINGS, close_before, at_epoch(5)) == []
+    assert "p5" in pending
+
+
+def test_fold_log_ignores_ticks():
+    p1 = proposal("p1")
+    view = fold_log([p1, EpochTick(epoch=9, created_at=at_epoch(9)), vote("p1", "bob", True)])
+    assert list(view.open_proposals) == ["p1"]
+    assert view.open_proposals["p1"].votes == {"bob": True}
+    assert view.history == [] and view.tallies == {}
+
+
+def test_build_tick_defaults_to_the_current_epoch_and_refuses_future_ones():
+    now = at_epoch(42).replace(minute=30)
+    assert build_tick(None, now, EPOCH_SECONDS) == EpochTick(epoch=42, created_at=now)
+    assert build_tick(40, now, EPOCH_SECONDS).epoch == 40
+    with pytest.raises(typer.BadParameter, match="has not begun"):
+        build_tick(43, now, EPOCH_SECONDS)
+
+
+def test_tick_command_publishes_one_tick(monkeypatch):
+    from typer.testing import CliRunner
+
+    import pipeline.commands.governance as commands
+    from pipeline.cli import app
+
+    published = []
+    monkeypatch.setattr(commands, "publish_sync",
+                        lambda settings, events: published.extend(events) or len(events))
+    monkeypatch.setenv("LORALEDGER_EPOCH_SECONDS", "60")
+    runner = CliRunner()
+    result = runner.invoke(app, ["governance", "tick"])
+    assert result.exit_code == 0, result.output
+    (tick,) = published
+    assert isinstance(tick, EpochTick)
+    assert tick.epoch == epoch_of(tick.created_at, 60)
+    assert f"tick for epoch {tick.epoch}" in result.output
+    future = runner.invoke(app, ["governance", "tick", "--epoch", str(tick.epoch + 10)])
+    assert future.exit_code != 0 and "has not begun" in future.output
+    assert len(published) == 1

@@ -303,3 +303,90 @@ def test_query_cli_prints_json_csv_and_tables(client, database, monkeypatch):
     assert bad.exit_code != 0 and "invalid contributor id" in bad.output
     bad_format = runner.invoke(app, ["query", "datanets", "-f", "xml", "--database", database])
     assert bad_format.exit_code != 0 and "unknown format" in bad_format.output
+
+
+def mixed_events():
+    """One request whose contributor carol has weight in two datanets, in epoch E, and one
+    single-datanet request an epoch later."""
+    events = []
+    specs = [
+        ("m1", DAY1, [("carol", "dn-a", 500_000), ("carol", "dn-b", 300_000),
+                      ("dave", "dn-b", 200_000)]),
+        ("m2", DAY1 + timedelta(hours=1), [("dave", "dn-b", 1_000_000)]),
+    ]
+    for request_id, when, weights in specs:
+        res = result(request_id, "ad-1", 100, when)
+        att = attribution(request_id, "ad-1", weights)
+        events += [res, att, *split_fee(res, att, PARAMETERS, parameters_version=0,
+                                        adapter_owner="olga",
+                                        epoch=int(when.timestamp()) // 3600)]
+    return events
+
+
+def test_datanet_value_is_exact_for_a_contributor_in_two_datanets(client, database):
+    events = mixed_events()
+    LedgerWriter(client, database).write(events)
+    expected: dict[str, int] = {}
+    for e in events:
+        if getattr(e, "role", None) == "contributor":
+            expected[e.datanet_id] = expected.get(e.datanet_id, 0) + e.amount
+    assert len({e.datanet_id for e in events if getattr(e, "role", None) == "contributor"}) == 2
+    records = {r["datanet_id"]: r for r in queries.datanets(client, database).records()}
+    assert {d: r["paid"] for d, r in records.items()} == expected
+    # 5000 bps of 1000 = 500 for m1 (250 / 150 / 100) and 500 for m2, all dave's in dn-b.
+    assert expected == {"dn-a": 250, "dn-b": 750}
+    assert records["dn-b"]["contributors"] == 2
+
+
+def test_datanet_value_in_one_epoch(client, database):
+    LedgerWriter(client, database).write(mixed_events())
+    epoch = int(DAY1.timestamp()) // 3600
+    first = {r["datanet_id"]: r for r in queries.datanets(client, database, epoch=epoch).records()}
+    assert {d: r["paid"] for d, r in first.items()} == {"dn-a": 250, "dn-b": 250}
+    assert first["dn-b"]["contributors"] == 2 and first["dn-b"]["requests"] == 1
+    assert first["dn-b"]["entries"] == 2
+    second = queries.datanets(client, database, epoch=epoch + 1).records()
+    assert [(r["datanet_id"], r["paid"], r["contributors"]) for r in second] == [("dn-b", 500, 1)]
+    assert queries.datanets(client, database, epoch=epoch + 2).rows == []
+
+
+def test_statement_shows_the_weight_of_each_datanet_entry(client, database):
+    LedgerWriter(client, database).write(mixed_events())
+    statement = queries.contributor_statement(client, "carol", database).records()
+    assert [(r["datanets"], r["weight_ppm"], r["amount"]) for r in statement] == [
+        ("dn-a", 500_000, 250), ("dn-b", 300_000, 150)]
+
+
+def test_entries_without_a_datanet_are_stored_but_not_guessed_into_the_rollup(client, database):
+    from schemas.events import RewardEntry, reward_entry_id
+
+    res = result("old-1", "ad-1", 10)
+    att = attribution("old-1", "ad-1", [("erin", "dn-a", 600_000), ("erin", "dn-b", 400_000)])
+    legacy = RewardEntry(
+        entry_id=reward_entry_id("old-1", "erin", "contributor"), request_id="old-1",
+        adapter_id="ad-1", epoch=int(DAY1.timestamp()) // 3600, beneficiary_id="erin",
+        role="contributor", amount=50, fee_total=100, parameters_version=0, created_at=DAY1,
+    )
+    inserted = LedgerWriter(client, database).write([res, att, legacy])
+    assert inserted["reward_entries"] == 1
+    paid = client.query(
+        f"SELECT count() FROM {database}.value_by_datanet_epoch"
+    ).result_rows[0][0]
+    assert paid == 0
+    (line,) = queries.contributor_statement(client, "erin", database).records()
+    assert (line["datanets"], line["weight_ppm"], line["amount"]) == ("dn-a,dn-b", 1_000_000, 50)
+
+
+def test_query_datanets_cli_by_epoch(client, database, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    LedgerWriter(client, database).write(mixed_events())
+    monkeypatch.setenv("CLICKHOUSE_URL", f"chdb://{Path(tempfile.gettempdir())}"
+                                         f"/loraledger-test-chdb-{os.getpid()}")
+    epoch = int(DAY1.timestamp()) // 3600 + 1
+    output = CliRunner().invoke(app, ["query", "datanets", "--epoch", str(epoch), "-f", "json",
+                                      "--database", database])
+    assert output.exit_code == 0, output.output
+    assert [(r["datanet_id"], r["paid"]) for r in json.loads(output.output)] == [("dn-b", 500)]

@@ -81,6 +81,10 @@ def test_order_and_batching_do_not_change_the_ledger(client, databases):
     for table in ALL_TABLES:
         assert table_fingerprint(client, live, table) == table_fingerprint(client, rebuilt, table)
     assert len(table_fingerprint(client, live, "reward_entries")) > 12
+    by_datanet = table_fingerprint(client, live, "value_by_datanet_epoch")
+    paid = sum(e.amount for e in original if getattr(e, "role", None) == "contributor")
+    assert {row[1] for row in by_datanet} == {"dn-1", "dn-2"}
+    assert sum(row[2] for row in by_datanet) == paid
 
 
 def test_promote_replaces_the_live_ledger(client, databases):

@@ -163,8 +163,41 @@ def test_split_pays_every_role_and_sums_to_fee():
         assert entry.parameters_version == 3
         assert entry.epoch == 42
         assert entry.created_at == WHEN
-        assert entry.entry_id == reward_entry_id("req-1", entry.beneficiary_id, entry.role.value)
+        assert entry.entry_id == reward_entry_id(
+            "req-1", entry.beneficiary_id, entry.role.value, entry.datanet_id
+        )
+        assert (entry.datanet_id == "dn") == (entry.role == RewardRole.CONTRIBUTOR)
     assert "600000 ppm" in by_key[("alice", RewardRole.CONTRIBUTOR)].reason
+
+
+def test_a_contributor_in_two_datanets_is_paid_once_per_datanet():
+    attribution = AttributionRecord(
+        request_id="req-1",
+        adapter_id="ad-1",
+        status="ok",
+        method=MethodInfo(name="trak", version="1"),
+        contributor_weights=[
+            ContributorWeight(contributor_id="alice", datanet_id="dn-b", ppm=250_000),
+            ContributorWeight(contributor_id="alice", datanet_id="dn-a", ppm=500_000),
+            ContributorWeight(contributor_id="bob", datanet_id="dn-a", ppm=250_000),
+        ],
+        evidence_hash=HASH,
+    )
+    entries = split_fee(
+        make_result(100, 0), attribution, Parameters(default_price_per_token=1),
+        parameters_version=0, adapter_owner="olga", epoch=3,
+    )
+    paid = {(e.beneficiary_id, e.datanet_id): e.amount
+            for e in entries if e.role == RewardRole.CONTRIBUTOR}
+    # 5000 bps of 100 = 50, split 50% / 25% / 25%: 25, 12.5, 12.5; the leftover unit breaks the
+    # tie by (contributor, datanet) order, so ("alice", "dn-b") gets it before ("bob", "dn-a").
+    assert paid == {("alice", "dn-a"): 25, ("alice", "dn-b"): 13, ("bob", "dn-a"): 12}
+    assert sum(e.amount for e in entries) == 100
+    assert len({e.entry_id for e in entries}) == len(entries)
+    alice_b = next(e for e in entries if e.datanet_id == "dn-b")
+    assert alice_b.entry_id == reward_entry_id("req-1", "alice", "contributor", "dn-b")
+    assert "250000 ppm in dn-b" in alice_b.reason
+    assert all(e.datanet_id is None for e in entries if e.role != RewardRole.CONTRIBUTOR)
 
 
 def test_failed_attribution_and_missing_owner_pay_the_treasury():

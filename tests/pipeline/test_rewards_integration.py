@@ -1,7 +1,8 @@
 """The rewards, governance and sink agents on the real broker: a worker killed with SIGKILL and
 restarted (with redelivered inputs) leaves exactly one set of entries per request, a passed
-proposal changes the price from the next epoch on, and `loraledger replay` rebuilds a ledger
-equal to the live one row for row."""
+proposal changes the price from the next epoch on, an operator's epoch tick tallies a proposal
+when no other governance event follows it, and `loraledger replay` rebuilds a ledger equal to
+the live one row for row."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from schemas.events import (
     AdapterRegistered,
     AttributionRecord,
     ContributorWeight,
+    EpochTick,
     InferenceResult,
     MethodInfo,
     ParameterChanges,
@@ -148,8 +150,10 @@ def stop(worker: subprocess.Popen) -> None:
 
 def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, tmp_path):
     settings = kafka_settings
+    home = tmp_path / "home"  # the worker's own state (Faust data dir), whatever the caller's
+    home.mkdir()
     env = {**stack_env, "LORALEDGER_EPOCH_SECONDS": str(EPOCH_SECONDS),
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), "LORALEDGER_HOME": str(home)}
     owner = AdapterRegistered(
         adapter_id="ad-1", owner_id="olga", base_model_hash=HASH, weights_hash=HASH, rank=8,
         datanet_id="dn-1", snapshot_version=1, snapshot_hash=HASH,
@@ -186,13 +190,30 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
         asyncio.run(publish(settings, phase_two))
         entries: list[RewardEntry] = wait_for(settings, "rewards",
                                               lambda events: len(events) >= 75)
+        # Nobody proposes or votes after epoch 12: an operator's tick closes it.
+        asyncio.run(publish(settings, [
+            Proposal(proposal_id="p-topk", proposer_id="alice", epoch=12,
+                     changes=ParameterChanges(top_k=4), created_at=at_epoch(12, 50)),
+            Vote(proposal_id="p-topk", voter_id="alice", support=True,
+                 created_at=at_epoch(12, 51)),
+        ]))
+        ticked = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "governance", "tick", "--epoch", "13"],
+            env=env, cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60)
+        assert "tick for epoch 13" in ticked.stdout
+        governance = wait_for(settings, "governance", lambda events: any(
+            isinstance(e, ParametersActivated) and e.version == 2 for e in events))
         time.sleep(5)  # no late duplicates, and the sink's last batch is written
         entries = asyncio.run(read_all(settings, "rewards"))
     finally:
         stop(worker)
 
-    activation = next(e for e in governance if isinstance(e, ParametersActivated))
+    activation, by_tick = (e for e in governance if isinstance(e, ParametersActivated))
     assert (activation.version, activation.effective_epoch) == (1, 12)
+    tick = next(e for e in governance if isinstance(e, EpochTick))
+    assert (by_tick.proposal_id, by_tick.parameters.top_k) == ("p-topk", 4)
+    # The tick was published now, long after epoch 13 began: no retroactive activation.
+    assert by_tick.effective_epoch == int(tick.created_at.timestamp()) // EPOCH_SECONDS
     assert len(entries) == 75
     assert len({e.entry_id for e in entries}) == 75
     by_request: dict[str, list[RewardEntry]] = {}
@@ -216,6 +237,7 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
     assert report["rows"]["reward_entries"] == 75
     assert report["rows"]["inference_results"] == 15
     assert report["rows"]["attribution_rows"] == 30
-    (proposal_row,) = report["proposals"]
-    assert proposal_row["status"] == "passed"
-    assert proposal_row["activated_version"] == 1
+    rows = {row["proposal_id"]: row for row in report["proposals"]}
+    assert {pid: (row["status"], row["activated_version"]) for pid, row in rows.items()} == {
+        "p-price": ("passed", 1), "p-topk": ("passed", 2)}
+    assert report["rows"]["value_by_datanet_epoch"] == 4  # dn-1 and dn-2 in epochs 10 and 12

@@ -233,3 +233,45 @@ def test_dead_letter_truncates_large_payloads():
     )
     assert letter.truncated and letter.raw_size == len(raw)
     assert decode("dead-letters", encode(letter)) == letter
+
+
+def test_contributor_entries_name_their_datanet_and_old_entries_still_decode():
+    old_id = reward_entry_id("r1", "alice", "contributor")
+    # An entry encoded before datanet_id existed: no such key in the JSON.
+    old_json = (
+        '{"schema_version": 1, "created_at": "2026-01-01T00:00:00Z", "entry_id": "'
+        + old_id + '", "request_id": "r1", "adapter_id": "a", "epoch": 3, '
+        '"beneficiary_id": "alice", "role": "contributor", "amount": 5, "fee_total": 10, '
+        '"parameters_version": 0, "reason": ""}'
+    ).encode()
+    old = decode("rewards", old_json)
+    assert old.datanet_id is None and old.entry_id == old_id
+    new = RewardEntry(
+        entry_id=reward_entry_id("r1", "alice", "contributor", "dn-1"), request_id="r1",
+        adapter_id="a", epoch=3, beneficiary_id="alice", role="contributor", amount=5,
+        fee_total=10, parameters_version=0, datanet_id="dn-1",
+    )
+    assert new.entry_id != old_id
+    assert decode("rewards", encode(new)) == new
+    with pytest.raises(ValidationError, match="derived"):
+        RewardEntry(**{**new.model_dump(), "entry_id": old_id})
+    with pytest.raises(ValidationError, match="derived"):
+        RewardEntry(**{**new.model_dump(), "datanet_id": "dn-2"})
+    with pytest.raises(ValidationError, match="carries no datanet_id"):
+        RewardEntry(**{**new.model_dump(), "role": "treasury", "beneficiary_id": "treasury",
+                       "entry_id": reward_entry_id("r1", "treasury", "treasury", "dn-1")})
+    with pytest.raises(ValidationError, match="invalid id"):
+        RewardEntry(**{**new.model_dump(), "datanet_id": "../x"})
+
+
+def test_epoch_tick_is_a_governance_event():
+    from schemas.events import EpochTick
+    from schemas.topics import topic_for_event
+
+    tick = EpochTick(epoch=7)
+    assert decode("governance", encode(tick)) == tick
+    assert topic_for_event(tick).name == "governance"
+    with pytest.raises(DecodeError, match="epoch"):
+        decode("governance", b'{"kind": "tick", "epoch": -1}')
+    with pytest.raises(DecodeError):
+        decode("governance", b'{"kind": "tick", "epoch": 1, "proposal_id": "x"}')

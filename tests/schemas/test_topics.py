@@ -42,3 +42,11 @@ def test_export_writes_a_schema_per_event(tmp_path):
     schema = json.loads((tmp_path / "InferenceRequest.schema.json").read_text())
     assert schema["additionalProperties"] is False
     assert "prompt" in schema["required"]
+
+
+def test_events_without_a_key_value_get_an_empty_key():
+    from schemas.events import EpochTick
+
+    tick = EpochTick(epoch=5)
+    assert topic_for_event(tick).name == "governance"
+    assert topic_for_event(tick).key_of(tick) == b""
