@@ -2,8 +2,10 @@
 
     python bench/attribution_eval.py [--subsets 20] [--peers kronfluence]
 
-Measures, for our method (the TRAK index stored beside the adapter, the span method, and the
-mix the processor publishes) and for established libraries on the same model and data:
+Measures, for our methods (the attribution index stored beside the adapter with its default
+`ekfac-projected` estimator, the same adapter re-indexed with the former `trak` estimator, the
+span method, and the gradient/span mix the processor publishes) and for established libraries
+on the same model and data:
 - LDS (linear datamodeling score): M adapters retrained on random halves of the datanet; for
   each query (a planted fact's prompt and completion), the Spearman correlation over the M
   subsets between the method's predicted effect (sum of the subset's example scores) and the
@@ -14,7 +16,7 @@ mix the processor publishes) and for established libraries on the same model and
   the worker computed; the sketch's own cost is reported apart), set-up time (our index is built
   at training time), and attribution throughput against inference throughput on this machine.
 Prints a markdown table and writes JSON (default `bench/results/attribution_eval.json`).
-Peers need the `bench` extra (kronfluence, scipy).
+Peers need the `bench` extra (kronfluence, dattri, scipy).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -32,15 +35,30 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from transformers import PreTrainedTokenizerBase
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from inference.attribution_index import AttributionIndex  # noqa: E402
+from inference.attribution_index import (  # noqa: E402
+    TRAK,
+    AttributionIndex,
+    IndexExample,
+    read_index_meta,
+    write_index,
+)
 from inference.base_model import build_base_model, load_base_model  # noqa: E402
 from inference.data import generate_datanet  # noqa: E402
 from inference.datanets import DatanetStore, Snapshot  # noqa: E402
-from inference.factory import TrainConfig, subset_specs, train_adapter, train_many  # noqa: E402
+from inference.factory import (  # noqa: E402
+    INDEX_DIR,
+    TrainConfig,
+    subset_specs,
+    train_adapter,
+    train_many,
+)
+from inference.hashing import sha256_file  # noqa: E402
+from inference.influence_preconditioner import DEFAULT_DAMPING_RELATIVE  # noqa: E402
 from inference.sketch import Sketcher, collate, encode_pair, per_example_loss  # noqa: E402
 from infra.settings import load_settings  # noqa: E402
 from pipeline.attribution.artifacts import ArtifactCache  # noqa: E402
@@ -85,6 +103,7 @@ def build_setup(work: Path, args: argparse.Namespace) -> Setup:
         index_k=args.k,
         seed=args.seed,
         index_lambda_relative=args.lambda_relative,
+        index_damping_relative=args.damping_relative,
     )
     full = train_adapter(snapshot, "full", "owner", info.directory, work / "adapters", config)
     return Setup(
@@ -149,25 +168,55 @@ class MethodResult:
     notes: str = ""
 
 
-def ours(
-    setup: Setup, queries: list[Pair], args: argparse.Namespace
-) -> tuple[list[MethodResult], dict]:
-    index = AttributionIndex.load(setup.full_dir / "attribution_index")
-    sketcher = Sketcher(setup.base_dir, setup.full_dir)
+def trak_copy(setup: Setup, sketcher: Sketcher, lambda_relative: float) -> tuple[str, float]:
+    """The full adapter copied as `full-trak` and re-indexed with the former `trak` estimator
+    (same sketches, same examples); returns its id and the seconds the re-indexing took."""
     started = time.perf_counter()
-    sketches = sketcher.projected_gradient(queries)
-    sketch_ms = (time.perf_counter() - started) * 1000 / len(queries)
-    scores = index.score(sketches)
+    adapter_id = "full-trak"
+    directory = setup.adapters_dir / adapter_id
+    shutil.copytree(setup.full_dir, directory, dirs_exist_ok=True)
+    shutil.rmtree(directory / INDEX_DIR)
+    meta = read_index_meta(setup.full_dir / INDEX_DIR)
+    examples = AttributionIndex.load(setup.full_dir / INDEX_DIR).examples.to_pylist()
+    sketches = sketcher.projected_gradient([("", example["text"]) for example in examples])
+    digest = write_index(
+        directory / INDEX_DIR,
+        sketches,
+        [IndexExample(**example) for example in examples],
+        seed=meta["seed"],
+        projection=meta["projection"],
+        loss=meta["loss"],
+        param_layout_hash=meta["param_layout_hash"],
+        max_length=meta["max_length"],
+        lambda_relative=lambda_relative,
+        estimator=TRAK,
+    )
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest.update(adapter_id=adapter_id, index_hash=digest)
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return adapter_id, time.perf_counter() - started
 
-    # The processor's own path: one `attribute` call per result, artifacts cached (as in steady
-    # state), default governance parameters (gradient 80%, span 20%, top-16).
-    manifest = json.loads((setup.full_dir / "manifest.json").read_text())
+
+def processor_run(
+    setup: Setup,
+    adapter_id: str,
+    queries: list[Pair],
+    sketches: np.ndarray,
+    sketcher: Sketcher,
+    repeat: int,
+) -> tuple[np.ndarray, float, list]:
+    """The processor's own path: one `attribute` call per result, artifacts cached (as in
+    steady state), default governance parameters. Returns the index's scores [Q, N], ms per
+    attribute() call, and the records."""
+    directory = setup.adapters_dir / adapter_id
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["weights_hash"] == sha256_file(directory / "adapter_model.safetensors")
     cache = ArtifactCache(setup.adapters_dir)
     parameters = Parameters()
     results = [
         InferenceResult(
             request_id=f"q{q}",
-            adapter_id="full",
+            adapter_id=adapter_id,
             status="ok",
             prompt=prompt,
             output_text=completion,
@@ -179,46 +228,189 @@ def ours(
         )
         for q, (prompt, completion) in enumerate(queries)
     ]
-    cache.get("full")  # load once; the processor keeps it cached
-    span_index = cache.get("full").span_index
+    artifacts = cache.get(adapter_id)  # load once; the processor keeps it cached
     started = time.perf_counter()
     records = []
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         records = [attribute(result, parameters, cache) for result in results]
-    attribution_ms = (time.perf_counter() - started) * 1000 / (len(results) * args.repeat)
-    top1_mix = sum(
+    attribution_ms = (time.perf_counter() - started) * 1000 / (len(results) * repeat)
+    return artifacts.index.score(sketches), attribution_ms, records
+
+
+def published_top1(records: list, setup: Setup) -> float:
+    return sum(
         max(r.contributor_weights, key=lambda w: (w.ppm, w.contributor_id)).contributor_id
         == fact.contributor_id
         for r, fact in zip(records, setup.facts, strict=True)
     ) / len(records)
 
+
+def mixed_scores(gradient: np.ndarray, span: np.ndarray, gradient_share: float) -> np.ndarray:
+    """Per-example scores of the mix: each method's scores normalised to unit absolute sum per
+    query, weighted as the processor weights the two methods."""
+
+    def normalised(scores: np.ndarray) -> np.ndarray:
+        totals = np.abs(scores).sum(axis=1, keepdims=True)
+        return np.divide(scores, totals, out=np.zeros_like(scores), where=totals > 0)
+
+    return gradient_share * normalised(gradient) + (1 - gradient_share) * normalised(span)
+
+
+def ours(
+    setup: Setup, queries: list[Pair], args: argparse.Namespace
+) -> tuple[list[MethodResult], dict]:
+    sketcher = Sketcher(setup.base_dir, setup.full_dir)
+    started = time.perf_counter()
+    sketches = sketcher.projected_gradient(queries)
+    sketch_ms = (time.perf_counter() - started) * 1000 / len(queries)
+    index = AttributionIndex.load(setup.full_dir / INDEX_DIR)
+    estimator, estimator_params = index.estimator, index.meta.get("estimator_params", {})
+    scores, attribution_ms, records = processor_run(
+        setup, "full", queries, sketches, sketcher, args.repeat
+    )
+    old_id, old_setup_s = trak_copy(setup, sketcher, args.lambda_relative)
+    old_scores, old_ms, _ = processor_run(setup, old_id, queries, sketches, sketcher, args.repeat)
+
+    span_index = ArtifactCache(setup.adapters_dir).get("full").span_index
     span_scores = np.zeros_like(scores)
     started = time.perf_counter()
     for q, (prompt, completion) in enumerate(queries):
         for row, credit in span_index.row_credit(completion, context=prompt).items():
             span_scores[q, row] = credit
     span_ms = (time.perf_counter() - started) * 1000 / len(queries)
-    trak = MethodResult(
-        "ours: TRAK index (gradient method)",
-        scores,
-        setup.index_seconds,
-        attribution_ms,
-        notes=f"ms: the processor's whole attribute() (gradient + span + mix); index built "
-        f"at training time; worker sketch {sketch_ms:.2f} ms/query",
-    )
-    span = MethodResult(
-        "ours: span method",
-        span_scores,
-        0.0,
-        span_ms,
-        notes="verbatim reuse of rows, matches may start in the prompt",
-    )
+    gradient_share = Parameters().gradient_weight_ppm / 1_000_000
+    ms_note = "ms: the processor's whole attribute() (gradient + span + mix)"
+    methods = [
+        MethodResult(
+            f"ours new: {estimator[0]} v{estimator[1]} index",
+            scores,
+            setup.index_seconds,
+            attribution_ms,
+            notes=f"{ms_note}; index built at training time ({estimator_params}); worker "
+            f"sketch {sketch_ms:.2f} ms/query",
+        ),
+        MethodResult(
+            "ours old: trak v1 index",
+            old_scores,
+            old_setup_s,
+            old_ms,
+            notes=f"{ms_note}; same adapter and sketches, lambda_relative {args.lambda_relative}",
+        ),
+        MethodResult(
+            "ours: span method",
+            span_scores,
+            0.0,
+            span_ms,
+            notes="verbatim reuse of rows, matches may start in the prompt",
+        ),
+        MethodResult(
+            f"ours: mix (gradient {gradient_share:.0%} + span)",
+            mixed_scores(scores, span_scores, gradient_share),
+            setup.index_seconds,
+            attribution_ms,
+            top1=published_top1(records, setup),
+            notes="top-1 of the published contributor weights; LDS of the per-example mix; "
+            f"{ms_note}",
+        ),
+    ]
     extra = {
         "sketch_ms_per_query": sketch_ms,
         "attribution_ms_per_query": attribution_ms,
-        "planted_fact_top1_published_weights": top1_mix,
+        "planted_fact_top1_published_weights": methods[-1].top1,
     }
-    return [trak, span], extra
+    return methods, extra
+
+
+def padded_examples(
+    tokenizer: PreTrainedTokenizerBase, pairs: list[Pair], max_length: int
+) -> list[dict[str, torch.Tensor]]:
+    """Each pair encoded as the index encodes it, right-padded to `max_length`."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    items = []
+    for prompt, completion in pairs:
+        ids, mask, labels = collate([encode_pair(tokenizer, prompt, completion, max_length)], pad)
+        width = max_length - ids.shape[1]
+        items.append(
+            {
+                "input_ids": torch.nn.functional.pad(ids[0], (0, width), value=pad),
+                "attention_mask": torch.nn.functional.pad(mask[0], (0, width), value=0),
+                "labels": torch.nn.functional.pad(labels[0], (0, width), value=-100),
+            }
+        )
+    return items
+
+
+def lora_adapter_model(setup: Setup) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    from peft import PeftModel
+
+    base, tokenizer = load_base_model(setup.base_dir)
+    model = PeftModel.from_pretrained(
+        base, str(setup.full_dir), is_trainable=True, use_safetensors=True
+    )
+    model.eval()
+    return model, tokenizer
+
+
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B]: mean NLL over the labelled tokens, as `per_example_loss` computes it."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(targets.shape)
+    return nll.sum(dim=1) / (targets != -100).sum(dim=1).clamp(min=1)
+
+
+def dattri_trak_scores(setup: Setup, queries: list[Pair], args: argparse.Namespace) -> MethodResult:
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+    from torch.utils.data import DataLoader
+
+    model, tokenizer = lora_adapter_model(setup)
+    max_length = setup.config.max_length
+    lora_names = [name for name, param in model.named_parameters() if param.requires_grad]
+
+    def loss(params: dict[str, torch.Tensor], item: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        ids, _mask, labels = item
+        # No attention mask: dattri vmaps over examples, and the model's mask handling
+        # branches on its values. Padding sits at the right, so the causal mask alone keeps
+        # it out of every labelled token's computation.
+        logits = torch.func.functional_call(model, params, (ids[None],)).logits
+        return completion_loss(logits, labels[None])[0]
+
+    def probability(params: dict[str, torch.Tensor], item: tuple[torch.Tensor, ...]):  # noqa: ANN202
+        return torch.exp(-loss(params, item))
+
+    def loader(pairs: list[Pair]) -> DataLoader:
+        items = padded_examples(tokenizer, pairs, max_length)
+        rows = [(i["input_ids"], i["attention_mask"], i["labels"]) for i in items]
+        return DataLoader(rows, batch_size=16)
+
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    attributor = TRAKAttributor(
+        task,
+        correct_probability_func=probability,
+        projector_kwargs={"proj_dim": args.k, "device": "cpu"},
+        layer_name=lora_names,
+        device="cpu",
+        regularization=args.dattri_regularization,
+    )
+    started = time.perf_counter()
+    attributor.cache(loader([("", row.text) for row in setup.rows]))
+    setup_s = time.perf_counter() - started
+    started = time.perf_counter()
+    scores = attributor.attribute(loader(queries)).numpy()  # [N, Q]
+    per_query_ms = (time.perf_counter() - started) * 1000 / len(queries)
+    return MethodResult(
+        f"dattri TRAK (LoRA modules, k={args.k})",
+        scores.T.astype(np.float64),
+        setup_s,
+        per_query_ms,
+        notes=f"one checkpoint, regularization {args.dattri_regularization}; per query = query "
+        "gradient, projection and scoring",
+    )
 
 
 def kronfluence_scores(
@@ -232,23 +424,10 @@ def kronfluence_scores(
     base, tokenizer = load_base_model(setup.base_dir)
     model = PeftModel.from_pretrained(base, str(setup.full_dir), use_safetensors=True)
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_length = setup.config.max_length
 
     def dataset(pairs: list[Pair]) -> list[dict[str, torch.Tensor]]:
-        items = []
-        for prompt, completion in pairs:
-            encoded = encode_pair(tokenizer, prompt, completion, max_length)
-            ids, mask, labels = collate([encoded], pad)
-            width = max_length - ids.shape[1]
-            items.append(
-                {
-                    "input_ids": torch.nn.functional.pad(ids[0], (0, width), value=pad),
-                    "attention_mask": torch.nn.functional.pad(mask[0], (0, width), value=0),
-                    "labels": torch.nn.functional.pad(labels[0], (0, width), value=-100),
-                }
-            )
-        return items
+        return padded_examples(tokenizer, pairs, max_length)
 
     lora_modules = [
         name
@@ -344,6 +523,7 @@ def run(args: argparse.Namespace) -> dict:
     methods, extra = ours(setup, queries, args)
     peers: dict[str, Callable[[], MethodResult]] = {
         "kronfluence": lambda: kronfluence_scores(setup, queries, work, args),
+        "dattri": lambda: dattri_trak_scores(setup, queries, args),
     }
     for peer in args.peers:
         print(f"peer: {peer}", file=sys.stderr)
@@ -362,7 +542,8 @@ def run(args: argparse.Namespace) -> dict:
             setup.base_dir, setup.adapters_dir / spec.adapter_id, queries, setup.config.max_length
         )
     for method in methods:
-        method.top1 = top1_from_scores(method.scores, setup, Parameters().top_k)
+        if method.top1 is None:
+            method.top1 = top1_from_scores(method.scores, setup, Parameters().top_k)
     inference_rps = inference_throughput(setup, queries, args.new_tokens)
     attribution_rps = 1000.0 / extra["attribution_ms_per_query"]
     rows = [
@@ -387,6 +568,7 @@ def run(args: argparse.Namespace) -> dict:
             "steps": args.steps,
             "k": args.k,
             "lambda_relative": args.lambda_relative,
+            "damping_relative": args.damping_relative,
             "threads": args.threads,
             "seed": args.seed,
         },
@@ -439,14 +621,29 @@ def main(argv: list[str] | None = None) -> None:
         "--lambda-relative",
         type=float,
         default=100.0,
-        help="TRAK damping relative to the mean eigenvalue (large: close to a gradient dot "
-        "product, which is what a datanet smaller than k needs)",
+        help="damping of the former `trak` estimator, relative to the mean eigenvalue (large: "
+        "close to a gradient dot product, which is what a datanet smaller than k needs)",
+    )
+    parser.add_argument(
+        "--damping-relative",
+        type=float,
+        default=DEFAULT_DAMPING_RELATIVE,
+        help="EK-FAC damping of the `ekfac-projected` index, relative to each layer's mean "
+        "eigenvalue",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats of attribution")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--peers", nargs="*", default=["kronfluence"], choices=["kronfluence"])
+    parser.add_argument(
+        "--peers", nargs="*", default=["kronfluence", "dattri"], choices=["kronfluence", "dattri"]
+    )
+    parser.add_argument(
+        "--dattri-regularization",
+        type=float,
+        default=1e-3,
+        help="dattri TRAK's ridge term (0 is singular when the datanet is smaller than k)",
+    )
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "attribution_eval.json"))
     args = parser.parse_args(argv)

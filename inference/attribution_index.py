@@ -1,15 +1,24 @@
-"""The attribution index stored beside an adapter: one projected gradient per training example,
-the TRAK preconditioner, and the map example -> row -> contributor -> datanet.
+"""The attribution index stored beside an adapter: one feature row per training example, scored
+against a query's sketch q (the projected gradient R g_q, R: [k, P]), and the map example -> row ->
+contributor -> datanet.
 
 Files in `<adapter>/attribution_index/`:
-- `features.safetensors`: `features` [N, k] float32 (row i = sketch of example i) and
-  `preconditioner` [k, k] float32 = (Phi^T Phi + lambda I)^-1, computed in float64;
+- `features.safetensors`: `features` [N, k] float32, and for the `trak` estimator only
+  `preconditioner` [k, k] float32;
 - `examples.parquet`: example_index, row_id, contributor_id, datanet_id, text;
-- `index.json`: k, seed, projection kind, lambda, loss definition, parameter layout hash,
-  estimator name and version, max length.
+- `index.json`: k, seed, projection kind, loss definition, parameter layout hash, estimator
+  name, version and parameters, max length.
+
+Estimators (name, version), both read by this code:
+- ("ekfac-projected", "1"), the default of `TrainConfig`: row i is w_i = (R S R^T)^-1 R S H^-1
+  g_i, so that q . w_i is the best linear estimate, from the query's sketch alone, of the
+  EK-FAC influence g_q^T H^-1 g_i (H over the training texts, S a prior over query-like
+  gradients; see `inference.influence_preconditioner`). No k x k matrix is stored.
+- ("trak", "1"): row i is phi_i, `preconditioner` P = (Phi^T Phi + lambda I)^-1 in float64;
+  score q^T P phi_i.
+An index of any other estimator is refused on load, with its name in the error.
 
 The index hash is `sha256_files` over the three files in that order. Nothing is pickled.
-TRAK score of a query sketch q against example i: q^T P phi_i.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ from safetensors.numpy import load_file, save_file
 
 from inference.hashing import sha256_files
 
-ESTIMATOR_NAME = "trak"
-ESTIMATOR_VERSION = "1"
+TRAK = ("trak", "1")
+EKFAC_PROJECTED = ("ekfac-projected", "1")
+ESTIMATORS = (TRAK, EKFAC_PROJECTED)
 INDEX_FILES = ("features.safetensors", "examples.parquet", "index.json")
 # lambda = DEFAULT_LAMBDA_RELATIVE * mean eigenvalue of Phi^T Phi: scale-free damping that keeps
 # the inverse well defined when there are fewer examples than dimensions.
@@ -76,27 +86,37 @@ def write_index(
     param_layout_hash: str,
     max_length: int,
     lambda_relative: float = DEFAULT_LAMBDA_RELATIVE,
+    estimator: tuple[str, str] = TRAK,
+    estimator_params: dict[str, float] | None = None,
 ) -> str:
-    """Write the three index files; returns the index hash."""
+    """Write the three index files; returns the index hash.
+
+    `trak`: `features` are the examples' sketches; the preconditioner is computed here with
+    `lambda_relative`. `ekfac-projected`: `features` are already the scoring rows w_i
+    (`influence_preconditioner.ekfac_projected_features`), `estimator_params` records how."""
     if features.ndim != 2 or features.shape[0] != len(examples):
         raise ValueError(f"features {features.shape} do not match {len(examples)} examples")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator}; known: {ESTIMATORS}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     features = np.ascontiguousarray(features, dtype=np.float32)
-    inverse, lam = preconditioner(features, lambda_relative)
-    save_file(
-        {"features": features, "preconditioner": np.ascontiguousarray(inverse)},
-        str(directory / "features.safetensors"),
-    )
+    tensors = {"features": features}
+    # A `trak` index.json keeps the fields it always had, so its hash is what it was.
+    params: dict[str, Any] = {"estimator_params": dict(sorted((estimator_params or {}).items()))}
+    if estimator == TRAK:
+        inverse, lam = preconditioner(features, lambda_relative)
+        tensors["preconditioner"] = np.ascontiguousarray(inverse)
+        params = {"lambda": lam, "lambda_relative": lambda_relative}
+    save_file(tensors, str(directory / "features.safetensors"))
     table = pa.Table.from_pylist([asdict(e) for e in examples], schema=EXAMPLES_SCHEMA)
     pq.write_table(table, directory / "examples.parquet")
     meta = {
-        "estimator": ESTIMATOR_NAME,
-        "estimator_version": ESTIMATOR_VERSION,
+        **params,
+        "estimator": estimator[0],
+        "estimator_version": estimator[1],
         "examples": len(examples),
         "k": int(features.shape[1]),
-        "lambda": lam,
-        "lambda_relative": lambda_relative,
         "loss": loss,
         "max_length": max_length,
         "param_layout_hash": param_layout_hash,
@@ -123,14 +143,14 @@ class AttributionIndex:
         self,
         directory: Path,
         features: np.ndarray,
-        preconditioner: np.ndarray,
+        preconditioner: np.ndarray | None,
         examples: pa.Table,
         meta: dict[str, Any],
         hash: str,
     ) -> None:
         self.directory = directory
         self.features = features  # [N, k] float32
-        self.preconditioner = preconditioner  # [k, k] float32
+        self.preconditioner = preconditioner  # [k, k] float32, `trak` only
         self.examples = examples  # arrow table, EXAMPLES_SCHEMA, row i = example i
         self.meta = meta
         self.hash = hash
@@ -149,14 +169,27 @@ class AttributionIndex:
                 f"attribution index in {directory} has hash {digest[:12]}…, expected "
                 f"{expected_hash[:12]}…: the files changed since the adapter was registered"
             )
+        meta = read_index_meta(directory)
+        estimator = (meta.get("estimator"), meta.get("estimator_version"))
+        if estimator not in ESTIMATORS:
+            raise ValueError(
+                f"attribution index in {directory} uses estimator {estimator[0]!r} version "
+                f"{estimator[1]!r}, which this code cannot score; re-index the adapter"
+            )
         tensors = load_file(str(directory / "features.safetensors"))
         examples = pq.read_table(directory / "examples.parquet", schema=EXAMPLES_SCHEMA)
-        meta = read_index_meta(directory)
-        features, inverse = tensors["features"], tensors["preconditioner"]
+        features, inverse = tensors["features"], tensors.get("preconditioner")
         k = meta["k"]
-        if features.shape != (examples.num_rows, k) or inverse.shape != (k, k):
+        shapes_ok = features.shape == (examples.num_rows, k) and (
+            inverse.shape == (k, k) if estimator == TRAK else inverse is None
+        )
+        if not shapes_ok:
             raise ValueError(f"attribution index in {directory} has inconsistent shapes")
         return cls(directory, features, inverse, examples, meta, digest)
+
+    @property
+    def estimator(self) -> tuple[str, str]:
+        return (self.meta["estimator"], self.meta["estimator_version"])
 
     @property
     def k(self) -> int:
@@ -166,7 +199,8 @@ class AttributionIndex:
         return self.examples.num_rows
 
     def score(self, query_sketch: np.ndarray) -> np.ndarray:
-        """TRAK scores q^T P phi_i, float64: [N] for a query [k], [B, N] for queries [B, k].
+        """Scores q . w_i (`ekfac-projected`) or q^T P phi_i (`trak`), float64: [N] for a
+        query [k], [B, N] for queries [B, k].
         Float64 keeps a query's scores the same, to rounding far below any ranking gap,
         whether it is scored alone or in a batch."""
         query = np.asarray(query_sketch, dtype=np.float64)
@@ -175,8 +209,8 @@ class AttributionIndex:
                 f"query sketch has shape {query.shape}, expected [{self.k}] or [B, {self.k}]"
             )
         if self._transformed is None:
-            # P is symmetric, so Phi P holds every P phi_i as a row.
-            self._transformed = self.features.astype(np.float64) @ self.preconditioner.astype(
-                np.float64
-            )
+            self._transformed = self.features.astype(np.float64)
+            if self.preconditioner is not None:
+                # P is symmetric, so Phi P holds every P phi_i as a row.
+                self._transformed = self._transformed @ self.preconditioner.astype(np.float64)
         return query @ self._transformed.T

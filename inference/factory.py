@@ -24,14 +24,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from inference.attribution_index import DEFAULT_LAMBDA_RELATIVE, IndexExample, write_index
+from inference.attribution_index import (
+    DEFAULT_LAMBDA_RELATIVE,
+    EKFAC_PROJECTED,
+    ESTIMATORS,
+    TRAK,
+    IndexExample,
+    write_index,
+)
 from inference.base_model import load_base_model, single_thread
 from inference.datanets import DatanetRow, Snapshot, snapshot_hash
 from inference.hashing import adapter_weights_hash, base_model_hash, sha256_file
+from inference.influence_preconditioner import (
+    DEFAULT_DAMPING_RELATIVE,
+    DEFAULT_PRIOR_DAMPING_RELATIVE,
+    ekfac_projected_features,
+)
 from inference.sketch import (
     DEFAULT_K,
     LOSS_DEFINITION,
@@ -40,6 +53,7 @@ from inference.sketch import (
     collate,
     encode_pair,
     layout_hash,
+    lora_layers,
     param_layout,
     per_example_loss,
     projected_gradient,
@@ -68,7 +82,10 @@ class TrainConfig:
     target_modules: tuple[str, ...] = LORA_TARGETS
     index_k: int = DEFAULT_K
     projection_seed: int = 0
-    index_lambda_relative: float = DEFAULT_LAMBDA_RELATIVE
+    index_estimator: str = EKFAC_PROJECTED[0]
+    index_lambda_relative: float = DEFAULT_LAMBDA_RELATIVE  # `trak` only
+    index_damping_relative: float = DEFAULT_DAMPING_RELATIVE  # `ekfac-projected` only
+    index_prior_damping_relative: float = DEFAULT_PRIOR_DAMPING_RELATIVE  # `ekfac-projected`
     index_batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -78,6 +95,16 @@ class TrainConfig:
             raise ValueError("steps, batch_size and index_k must be >= 1 and max_length >= 2")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        known = [name for name, _ in ESTIMATORS]
+        if self.index_estimator not in known:
+            raise ValueError(f"index_estimator must be one of {known}: {self.index_estimator!r}")
+        dampings = (
+            self.index_lambda_relative,
+            self.index_damping_relative,
+            self.index_prior_damping_relative,
+        )
+        if not all(value > 0 for value in dampings):
+            raise ValueError("index_lambda_relative and the index dampings must be positive")
         unknown = set(self.target_modules) - set(LORA_TARGETS)
         if unknown or not self.target_modules:
             raise ValueError(f"target modules must be a non-empty subset of {LORA_TARGETS}")
@@ -173,6 +200,45 @@ def _save_adapter(model: PeftModel, directory: Path) -> None:
     (directory / "README.md").unlink(missing_ok=True)
 
 
+def _index_features(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[DatanetRow],
+    projector: Projector,
+    config: TrainConfig,
+) -> tuple[np.ndarray, tuple[str, str], dict[str, float]]:
+    """The index's feature rows for `config.index_estimator`, the estimator and its params."""
+    texts = [row.text for row in rows]
+    layers = lora_layers(model)
+    if config.index_estimator == TRAK[0]:
+        sketches = projected_gradient(
+            model,
+            tokenizer,
+            [("", text) for text in texts],
+            projector,
+            config.max_length,
+            config.index_batch_size,
+            layers,
+        )
+        return sketches, TRAK, {}
+    features = ekfac_projected_features(
+        model,
+        tokenizer,
+        texts,
+        projector,
+        config.max_length,
+        config.index_batch_size,
+        config.index_damping_relative,
+        config.index_prior_damping_relative,
+        layers,
+    )
+    params = {
+        "damping_relative": config.index_damping_relative,
+        "prior_damping_relative": config.index_prior_damping_relative,
+    }
+    return features, EKFAC_PROJECTED, params
+
+
 def _train_one(
     base: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -215,13 +281,8 @@ def _train_one(
         if key not in projectors:
             projectors[key] = Projector(layout, config.index_k, config.projection_seed)
         projector = projectors[key]
-        features = projected_gradient(
-            model,
-            tokenizer,
-            [("", row.text) for row in rows],
-            projector,
-            config.max_length,
-            config.index_batch_size,
+        features, estimator, estimator_params = _index_features(
+            model, tokenizer, rows, projector, config
         )
         examples = [
             IndexExample(i, row.row_id, row.contributor_id, row.datanet_id, row.text)
@@ -237,6 +298,8 @@ def _train_one(
             param_layout_hash=layout_hash(layout),
             max_length=config.max_length,
             lambda_relative=config.index_lambda_relative,
+            estimator=estimator,
+            estimator_params=estimator_params,
         )
         index_seconds = time.perf_counter() - started
     finally:

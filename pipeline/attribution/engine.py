@@ -175,7 +175,9 @@ def attribute(
     except Exception as exc:  # noqa: BLE001 - see FailureCode.INTERNAL
         failure = AttributionFailure(FailureCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         return failed_record(result, parameters, failure, sketch=sketch, artifacts=artifacts)
-    params = {**method_params(parameters), "basis": basis}
+    name, version = artifacts.index.estimator
+    # The gradient method's estimator is the index's (pinned by index_hash): named for readers.
+    params = {**method_params(parameters), "basis": basis, "estimator": f"{name}/{version}"}
     return AttributionRecord(
         request_id=result.request_id,
         adapter_id=result.adapter_id,

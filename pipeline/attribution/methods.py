@@ -1,9 +1,10 @@
 """The two attribution methods and how their results are mixed into contributor weights.
 
-Gradient method (TRAK): score every training example against the result's sketch with the
-index's estimator (q^T P phi_i), keep the top-k, and sum the *positive* scores per
-(contributor, datanet). A negative score means the example pushed the model away from this
-answer: it is reported among the top examples' scores but earns nothing.
+Gradient method: score every training example against the result's sketch with the index's
+estimator (`ekfac-projected` or `trak`, see `inference.attribution_index`), keep the top-k,
+and sum the *positive* scores per (contributor, datanet). A negative score means the example
+pushed the model away from this answer: it is reported among the top examples' scores but
+earns nothing.
 
 Span method: the tokens of the output that repeat a training row verbatim, in the context of
 the prompt (see `spans`), summed per (contributor, datanet).

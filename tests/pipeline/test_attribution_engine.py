@@ -44,6 +44,7 @@ def test_ok_record_ranks_examples_by_trak_score_and_weights_sum_exactly(adapter,
     for weight in record.contributor_weights:
         assert abs(weight.ppm - positive[weight.contributor_id] / total * PPM_TOTAL) <= 1
     assert record.method.params["basis"] == Basis.GRADIENT
+    assert record.method.params["estimator"] == "trak/1"  # the index's estimator
     assert record.index_hash == adapter["index_hash"]
     assert record.adapter_hash == adapter["weights_hash"]
 
