@@ -10,6 +10,7 @@ per LORALEDGER_WORKER_ID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiokafka import ConsumerRecord
@@ -51,20 +52,42 @@ async def run_attribution(settings: Settings, stop: asyncio.Event | None = None)
 
 RESTART_DELAY_S = 5.0
 
+# Set when the worker stops; the processor then finishes its open transaction and returns.
+_stop_requested = asyncio.Event()
+_started = asyncio.Event()
+_stopped = asyncio.Event()
+
 
 @app.task
 async def attribution_processor() -> None:
-    """Keep the processor running through broker outages; stop for good when a newer worker
-    with the same worker id has fenced this one (two would fight over one transactional id)."""
-    while True:
-        try:
-            await run_attribution(settings)
-            return
-        except ProducerFenced:
-            log.error(
-                "attribution stopped: another worker with id %s took over", settings.worker_id
-            )
-            return
-        except Exception:
-            log.exception("attribution processor failed; restarting in %.0f s", RESTART_DELAY_S)
-            await asyncio.sleep(RESTART_DELAY_S)
+    """Keep the processor running through broker outages; stop for good when the worker stops
+    or when a newer worker with the same worker id has fenced this one (two would fight over
+    one transactional id)."""
+    _started.set()
+    try:
+        while not _stop_requested.is_set():
+            try:
+                await run_attribution(settings, stop=_stop_requested)
+                return
+            except ProducerFenced:
+                log.error(
+                    "attribution stopped: another worker with id %s took over", settings.worker_id
+                )
+                return
+            except Exception:
+                log.exception(
+                    "attribution processor failed; restarting in %.0f s", RESTART_DELAY_S
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_stop_requested.wait(), RESTART_DELAY_S)
+    finally:
+        _stopped.set()
+
+
+@app.stop_first
+async def stop_attribution() -> None:
+    """Runs before Faust stops its consumer: the open transaction commits, then the loop's
+    consumer and producer close."""
+    _stop_requested.set()
+    if _started.is_set():
+        await _stopped.wait()
