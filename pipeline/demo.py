@@ -560,7 +560,7 @@ def _timeout_message(collected: Collected, wanted: set[str], when: str) -> str:
     return (
         f"{when}: {len(wanted) - len(collected.results)} requests without a "
         f"result (worker), {unattributed} without an attribution (attribution agent), "
-        f"{unpaid} without reward entries (rewards agent)"
+        f"{unpaid} without reward entries (attribution agent)"
     )
 
 

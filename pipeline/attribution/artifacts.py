@@ -1,7 +1,9 @@
 """An adapter's attribution artifacts, loaded just in time and kept in an LRU cache.
 
 What is read, and checked, per adapter (`<adapters_dir>/<adapter_id>/`):
-- `manifest.json`: `weights_hash` (the adapter's version) and `index_hash`;
+- `manifest.json`: `weights_hash` (the adapter's version), `index_hash`, and `owner_id` (who
+  is paid the adapter owner's share of a fee; absent or invalid -> None, and that share goes
+  to the treasury);
 - `adapter_model.safetensors`: its sha256 must equal the manifest's `weights_hash`;
 - `attribution_index/`: its hash must equal the manifest's `index_hash`.
 The span index is built from the index's own examples table: the snapshot rows the adapter was
@@ -37,6 +39,7 @@ class AdapterArtifacts:
     index: AttributionIndex
     keys: list[ContributorKey]  # per example: who contributed it, to which datanet
     row_ids: list[str]  # per example
+    owner_id: str | None = None
     _span_index: SpanIndex | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -62,8 +65,7 @@ def adapter_dir(adapters_dir: Path, adapter_id: str) -> Path:
     return Path(adapters_dir) / adapter_id
 
 
-def load_artifacts(adapters_dir: Path, adapter_id: str) -> AdapterArtifacts:
-    """Read and cross-check one adapter's manifest, weights hash and attribution index."""
+def read_manifest(adapters_dir: Path, adapter_id: str) -> dict:
     directory = adapter_dir(adapters_dir, adapter_id)
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -76,6 +78,22 @@ def load_artifacts(adapters_dir: Path, adapter_id: str) -> AdapterArtifacts:
         raise AttributionFailure(
             FailureCode.UNKNOWN_ADAPTER, f"adapter {adapter_id!r} manifest unreadable: {exc}"
         ) from None
+    if not isinstance(manifest, dict):
+        raise AttributionFailure(
+            FailureCode.UNKNOWN_ADAPTER, f"adapter {adapter_id!r} manifest is not an object"
+        )
+    return manifest
+
+
+def manifest_owner(manifest: dict) -> str | None:
+    owner = manifest.get("owner_id")
+    return owner if isinstance(owner, str) and is_valid_id(owner) else None
+
+
+def load_artifacts(adapters_dir: Path, adapter_id: str) -> AdapterArtifacts:
+    """Read and cross-check one adapter's manifest, weights hash and attribution index."""
+    manifest = read_manifest(adapters_dir, adapter_id)
+    directory = adapter_dir(adapters_dir, adapter_id)
     weights_hash, index_hash = manifest.get("weights_hash"), manifest.get("index_hash")
     if not weights_hash or not (directory / WEIGHTS_FILE).is_file():
         raise AttributionFailure(
@@ -111,7 +129,14 @@ def load_artifacts(adapters_dir: Path, adapter_id: str) -> AdapterArtifacts:
             strict=True,
         )
     )
-    return AdapterArtifacts(adapter_id, actual, index, keys, examples.column("row_id").to_pylist())
+    return AdapterArtifacts(
+        adapter_id,
+        actual,
+        index,
+        keys,
+        examples.column("row_id").to_pylist(),
+        owner_id=manifest_owner(manifest),
+    )
 
 
 class ArtifactCache:
@@ -145,3 +170,16 @@ class ArtifactCache:
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         return artifacts
+
+    def owner_of(self, adapter_id: str) -> str | None:
+        """The adapter's owner from its manifest; None when the adapter or its owner is
+        unknown. Read even when the artifacts fail to load: a failed attribution still pays
+        the owner their share."""
+        with self._lock:
+            cached = self._entries.get(adapter_id)
+        if cached is not None:
+            return cached.owner_id
+        try:
+            return manifest_owner(read_manifest(self.adapters_dir, adapter_id))
+        except AttributionFailure:
+            return None

@@ -4,10 +4,11 @@ delivery mechanism.
 Why not Faust's own `processing_guarantee="exactly_once"`: Faust binds a sent record to the
 transaction of the *destination* partition's group (`TransactionManager.send`), which only
 exists for topics the app itself consumes with the same partitioning (table changelogs). A
-record sent to another topic (`attributions`, keyed by request id, from `results`, keyed by
-adapter id) is written outside the transaction that commits the input offset, so a worker killed
-between the two leaves a visible record whose input is processed again after the restart: a
-duplicate. (Measured against the Kafka 4.1 broker: a SIGKILL mid-run duplicated records.)
+record sent to another topic (`attributions`, keyed by request id, or `rewards`, keyed by
+beneficiary, from `results`, keyed by adapter id) is written outside the transaction that
+commits the input offset, so a worker killed between the two leaves a visible record whose
+input is processed again after the restart: a duplicate (for rewards, a payment made twice).
+(Measured against the Kafka 4.1 broker: a SIGKILL mid-run duplicated records.)
 
 Here each batch is one Kafka transaction holding the output records *and* the consumer offsets
 (`send_offsets_to_transaction`): either both are committed or neither. The transactional id is

@@ -1,17 +1,27 @@
 """What the attribution agent does with one message of `results`, with no Kafka in sight:
 bytes in, the messages to send out. The agent and the tests share it.
 
-- A valid ok result -> one AttributionRecord (status ok, or failed with a reason).
+- A valid ok result -> one AttributionRecord (status ok, or failed with a reason) and the
+  request's RewardEntry records (`pipeline.rewards.split_fee`).
 - A valid error result -> nothing: it served nothing, so nobody is paid for it.
 - Bytes that do not decode -> a DeadLetter. If the only problem is the sketch (corrupt base64,
   wrong length, non-finite values) the result is still identifiable, so it also gets a failed
-  record (`corrupt_sketch`) keyed by its request id: the request is accounted for, not lost.
+  record (`corrupt_sketch`) keyed by its request id, and is paid like any failed attribution:
+  the request is accounted for, not lost.
+
+Rewards are computed here, from the result and the record just made, rather than by a separate
+agent joining `results` with `attributions`: the agent sends all of one result's outputs in one
+Kafka transaction with its input offset, so a request is paid exactly once exactly when it is
+attributed, and no join state has to survive a restart. The fee is priced with the parameters
+in force at the result's epoch (`pricing`), the owner's share goes to the owner named in the
+adapter's manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -19,11 +29,23 @@ from pydantic import ValidationError
 from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.engine import attribute, failed_record
 from pipeline.attribution.failures import AttributionFailure, FailureCode
+from pipeline.attribution.parameters import parameters_for_epoch
+from pipeline.rewards import epoch_of, split_fee
 from schemas.codec import DecodeError, decode, encode
-from schemas.events import AttributionRecord, DeadLetter, InferenceResult, Parameters
+from schemas.events import (
+    AttributionRecord,
+    DeadLetter,
+    InferenceResult,
+    Parameters,
+    ParametersActivated,
+    RewardEntry,
+)
 from schemas.topics import topic_spec
 
 CONSUMER_NAME = "attribution"
+
+# epoch -> the activation (version and parameters) in force then.
+Pricing = Callable[[int], ParametersActivated]
 
 
 @dataclass(frozen=True)
@@ -33,7 +55,7 @@ class Outgoing:
     value: bytes
 
 
-def _outgoing(topic: str, event: AttributionRecord | DeadLetter) -> Outgoing:
+def _outgoing(topic: str, event: AttributionRecord | DeadLetter | RewardEntry) -> Outgoing:
     return Outgoing(topic, topic_spec(topic).key_of(event), encode(event))
 
 
@@ -54,6 +76,44 @@ def _salvage(raw: bytes) -> tuple[InferenceResult, str] | None:
     return result, hashlib.sha256(sketch_json.encode("utf-8")).hexdigest()
 
 
+def reward_entries(
+    result: InferenceResult,
+    record: AttributionRecord,
+    *,
+    cache: ArtifactCache,
+    pricing: Pricing = parameters_for_epoch,
+    epoch_seconds: int | None = None,
+) -> list[RewardEntry]:
+    """The entries paying for `result`, attributed by `record` (a failed record sends the
+    contributors' share to the treasury, an adapter with no known owner the owner's share)."""
+    epoch = epoch_of(result.created_at, epoch_seconds)
+    activation = pricing(epoch)
+    return split_fee(
+        result,
+        record,
+        activation.parameters,
+        parameters_version=activation.version,
+        adapter_owner=cache.owner_of(result.adapter_id),
+        epoch=epoch,
+    )
+
+
+def _attributed(
+    result: InferenceResult,
+    record: AttributionRecord,
+    cache: ArtifactCache,
+    pricing: Pricing,
+    epoch_seconds: int | None,
+) -> list[Outgoing]:
+    entries = reward_entries(
+        result, record, cache=cache, pricing=pricing, epoch_seconds=epoch_seconds
+    )
+    return [
+        _outgoing("attributions", record),
+        *(_outgoing("rewards", entry) for entry in entries),
+    ]
+
+
 def process_result(
     raw: bytes | None,
     *,
@@ -62,7 +122,12 @@ def process_result(
     offset: int,
     parameters: Parameters,
     cache: ArtifactCache,
+    pricing: Pricing = parameters_for_epoch,
+    epoch_seconds: int | None = None,
 ) -> list[Outgoing]:
+    """`parameters` are those attribution computes with (the current ones); `pricing` gives
+    those the fee is priced with (the result's epoch's). `epoch_seconds` defaults to the
+    settings'."""
     try:
         result = decode("results", raw)
     except DecodeError as exc:
@@ -80,7 +145,9 @@ def process_result(
             result, sketch_sha = salvaged
             failure = AttributionFailure(FailureCode.CORRUPT_SKETCH, exc.reason)
             record = failed_record(result, parameters, failure, sketch={"raw_sha256": sketch_sha})
-            out.append(_outgoing("attributions", record))
+            out.extend(_attributed(result, record, cache, pricing, epoch_seconds))
         return out
     record = attribute(result, parameters, cache)
-    return [] if record is None else [_outgoing("attributions", record)]
+    if record is None:
+        return []
+    return _attributed(result, record, cache, pricing, epoch_seconds)

@@ -1,6 +1,7 @@
 """The attribution processor against the real broker, with adapters, indexes and sketches from
 the tiny base model: a worker killed with SIGKILL in the middle of a run and restarted leaves
-exactly one committed record per result."""
+exactly one committed record per result, and exactly one set of reward entries per request
+(sent in the same transaction), summing to its fee."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from attribution_support import train_adapters
 
 from infra.settings import Settings, load_settings
 from pipeline.kafka_io import ensure_topics, publish, read_topic
-from schemas.events import InferenceResult
+from schemas.events import InferenceResult, Parameters, Usage
 from schemas.topics import topic_name
 
 pytestmark = pytest.mark.integration
@@ -128,6 +129,7 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_record_per_result(tmp_pa
                 adapter_hash=adapters.weights_hashes[adapter_id],
                 worker_id="worker-test",
                 sketch=adapters.sketch(adapter_id, fact.prompt, fact.completion),
+                usage=Usage(prompt_tokens=10 + i, completion_tokens=3),
             )
         )
     failed = InferenceResult(
@@ -166,3 +168,14 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_record_per_result(tmp_pa
     per_request = Counter(record.request_id for record in records)
     assert per_request == Counter({f"req-{i:03d}": 1 for i in range(RESULTS)})
     assert all(record.status == "ok" for record in records)
+
+    # No governance in this worker: version 0, the default price.
+    price = Parameters().default_price_per_token
+    entries = [item.event for item in asyncio.run(_read_all(settings, "rewards"))]
+    assert len({entry.entry_id for entry in entries}) == len(entries), "an entry sent twice"
+    paid: dict[str, int] = {}
+    for entry in entries:
+        paid[entry.request_id] = paid.get(entry.request_id, 0) + entry.amount
+    assert paid == {f"req-{i:03d}": (13 + i) * price for i in range(RESULTS)}
+    assert {entry.parameters_version for entry in entries} == {0}
+    assert {e.beneficiary_id for e in entries if e.role == "adapter_owner"} == {"owner-1"}

@@ -1,6 +1,7 @@
 """`loraledger pipeline` stopped with SIGTERM while it works: it exits 0 on its own, and after a
-restart every result has exactly one attribution, no request is paid twice, and the ledger holds
-each committed event once."""
+restart every result has exactly one attribution, every request is paid exactly once (its
+entries sum to its fee: none lost, none twice), and the ledger holds each committed event
+once."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from attribution_support import make_adapter, make_result
 
 from infra.settings import Settings, load_settings
 from pipeline.kafka_io import ensure_topics, publish, read_topic
-from schemas.events import Usage
+from schemas.events import Parameters, Usage
 
 pytestmark = pytest.mark.integration
 
@@ -163,8 +164,8 @@ def test_sigterm_mid_run_exits_zero_and_a_restart_loses_and_repeats_nothing(
                    lambda records: {r.request_id for r in records} >= everything, log)
         inputs = [*asyncio.run(read_committed(settings, "results")),
                   *asyncio.run(read_committed(settings, "attributions"))]
-        # The rewards agent and the sink are done with every input, then the sink with every
-        # entry; a duplicate would be committed by then.
+        # The sink is done with every input, then with every entry; a duplicate would be
+        # committed by then.
         asyncio.run(wait_for_commits(settings, inputs))
         outputs = {topic: asyncio.run(read_committed(settings, topic))
                    for topic in ("attributions", "rewards")}
@@ -182,7 +183,16 @@ def test_sigterm_mid_run_exits_zero_and_a_restart_loses_and_repeats_nothing(
     assert len({e.entry_id for e in entries}) == len(entries)
     per_request = Counter((e.request_id, e.beneficiary_id) for e in entries)
     assert set(per_request.values()) == {1}, "a request paid twice"
-    assert {e.request_id for e in entries} <= everything
+    # No proposal ever passed: every fee is priced with the defaults, version 0.
+    price = Parameters().default_price_per_token
+    paid: dict[str, int] = {}
+    for entry in entries:
+        paid[entry.request_id] = paid.get(entry.request_id, 0) + entry.amount
+    assert paid == {
+        result.request_id: result.usage.total_tokens * price
+        for result in [*first_batch, *second_batch]
+    }, "a request paid twice, partly, or not at all"
+    assert {e.parameters_version for e in entries} == {0}
 
     ledger = json.loads(run_python(env, LEDGER_COUNTS, settings.home).strip().splitlines()[-1])
     assert ledger == {

@@ -1,8 +1,9 @@
-"""The rewards, governance and sink agents on the real broker: a worker killed with SIGKILL and
-restarted (with redelivered inputs) leaves exactly one set of entries per request, a passed
-proposal changes the price from the next epoch on, an operator's epoch tick tallies a proposal
-when no other governance event follows it, and `loraledger replay` rebuilds a ledger equal to
-the live one row for row."""
+"""Rewards, governance and the sink on the real broker: results (with sketches, or without and
+so with failed attributions) go through the attribution processor, which pays each request in
+the transaction that attributes it. A worker killed with SIGKILL and restarted leaves exactly
+one set of entries per request summing to its fee, a passed proposal changes the price from the
+next epoch on, an operator's epoch tick tallies a proposal when no other governance event
+follows it, and `loraledger replay` rebuilds a ledger equal to the live one row for row."""
 
 from __future__ import annotations
 
@@ -16,21 +17,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from attribution_support import make_adapter, make_result
 
+from infra.settings import load_settings
+from pipeline.attribution.artifacts import MANIFEST_FILE
 from pipeline.kafka_io import publish, read_topic
+from pipeline.rewards import TREASURY_ID
 from schemas.events import (
-    AdapterRegistered,
     AttributionRecord,
-    ContributorWeight,
     EpochTick,
     InferenceResult,
-    MethodInfo,
     ParameterChanges,
     ParametersActivated,
     Proposal,
     RewardEntry,
+    RewardRole,
     Usage,
     Vote,
 )
@@ -39,8 +42,10 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCH_SECONDS = 100
-HASH = "c" * 64
-AGENTS = "pipeline.governance_agent, pipeline.rewards_agent, pipeline.sink"
+ADAPTER = "ad-1"
+OWNER = "olga"  # a quarter of every fee: enough vote weight to pass a proposal alone
+OPERATOR = "gpu-0"
+AGENTS = "pipeline.governance_agent, pipeline.attribution.agent, pipeline.sink"
 WORKER = (
     f"import sys, {AGENTS}; from pipeline.app import app; "
     "sys.argv = ['worker', 'worker', '-l', 'warn', '--without-web']; app.main()"
@@ -68,23 +73,31 @@ def at_epoch(epoch: int, second: int = 0) -> datetime:
     return datetime.fromtimestamp(epoch * EPOCH_SECONDS + second, UTC)
 
 
-def request_events(index: int, epoch: int) -> list:
-    request_id = f"req-{epoch}-{index}"
-    when = at_epoch(epoch, index)
-    return [
-        InferenceResult(
-            request_id=request_id, adapter_id="ad-1", status="ok", worker_id="gpu-0",
-            usage=Usage(prompt_tokens=10 + index, completion_tokens=3), created_at=when,
-        ),
-        AttributionRecord(
-            request_id=request_id, adapter_id="ad-1", status="ok", evidence_hash=HASH,
-            method=MethodInfo(name="trak", version="1"), created_at=when,
-            contributor_weights=[
-                ContributorWeight(contributor_id="alice", datanet_id="dn-1", ppm=700_000),
-                ContributorWeight(contributor_id="bob", datanet_id="dn-2", ppm=300_000),
-            ],
-        ),
-    ]
+def attributable(index: int) -> bool:
+    """Every fifth request carries no sketch: its attribution fails, and the treasury takes
+    the contributors' share."""
+    return index % 5 != 4
+
+
+def request_results(adapter: dict, count: int, epoch: int) -> list[InferenceResult]:
+    made = []
+    for index in range(count):
+        result = make_result(adapter, request_id=f"req-{epoch}-{index}", adapter_id=ADAPTER)
+        made.append(result.model_copy(update={
+            "worker_id": OPERATOR,
+            "usage": Usage(prompt_tokens=10 + index, completion_tokens=3),
+            "created_at": at_epoch(epoch, index),
+            **({} if attributable(index) else {"sketch": None}),
+        }))
+    return made
+
+
+def owned_adapter(adapters_dir: Path) -> dict:
+    adapter = make_adapter(adapters_dir, ADAPTER)
+    manifest_path = adapter["dir"] / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "owner_id": OWNER}))
+    return adapter
 
 
 def start_worker(env: dict[str, str], cwd: Path) -> subprocess.Popen:
@@ -109,33 +122,29 @@ def wait_for(settings, topic: str, predicate, timeout_s: float = 120.0) -> list:
         time.sleep(1.0)
 
 
-async def changelog_has_records(settings, table: str) -> bool:
-    """Whether a Faust table's changelog holds a committed record yet."""
-    name = f"{settings.topic_prefix}loraledger-pipeline-{table}-changelog"
+async def consumed_by_pipeline(settings, topic: str) -> bool:
+    """Whether the worker's Faust group has committed past every record of `topic`: its agents
+    (the earnings table's among them) are done with them."""
+    last: dict[TopicPartition, int] = {}
+    async for item in read_topic(settings, topic, idle_timeout_s=2.0):
+        tp = TopicPartition(item.record.topic, item.record.partition)
+        last[tp] = max(last.get(tp, -1), item.record.offset)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        if name not in await admin.list_topics():
-            return False  # subscribing now could auto-create it with the wrong partitions
+        group = f"{settings.topic_prefix}loraledger-pipeline"
+        committed = await admin.list_consumer_group_offsets(group, partitions=list(last))
     finally:
         await admin.close()
-    consumer = AIOKafkaConsumer(name, bootstrap_servers=settings.kafka_bootstrap,
-                                isolation_level="read_committed", enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        return bool(await consumer.getmany(timeout_ms=3000))
-    finally:
-        await consumer.stop()
+    return bool(last) and all(
+        tp in committed and committed[tp].offset > offset for tp, offset in last.items())
 
 
-def wait_for_owner(settings, timeout_s: float = 120.0) -> None:
-    """The owner table has the registration, so no result is paid before its owner is known
-    (an unknown owner's share would go to the treasury, by design)."""
+def wait_until_consumed(settings, topic: str, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while not asyncio.run(changelog_has_records(settings, "adapter-owners")):
+    while not asyncio.run(consumed_by_pipeline(settings, topic)):
         if time.monotonic() > deadline:
-            raise AssertionError("the adapter registration never reached the owner table")
+            raise AssertionError(f"the worker never consumed all of {topic}")
         time.sleep(1.0)
 
 
@@ -148,53 +157,55 @@ def stop(worker: subprocess.Popen) -> None:
         worker.wait()
 
 
+def paid_requests(entries: list[RewardEntry]) -> set[str]:
+    return {entry.request_id for entry in entries}
+
+
 def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, tmp_path):
     settings = kafka_settings
-    home = tmp_path / "home"  # the worker's own state (Faust data dir), whatever the caller's
+    home = tmp_path / "home"  # the worker's own state (Faust data dir, adapters)
     home.mkdir()
     env = {**stack_env, "LORALEDGER_EPOCH_SECONDS": str(EPOCH_SECONDS),
            "PYTHONPATH": str(REPO), "LORALEDGER_HOME": str(home)}
-    owner = AdapterRegistered(
-        adapter_id="ad-1", owner_id="olga", base_model_hash=HASH, weights_hash=HASH, rank=8,
-        datanet_id="dn-1", snapshot_version=1, snapshot_hash=HASH,
-    )
-    phase_one = [event for i in range(10) for event in request_events(i, epoch=10)]
+    adapter = owned_adapter(load_settings(env).adapters_dir)
+    phase_one = request_results(adapter, 10, epoch=10)
+    phase_two = request_results(adapter, 5, epoch=12)
+    everything = {result.request_id for result in [*phase_one, *phase_two]}
 
     first = start_worker(env, tmp_path)
     try:
-        asyncio.run(publish(settings, [owner]))
-        wait_for_owner(settings)
         asyncio.run(publish(settings, phase_one))
         wait_for(settings, "rewards", lambda events: len(events) > 0)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    asyncio.run(publish(settings, phase_one))  # redelivered inputs after the crash
 
     worker = start_worker(env, tmp_path)
     try:
-        wait_for(settings, "rewards", lambda events: len(events) >= 50)
-        time.sleep(3)  # let the earnings table take in epoch 10 before the tally
-        proposal = Proposal(proposal_id="p-price", proposer_id="alice", epoch=11,
+        wait_for(settings, "rewards", lambda events: paid_requests(events) >= {
+            result.request_id for result in phase_one})
+        # The earnings table (vote weights) holds epoch 10 before anything is tallied. The
+        # entries may all predate this worker, so waiting for them is not enough.
+        wait_until_consumed(settings, "rewards")
+        proposal = Proposal(proposal_id="p-price", proposer_id=OWNER, epoch=11,
                             changes=ParameterChanges(default_price_per_token=20),
                             created_at=at_epoch(11))
         asyncio.run(publish(settings, [
             proposal,
-            Vote(proposal_id="p-price", voter_id="alice", support=True, created_at=at_epoch(11)),
+            Vote(proposal_id="p-price", voter_id=OWNER, support=True, created_at=at_epoch(11)),
             # The first governance event of epoch 12 tallies epoch 11; this late vote is ignored.
-            Vote(proposal_id="p-price", voter_id="bob", support=False, created_at=at_epoch(12)),
+            Vote(proposal_id="p-price", voter_id=OPERATOR, support=False,
+                 created_at=at_epoch(12)),
         ]))
         governance = wait_for(settings, "governance", lambda events: any(
             isinstance(e, ParametersActivated) for e in events))
-        phase_two = [event for i in range(5) for event in request_events(i, epoch=12)]
         asyncio.run(publish(settings, phase_two))
-        entries: list[RewardEntry] = wait_for(settings, "rewards",
-                                              lambda events: len(events) >= 75)
+        wait_for(settings, "rewards", lambda events: paid_requests(events) >= everything)
         # Nobody proposes or votes after epoch 12: an operator's tick closes it.
         asyncio.run(publish(settings, [
-            Proposal(proposal_id="p-topk", proposer_id="alice", epoch=12,
+            Proposal(proposal_id="p-topk", proposer_id=OWNER, epoch=12,
                      changes=ParameterChanges(top_k=4), created_at=at_epoch(12, 50)),
-            Vote(proposal_id="p-topk", voter_id="alice", support=True,
+            Vote(proposal_id="p-topk", voter_id=OWNER, support=True,
                  created_at=at_epoch(12, 51)),
         ]))
         ticked = subprocess.run(
@@ -204,7 +215,8 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
         governance = wait_for(settings, "governance", lambda events: any(
             isinstance(e, ParametersActivated) and e.version == 2 for e in events))
         time.sleep(5)  # no late duplicates, and the sink's last batch is written
-        entries = asyncio.run(read_all(settings, "rewards"))
+        entries: list[RewardEntry] = asyncio.run(read_all(settings, "rewards"))
+        attributions: list[AttributionRecord] = asyncio.run(read_all(settings, "attributions"))
     finally:
         stop(worker)
 
@@ -214,19 +226,24 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
     assert (by_tick.proposal_id, by_tick.parameters.top_k) == ("p-topk", 4)
     # The tick was published now, long after epoch 13 began: no retroactive activation.
     assert by_tick.effective_epoch == int(tick.created_at.timestamp()) // EPOCH_SECONDS
-    assert len(entries) == 75
-    assert len({e.entry_id for e in entries}) == 75
+    assert sorted(a.request_id for a in attributions) == sorted(everything)
+    assert len({e.entry_id for e in entries}) == len(entries), "an entry sent twice"
     by_request: dict[str, list[RewardEntry]] = {}
     for entry in entries:
         by_request.setdefault(entry.request_id, []).append(entry)
-    assert len(by_request) == 15
+    assert set(by_request) == everything
     for request_id, group in by_request.items():
         index = int(request_id.rsplit("-", 1)[1])
         epoch = int(request_id.split("-")[1])
         price, version = (10, 0) if epoch == 10 else (20, 1)
-        assert sum(e.amount for e in group) == (13 + index) * price
+        assert sum(e.amount for e in group) == (13 + index) * price, request_id
         assert {e.parameters_version for e in group} == {version}
-        assert {e.beneficiary_id for e in group} == {"alice", "bob", "olga", "gpu-0", "treasury"}
+        assert {e.epoch for e in group} == {epoch}
+        roles = {e.beneficiary_id: e.role for e in group}
+        assert (roles[OWNER], roles[OPERATOR], roles[TREASURY_ID]) == (
+            RewardRole.ADAPTER_OWNER, RewardRole.COMPUTE_OPERATOR, RewardRole.TREASURY)
+        contributors = {e.datanet_id for e in group if e.role == RewardRole.CONTRIBUTOR}
+        assert contributors == ({"commons"} if attributable(index) else set()), request_id
 
     subprocess.run([sys.executable, "-m", "pipeline.cli", "replay", "--into", "rebuilt"],
                    env=env, cwd=tmp_path, check=True, capture_output=True, timeout=180)
@@ -234,10 +251,11 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
                              check=True, capture_output=True, text=True, timeout=120)
     report = json.loads(checked.stdout.strip().splitlines()[-1])
     assert all(report["equal"].values()), report["equal"]
-    assert report["rows"]["reward_entries"] == 75
+    assert report["rows"]["reward_entries"] == len(entries)
     assert report["rows"]["inference_results"] == 15
-    assert report["rows"]["attribution_rows"] == 30
+    assert report["rows"]["attribution_rows"] == sum(
+        len(a.contributor_weights) for a in attributions if a.status == "ok")
     rows = {row["proposal_id"]: row for row in report["proposals"]}
     assert {pid: (row["status"], row["activated_version"]) for pid, row in rows.items()} == {
         "p-price": ("passed", 1), "p-topk": ("passed", 2)}
-    assert report["rows"]["value_by_datanet_epoch"] == 4  # dn-1 and dn-2 in epochs 10 and 12
+    assert report["rows"]["value_by_datanet_epoch"] == 2  # commons in epochs 10 and 12
