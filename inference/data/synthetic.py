@@ -161,10 +161,6 @@ class SyntheticDatanet:
         return grouped
 
 
-def _number(rng: random.Random) -> int:
-    return rng.randint(2, 60)
-
-
 def _prompt(rng: random.Random, domain: str, place: str) -> tuple[str, str]:
     """(kind of completion, prompt) of one statement about `place` in `domain`."""
     if domain == "legal":
