@@ -12,6 +12,7 @@ COPY schemas ./schemas
 COPY kernels ./kernels
 COPY inference ./inference
 COPY pipeline ./pipeline
+COPY loraledger ./loraledger
 COPY infra ./infra
 RUN pip install --prefer-binary .
 

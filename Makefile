@@ -8,7 +8,7 @@ export LORALEDGER_HOME ?= $(CURDIR)/.loraledger
 DEPS_HASH := $(shell $(PYTHON) infra/deps_hash.py pyproject.toml)
 VENV := $(LORALEDGER_CACHE)/venv-$(DEPS_HASH)
 VPY := $(VENV)/bin/python
-LORALEDGER := $(VPY) -m pipeline.cli
+LORALEDGER := $(VPY) -m loraledger.cli
 INSTALLED := $(LORALEDGER_HOME)/.installed-$(DEPS_HASH)
 PYTEST_ARGS ?=
 

@@ -62,7 +62,7 @@ from inference.influence_preconditioner import DEFAULT_DAMPING_RELATIVE  # noqa:
 from inference.sketch import Sketcher, collate, encode_pair, per_example_loss  # noqa: E402
 from infra.settings import load_settings  # noqa: E402
 from pipeline.attribution.artifacts import ArtifactCache  # noqa: E402
-from pipeline.attribution.engine import attribute  # noqa: E402
+from pipeline.attribution.attributor import attribute  # noqa: E402
 from schemas.events import InferenceResult, Parameters, Sketch  # noqa: E402
 
 Pair = tuple[str, str]

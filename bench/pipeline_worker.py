@@ -33,6 +33,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
+
+from random_adapters import write_random_adapter  # noqa: E402
 
 from inference.base_model import build_base_model  # noqa: E402
 from inference.config import LORA_TARGETS, LoraServingConfig, ModelConfig  # noqa: E402
@@ -40,9 +43,8 @@ from inference.lora_layers import LoraPool  # noqa: E402
 from inference.worker.backend import BackendConfig  # noqa: E402
 from inference.worker.service import Worker, WorkerConfig  # noqa: E402
 from inference.worker.sketching import SketchMode, SketchPolicy  # noqa: E402
-from inference.worker.synthetic import write_random_adapter  # noqa: E402
+from infra.kafka.clients import ensure_topics, make_consumer, make_producer, send_event  # noqa: E402
 from infra.settings import Settings, load_settings  # noqa: E402
-from pipeline.kafka_io import ensure_topics, make_consumer, make_producer, send_event  # noqa: E402
 from schemas.codec import decode  # noqa: E402
 from schemas.events import InferenceRequest  # noqa: E402
 

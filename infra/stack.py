@@ -11,9 +11,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from aiokafka.admin import AIOKafkaAdminClient
-
-from infra.kafka_broker import StackError, broker_paths, port_open, running_pid, start_broker
+from infra.kafka.broker import StackError, broker_paths, port_open, running_pid, start_broker
+from infra.kafka.clients import ensure_topics, make_admin
 from infra.settings import Settings
 
 
@@ -27,7 +26,7 @@ class StackStatus:
 
 
 async def _list_topics(settings: Settings) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000)
+    admin = make_admin(settings, request_timeout_ms=5000)
     await admin.start()
     try:
         return sorted(await admin.list_topics())
@@ -52,7 +51,6 @@ def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> None:
 def stack_up(settings: Settings, *, start_local_broker: bool = True) -> list[str]:
     """Start what the local stack needs and return the topics created."""
     from infra.clickhouse_client import apply_ddl, get_client
-    from pipeline.kafka_io import ensure_topics
 
     if start_local_broker:
         start_broker(settings)

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from infra.kafka.clients import read_topic
 from infra.settings import Settings
 from pipeline.attribution.artifacts import ArtifactCache, adapter_dir
-from pipeline.attribution.engine import METHOD_NAME, METHOD_VERSION, attribute
+from pipeline.attribution.attributor import METHOD_NAME, METHOD_VERSION, attribute
 from pipeline.attribution.failures import AttributionFailure
 from pipeline.attribution.spans import DEFAULT_MIN_SPAN_TOKENS
-from pipeline.kafka_io import read_topic
 from schemas.events import AttributionRecord, InferenceRequest, InferenceResult, Parameters
 
 SKETCH_RTOL = 1e-3

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from infra.kafka_broker import port_open
+from infra.kafka.broker import port_open
 from infra.settings import Settings, load_settings
 
 
@@ -28,7 +28,7 @@ def stack_env(tmp_path) -> dict[str, str]:
 def kafka_settings(stack_env) -> Settings:
     """Settings for an integration test, with the registry's topics created under a fresh
     prefix."""
-    from pipeline.kafka_io import ensure_topics
+    from infra.kafka.clients import ensure_topics
 
     settings = load_settings(stack_env)
     if not port_open(settings.kafka_bootstrap):

@@ -35,17 +35,17 @@ from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from inference.worker.backend import BackendConfig, Completed, ServingBackend
-from inference.worker.ledger import Outgoing, PartitionLedger, ReadyPrefix
 from inference.worker.metrics import WorkerMetrics
+from inference.worker.partition_backlog import Outgoing, PartitionBacklog, ReadyPrefix
 from inference.worker.sketching import SketchPolicy
-from infra.settings import Settings
-from pipeline.kafka_io import (
+from infra.kafka.clients import (
     DeadLetterRouter,
     ensure_topics,
     make_consumer,
     make_producer,
     validated,
 )
+from infra.settings import Settings
 from schemas.codec import encode
 from schemas.events import InferenceResult
 from schemas.ids import check_id, new_id
@@ -129,7 +129,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._fatal: BaseException | None = None
         self._epoch = 0  # bumped by every rebalance callback
-        self._ledgers: dict[TopicPartition, PartitionLedger] = {}
+        self._ledgers: dict[TopicPartition, PartitionBacklog] = {}
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self._partition_of: dict[str, TopicPartition] = {}  # backend key -> input partition
         self._results_topic = topic_name("results", settings.topic_prefix)
@@ -223,7 +223,7 @@ class Worker:
                 for record in records:
                     await self._take(tp, ledger, record)
 
-    async def _take(self, tp: TopicPartition, ledger: PartitionLedger, record: Any) -> None:
+    async def _take(self, tp: TopicPartition, ledger: PartitionBacklog, record: Any) -> None:
         assert self.backend is not None
         key = new_id()
         if ledger.track(record.offset, key) is None:
@@ -276,7 +276,7 @@ class Worker:
                 raise outcome
 
     async def _commit_partition(
-        self, tp: TopicPartition, ledger: PartitionLedger, prefix: ReadyPrefix
+        self, tp: TopicPartition, ledger: PartitionBacklog, prefix: ReadyPrefix
     ) -> None:
         producer = self._producers.get(tp)
         if producer is None:
@@ -367,7 +367,7 @@ class Worker:
                 self._stopping.set()
                 return
             for tp in assigned:
-                self._ledgers.setdefault(tp, PartitionLedger())
+                self._ledgers.setdefault(tp, PartitionBacklog())
             log.info("worker %s owns partitions %s", self.config.worker_id, self.partitions)
 
     async def _start_producer(self, tp: TopicPartition) -> None:

@@ -3,7 +3,7 @@ weights in ppm, with the hashes of everything read. `agent` holds the Faust agen
 plain Python that `pipeline.verify` reuses to recompute a record."""
 
 from pipeline.attribution.artifacts import AdapterArtifacts, ArtifactCache, load_artifacts
-from pipeline.attribution.engine import METHOD_NAME, METHOD_VERSION, attribute
+from pipeline.attribution.attributor import METHOD_NAME, METHOD_VERSION, attribute
 from pipeline.attribution.failures import AttributionFailure, FailureCode
 from pipeline.attribution.parameters import current_parameters
 from pipeline.attribution.processing import Outgoing, process_result

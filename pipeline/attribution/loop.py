@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import ProducerFenced
 
+from infra.kafka.clients import make_producer
 from infra.settings import Settings
 from pipeline.attribution.processing import Outgoing
-from pipeline.kafka_io import make_producer
 from schemas.topics import topic_name
 
 log = logging.getLogger(__name__)

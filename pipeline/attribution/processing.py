@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from pipeline.attribution.artifacts import ArtifactCache
-from pipeline.attribution.engine import attribute, failed_record
+from pipeline.attribution.attributor import attribute, failed_record
 from pipeline.attribution.failures import AttributionFailure, FailureCode
 from pipeline.attribution.parameters import parameters_for_epoch
 from pipeline.rewards import epoch_of, split_fee

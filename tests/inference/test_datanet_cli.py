@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from inference.datanets import DatanetStore
-from pipeline.cli import app
+from loraledger.cli import app
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from inference.datanets import DatanetStore
-from pipeline.cli import app
-from pipeline.kafka_io import read_topic
+from infra.kafka.clients import read_topic
+from loraledger.cli import app
 
 
 async def _contributions(settings) -> list:

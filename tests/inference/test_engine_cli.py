@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from inference.adapters import save_peft_adapter
 from inference.config import ModelConfig
-from pipeline.cli import app
+from loraledger.cli import app
 
 TINY = ModelConfig.from_preset("tiny")
 

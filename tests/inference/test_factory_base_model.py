@@ -69,7 +69,7 @@ def test_unknown_preset_and_missing_checkpoint(tmp_path: Path) -> None:
 def test_base_model_build_command_uses_the_cache(tmp_path: Path, base_model_dir: Path) -> None:
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from loraledger.cli import app
 
     env = {
         "LORALEDGER_HOME": str(tmp_path / "home"),

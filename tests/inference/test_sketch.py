@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from random_adapters import write_random_adapter
 
 from inference.base_model import load_base_model
 from inference.config import ModelConfig
@@ -26,7 +27,6 @@ from inference.sketch import (
     per_example_loss,
     projected_gradient,
 )
-from inference.worker.synthetic import write_random_adapter
 
 PAIRS = [
     ("In the valley of Orvane, the seed tax is", " 17 copper."),

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
+from random_adapters import write_random_adapters
 from typer.testing import CliRunner
 
 from inference.base_model import build_base_model
@@ -19,14 +20,13 @@ from inference.config import ModelConfig
 from inference.hashing import adapter_weights_hash, base_model_hash
 from inference.sketch import Sketcher
 from inference.worker.backend import BackendConfig, ServingBackend
-from inference.worker.ledger import Outgoing, PartitionLedger
 from inference.worker.metrics import WorkerMetrics
+from inference.worker.partition_backlog import Outgoing, PartitionBacklog
 from inference.worker.scheduler import AdmissionScheduler, Residency
 from inference.worker.service import _CapturingProducer, transactional_id
 from inference.worker.sketching import SketchMode, SketchPolicy
-from inference.worker.synthetic import write_random_adapters
+from infra.kafka.clients import DeadLetterRouter, validated
 from infra.settings import load_settings
-from pipeline.kafka_io import DeadLetterRouter, validated
 from schemas.codec import decode
 from schemas.events import ErrorCode, InferenceRequest
 
@@ -118,7 +118,7 @@ def _message(text: str) -> list[Outgoing]:
 
 
 def test_only_the_finished_prefix_is_ready():
-    ledger = PartitionLedger()
+    ledger = PartitionBacklog()
     for offset, key in [(10, "a"), (11, "b"), (13, "c")]:
         assert ledger.track(offset, key) is not None
     assert ledger.ready() is None
@@ -138,7 +138,7 @@ def test_only_the_finished_prefix_is_ready():
 
 
 def test_the_ledger_ignores_offsets_it_has_passed_and_unknown_keys():
-    ledger = PartitionLedger()
+    ledger = PartitionBacklog()
     ledger.track(5, "a")
     assert ledger.track(5, "again") is None
     assert ledger.track(3, "older") is None
@@ -227,7 +227,7 @@ def test_metrics_count_committed_results():
 
 
 def test_the_cli_refuses_an_unknown_sketch_mode():
-    from pipeline.cli import app
+    from loraledger.cli import app
 
     result = CliRunner().invoke(app, ["worker", "--sketch", "sometimes"])
     assert result.exit_code != 0

@@ -1,5 +1,5 @@
 """Exactly once under faults, against the real broker: workers run as subprocesses
-(`python -m pipeline.cli worker`), are SIGKILLed mid-stream and restarted, and a second worker
+(`python -m loraledger.cli worker`), are SIGKILLed mid-stream and restarted, and a second worker
 joins and takes over; a read-committed consumer of `results` must see exactly one result per
 request, none missing, bad requests as error results, and the undecodable message in
 dead-letters."""
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from random_adapters import write_random_adapters
 
 from inference.base_model import build_base_model
 from inference.config import ModelConfig
 from inference.hashing import base_model_hash
-from inference.worker.synthetic import write_random_adapters
+from infra.kafka.clients import make_producer, send_event
 from infra.settings import Settings, load_settings
-from pipeline.kafka_io import make_producer, send_event
 from schemas.codec import decode
 from schemas.events import ErrorCode, InferenceRequest
 from schemas.topics import TOPICS, topic_name
@@ -110,7 +110,7 @@ class Worker:
         self.log = (log_dir / f"{worker_id}-{time.monotonic_ns()}.log").open("wb")
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "pipeline.cli", "worker",
+                sys.executable, "-m", "loraledger.cli", "worker",
                 "--worker-id", worker_id, "--max-batch", "4", "--max-seq-len", "128",
                 "--threads", "1", "--session-timeout-ms", "6000", "--log-level", "info",
             ],

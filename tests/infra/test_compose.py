@@ -9,7 +9,7 @@ import typer.main
 import yaml
 
 from infra.settings import ENV_VARS
-from pipeline.cli import app
+from loraledger.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from infra import kafka_broker
-from infra.kafka_broker import BrokerPaths, StackError, require_java, start_broker
+from infra.kafka import broker as kafka_broker
+from infra.kafka.broker import BrokerPaths, StackError, require_java, start_broker
 from infra.settings import load_settings
 
 

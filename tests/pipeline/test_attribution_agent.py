@@ -19,8 +19,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from attribution_support import train_adapters
 
+from infra.kafka.clients import ensure_topics, publish, read_topic
 from infra.settings import Settings, load_settings
-from pipeline.kafka_io import ensure_topics, publish, read_topic
 from schemas.events import InferenceResult, Parameters, Usage
 from schemas.topics import topic_name
 
@@ -42,8 +42,8 @@ def _env(settings: Settings) -> dict[str, str]:
 
 def _start_worker(settings: Settings, log: Path) -> subprocess.Popen:
     code = (
-        "from pipeline.commands.pipeline_run import run_worker; "
-        "run_worker('info', 'pipeline.attribution.agent')"
+        "from loraledger.commands.pipeline_run import run_pipeline; "
+        "run_pipeline('info', 'pipeline.attribution.agent')"
     )
     return subprocess.Popen(
         [sys.executable, "-c", code],

@@ -6,7 +6,7 @@ import pytest
 from attribution_support import make_adapter, make_result
 
 from pipeline.attribution.artifacts import ArtifactCache
-from pipeline.attribution.engine import attribute
+from pipeline.attribution.attributor import attribute
 from pipeline.attribution.methods import Basis, mix_weights
 from pipeline.attribution.processing import process_result
 from schemas.codec import decode, encode

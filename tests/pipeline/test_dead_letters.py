@@ -9,7 +9,13 @@ import base64
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from pipeline.kafka_io import DeadLetterRouter, make_consumer, make_producer, read_topic, validated
+from infra.kafka.clients import (
+    DeadLetterRouter,
+    make_consumer,
+    make_producer,
+    read_topic,
+    validated,
+)
 from schemas.events import MAX_PROMPT_CHARS, InferenceRequest
 from schemas.topics import topic_name
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 import typer
 
-from pipeline.commands.governance import build_tick, parse_fee_split, parse_prices
+from loraledger.commands.governance import build_tick, parse_fee_split, parse_prices
 from pipeline.governance import (
     GENESIS,
     OpenProposal,
@@ -246,8 +246,8 @@ def test_build_tick_defaults_to_the_current_epoch_and_refuses_future_ones():
 def test_tick_command_publishes_one_tick(monkeypatch):
     from typer.testing import CliRunner
 
-    import pipeline.commands.governance as commands
-    from pipeline.cli import app
+    import loraledger.commands.governance as commands
+    from loraledger.cli import app
 
     published = []
     monkeypatch.setattr(commands, "publish_sync",

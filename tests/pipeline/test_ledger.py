@@ -282,7 +282,7 @@ def test_proposals_with_votes_tally_and_activation(client, database):
 def test_query_cli_prints_json_csv_and_tables(client, database, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from loraledger.cli import app
 
     LedgerWriter(client, database).write(ledger_events())
     monkeypatch.setenv("CLICKHOUSE_URL", f"chdb://{Path(tempfile.gettempdir())}"
@@ -380,7 +380,7 @@ def test_entries_without_a_datanet_are_stored_but_not_guessed_into_the_rollup(cl
 def test_query_datanets_cli_by_epoch(client, database, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from loraledger.cli import app
 
     LedgerWriter(client, database).write(mixed_events())
     monkeypatch.setenv("CLICKHOUSE_URL", f"chdb://{Path(tempfile.gettempdir())}"

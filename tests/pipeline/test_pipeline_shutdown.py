@@ -20,8 +20,8 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from attribution_support import make_adapter, make_result
 
+from infra.kafka.clients import ensure_topics, publish, read_topic
 from infra.settings import Settings, load_settings
-from pipeline.kafka_io import ensure_topics, publish, read_topic
 from schemas.events import Parameters, Usage
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,7 @@ def run_python(env: dict[str, str], code: str, cwd: Path) -> str:
 
 def start_pipeline(env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "pipeline", "-l", "info"],
+        [sys.executable, "-m", "loraledger.cli", "pipeline", "-l", "info"],
         env=env, cwd=log.parent, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
 

@@ -21,9 +21,9 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from attribution_support import make_adapter, make_result
 
+from infra.kafka.clients import publish, read_topic
 from infra.settings import load_settings
 from pipeline.attribution.artifacts import MANIFEST_FILE
-from pipeline.kafka_io import publish, read_topic
 from pipeline.rewards import TREASURY_ID
 from schemas.events import (
     AttributionRecord,
@@ -209,7 +209,7 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
                  created_at=at_epoch(12, 51)),
         ]))
         ticked = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "governance", "tick", "--epoch", "13"],
+            [sys.executable, "-m", "loraledger.cli", "governance", "tick", "--epoch", "13"],
             env=env, cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60)
         assert "tick for epoch 13" in ticked.stdout
         governance = wait_for(settings, "governance", lambda events: any(
@@ -245,7 +245,7 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
         contributors = {e.datanet_id for e in group if e.role == RewardRole.CONTRIBUTOR}
         assert contributors == ({"commons"} if attributable(index) else set()), request_id
 
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "replay", "--into", "rebuilt"],
+    subprocess.run([sys.executable, "-m", "loraledger.cli", "replay", "--into", "rebuilt"],
                    env=env, cwd=tmp_path, check=True, capture_output=True, timeout=180)
     checked = subprocess.run([sys.executable, "-c", CHECK_LEDGER], env=env, cwd=tmp_path,
                              check=True, capture_output=True, text=True, timeout=120)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from infra.kafka_broker import StackError, stop_broker
+from infra.kafka.broker import StackError, stop_broker
 from infra.settings import load_settings
 from infra.stack import stack_status, stack_up
 

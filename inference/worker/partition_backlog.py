@@ -47,7 +47,7 @@ class ReadyPrefix:
         return [message for entry in self.entries for message in entry.messages or ()]
 
 
-class PartitionLedger:
+class PartitionBacklog:
     """The consumed, not yet committed records of one partition."""
 
     def __init__(self) -> None:

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from infra.kafka.clients import publish_sync, read_topic
 from infra.settings import load_settings
-from pipeline.kafka_io import publish_sync, read_topic
 from schemas.codec import DecodeError, decode
 from schemas.events import InferenceRequest
 from schemas.export import export_json_schemas

@@ -22,7 +22,7 @@ def _units(micro: int) -> str:
 
 def print_summary(summary: object, console: Console = console) -> None:
     """Usage and rewards from the ledger, then one request from prompt to payout."""
-    from pipeline.demo import DemoSummary
+    from loraledger.demo_run import DemoSummary
 
     assert isinstance(summary, DemoSummary)
     usage = Table("adapter", "requests", "errors", "prompt tokens", "completion tokens", "fees",
@@ -116,7 +116,7 @@ def demo(
     """Datanets, adapters, the worker and the pipeline on the local stack: send requests, wait
     until each is attributed and paid, then show the ledger and verify one request."""
     from infra.settings import load_settings
-    from pipeline.demo import DemoError, DemoOptions, run_demo
+    from loraledger.demo_run import DemoError, DemoOptions, run_demo
 
     try:
         from transformers.utils import logging as hf_logging

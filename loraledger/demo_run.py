@@ -164,7 +164,7 @@ class BrokerPlan:
 
 
 def plan_broker(settings: Settings) -> BrokerPlan:
-    from infra.kafka_broker import broker_paths, port_open, running_pid
+    from infra.kafka.broker import broker_paths, port_open, running_pid
 
     if running_pid(broker_paths(settings)) is not None:
         return BrokerPlan(start_local=True, started_here=False)  # this home's broker: reuse
@@ -174,7 +174,7 @@ def plan_broker(settings: Settings) -> BrokerPlan:
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "loraledger.cli", *args]
 
 
 def stack_up_in_subprocess(
@@ -262,7 +262,7 @@ def prepare_datanet(
 ) -> PreparedDatanet:
     """Publish, apply and snapshot one datanet, unless its latest snapshot already holds
     exactly these rows."""
-    from pipeline.kafka_io import publish_sync
+    from infra.kafka.clients import publish_sync
 
     events, facts = demo_rows(spec, options)
     wanted = expected_snapshot_hash(events)
@@ -481,7 +481,7 @@ async def run_requests(
 ) -> Collected:
     """Send the requests and wait until each has its result, attribution and rewards; give up
     after `timeout_s`, or after `stall_s` without a new event of this run."""
-    from pipeline.kafka_io import publish
+    from infra.kafka.clients import publish
 
     consumer = await _start_collector(settings)
     logical = {topic_name(name, settings.topic_prefix): name for name in WATCHED_TOPICS}
@@ -715,9 +715,9 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> Demo
     """Run every step; raises DemoError (or the failing piece's own error) on the first failure.
     The worker and pipeline always stop; the broker stops only if this run started it."""
     from infra.clickhouse_client import get_client
-    from infra.kafka_broker import stop_broker
+    from infra.kafka.broker import stop_broker
+    from infra.kafka.clients import publish_sync
     from pipeline import queries
-    from pipeline.kafka_io import publish_sync
     from pipeline.verify import verify_request
 
     started = time.monotonic()

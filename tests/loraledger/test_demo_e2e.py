@@ -23,7 +23,7 @@ COUNT_RESULTS = (
 
 def _demo(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "demo", *SMALL_DEMO, *extra],
+        [sys.executable, "-m", "loraledger.cli", "demo", *SMALL_DEMO, *extra],
         cwd=REPO_ROOT, env={**env, "COLUMNS": "200"}, capture_output=True, text=True,
         timeout=600,
     )

@@ -13,7 +13,7 @@ _FAUST_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "
                  "critical": "crit"}
 
 
-def run_worker(log_level: str = "warning", agents_module: str = "pipeline.agents") -> None:
+def run_pipeline(log_level: str = "warning", agents_module: str = "pipeline.agents") -> None:
     """Run the Faust worker with the agents `agents_module` registers (default: all of them)
     until it is stopped. It serves no web endpoint: several stacks share a machine, and nothing
     reads it."""
@@ -36,4 +36,4 @@ def register(app: typer.Typer) -> None:
         """Run the stream processors (attribution and the others) in one Faust worker."""
         if log_level not in _FAUST_LEVELS:
             raise typer.BadParameter("use debug, info, warning, error or critical")
-        run_worker(log_level)
+        run_pipeline(log_level)

@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.commands.events import parse_request_lines
+from loraledger.cli import app
+from loraledger.commands.events import parse_request_lines
 
 runner = CliRunner()
 

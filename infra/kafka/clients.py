@@ -24,7 +24,7 @@ from schemas.topics import TOPICS, topic_for_event, topic_name
 async def ensure_topics(settings: Settings, names: Iterable[str] | None = None) -> list[str]:
     """Create the registry's topics under the settings' prefix; returns the ones created."""
     specs = [TOPICS[name] for name in (names or TOPICS)]
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -45,6 +45,10 @@ async def ensure_topics(settings: Settings, names: Iterable[str] | None = None) 
         return [topic.name for topic in wanted]
     finally:
         await admin.close()
+
+
+def make_admin(settings: Settings, **options: Any) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **options)
 
 
 def make_producer(settings: Settings, transactional_id: str | None = None) -> AIOKafkaProducer:

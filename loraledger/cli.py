@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-# Each module under pipeline/commands exposes `register(app)`.
+# Each module under loraledger/commands exposes `register(app)`.
 COMMAND_MODULES: tuple[str, ...] = (
     "stack",
     "events",
@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 for _name in COMMAND_MODULES:
-    importlib.import_module(f"pipeline.commands.{_name}").register(app)
+    importlib.import_module(f"loraledger.commands.{_name}").register(app)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import pytest
 from inference.datanets import DatanetStore
 from inference.factory import TrainConfig
 from infra.settings import load_settings
-from pipeline.demo import (
+from loraledger.demo_run import (
     DATANETS,
     Collected,
     DemoOptions,
@@ -183,13 +183,13 @@ def test_plan_broker_uses_a_broker_that_already_answers(tmp_path):
 
 
 def test_service_stop_terminates_and_reports_a_failed_child(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.demo.cli_command",
+    monkeypatch.setattr("loraledger.demo_run.cli_command",
                         lambda *args: [sys.executable, "-c", "import time; time.sleep(60)"])
     service = Service("sleeper", [], tmp_path / "sleeper.log", {})
     service.check_alive()
     assert service.stop(grace_s=10) is not None
     assert service.process.poll() is not None
-    monkeypatch.setattr("pipeline.demo.cli_command",
+    monkeypatch.setattr("loraledger.demo_run.cli_command",
                         lambda *args: [sys.executable, "-c", "print('boom'); raise SystemExit(3)"])
     failing = Service("crasher", [], tmp_path / "crasher.log", {})
     failing.process.wait()

@@ -20,7 +20,7 @@ from pathlib import Path
 from infra.settings import Settings
 
 KAFKA_VERSION = "4.1.1"
-_KAFKA_SRC = Path(__file__).resolve().parent / "kafka"
+_KAFKA_SRC = Path(__file__).resolve().parent
 
 
 class StackError(RuntimeError):

@@ -1,0 +1,1 @@
+"""The command line and the end-to-end demo: the top layer, above the pipeline."""
