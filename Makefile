@@ -39,8 +39,7 @@ demo: venv
 	$(LORALEDGER) demo
 
 # The whole suite, integration tests included, against the broker this target starts.
-test: venv
-	$(VPY) -m ruff check .
+test: venv lint
 	$(LORALEDGER) stack up
 	$(VPY) -m pytest -m "not gpu" $(PYTEST_ARGS); status=$$?; \
 	$(LORALEDGER) stack down; exit $$status
@@ -48,8 +47,10 @@ test: venv
 test-fast: venv
 	$(VPY) -m pytest -m "not gpu and not integration and not slow" $(PYTEST_ARGS)
 
+# ruff, and the layer order of pyproject's import contract (an upward import fails).
 lint: venv
 	$(VPY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: venv
 	$(VPY) bench/multi_lora.py
