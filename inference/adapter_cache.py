@@ -8,9 +8,13 @@
 - Disk: the `AdapterStore`, any number of adapters.
 
 `acquire` loads just in time (disk -> host -> device) and counts a reference; `release` drops
-it. `prefetch` starts disk reads on a background thread and uploads to free slots, so the
-adapters queued requests need are ready when they are admitted. All bookkeeping happens on the
-caller's thread; the loader threads only read and validate files.
+it. `status` says which tier holds an adapter and `prefetch` starts disk reads on a background
+thread and uploads to free slots, so the adapters queued requests need are ready when they are
+admitted. All bookkeeping happens on the caller's thread; the loader threads only read and
+validate files. The engine owns its cache: everything else asks the engine.
+
+Adapter ids arrive validated (`schemas.ids.AdapterId`); the store still refuses, as unknown,
+any id that would name something outside its directory.
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ from inference.adapters import (
     AdapterStore,
     AdapterWeights,
     UnknownAdapter,
-    check_adapter_id,
 )
 from inference.config import LoraServingConfig, ModelConfig
 from inference.lora_layers import LoraPool, SlotIndex
 from schemas.events import CacheTier
+from schemas.ids import AdapterId
 
 
 class AdapterStatus(Enum):
@@ -169,14 +173,14 @@ class AdapterCache:
         self._free_slots: list[list[SlotIndex]] = [
             [SlotIndex(s) for s in range(pool.num_slots - 1, -1, -1)] for pool in self.pools
         ]
-        self._on_device: OrderedDict[str, DeviceSlot] = OrderedDict()  # least recent first
-        self._device_versions: dict[str, str] = {}
-        self._in_host: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._on_device: OrderedDict[AdapterId, DeviceSlot] = OrderedDict()  # least recent first
+        self._device_versions: dict[AdapterId, str] = {}
+        self._in_host: OrderedDict[AdapterId, AdapterWeights] = OrderedDict()
         self._host_bytes = 0
-        self._loading: dict[str, Future[tuple[AdapterWeights, float]]] = {}
-        self._failed: dict[str, _Failure] = {}
-        self._refcount: dict[str, int] = {}
-        self._pinned: set[str] = set()
+        self._loading: dict[AdapterId, Future[tuple[AdapterWeights, float]]] = {}
+        self._failed: dict[AdapterId, _Failure] = {}
+        self._refcount: dict[AdapterId, int] = {}
+        self._pinned: set[AdapterId] = set()
         self._executor = ThreadPoolExecutor(
             max_workers=self.serving.load_workers, thread_name_prefix="adapter-load"
         )
@@ -201,7 +205,7 @@ class AdapterCache:
             for rank_class, share in zip(serving.rank_classes, shares, strict=True)
         ]
 
-    def _pool_for_rank(self, adapter_id: str, rank: int) -> int:
+    def _pool_for_rank(self, adapter_id: AdapterId, rank: int) -> int:
         for index, pool in enumerate(self.pools):
             if rank <= pool.rank_class:
                 return index
@@ -212,7 +216,7 @@ class AdapterCache:
 
     # --- queries -----------------------------------------------------------------------------
 
-    def status(self, adapter_id: str) -> AdapterStatus:
+    def status(self, adapter_id: AdapterId) -> AdapterStatus:
         self._harvest()
         if adapter_id in self._on_device:
             return AdapterStatus.ON_DEVICE
@@ -224,7 +228,7 @@ class AdapterCache:
             return AdapterStatus.FAILED
         return AdapterStatus.ON_DISK if self.store.exists(adapter_id) else AdapterStatus.UNKNOWN
 
-    def refcount(self, adapter_id: str) -> int:
+    def refcount(self, adapter_id: AdapterId) -> int:
         return self._refcount.get(adapter_id, 0)
 
     def free_slots(self, pool_index: int) -> int:
@@ -251,7 +255,7 @@ class AdapterCache:
 
     # --- loading -----------------------------------------------------------------------------
 
-    def prefetch(self, adapter_ids: Iterable[str]) -> None:
+    def prefetch(self, adapter_ids: Iterable[AdapterId]) -> None:
         """Start loading adapters that queued requests will need; never blocks, never raises.
 
         Disk reads run on the loader threads; adapters already in host memory go to a free
@@ -269,11 +273,10 @@ class AdapterCache:
                 continue
             self._start_load(adapter_id)
 
-    def load(self, adapter_id: str) -> AdapterWeights:
+    def load(self, adapter_id: AdapterId) -> AdapterWeights:
         """Bring an adapter into host memory (blocking) and return it; loading twice is a no-op.
 
         Raises UnknownAdapter or AdapterRefused."""
-        check_adapter_id(adapter_id)
         self._harvest()
         if adapter_id in self._in_host:
             self._in_host.move_to_end(adapter_id)
@@ -291,12 +294,11 @@ class AdapterCache:
             raise self._failed[adapter_id].error
         return self._in_host[adapter_id]
 
-    def acquire(self, adapter_id: str) -> Acquired:
+    def acquire(self, adapter_id: AdapterId) -> Acquired:
         """A device slot for the adapter, loading it as needed; counts one reference.
 
         Raises UnknownAdapter, AdapterRefused, or NoFreeSlot (every slot of its rank class is
         in use: retry after some sequences finish)."""
-        check_adapter_id(adapter_id)
         self._harvest()
         if adapter_id in self._on_device:
             self._on_device.move_to_end(adapter_id)
@@ -316,7 +318,7 @@ class AdapterCache:
         self._refcount[adapter_id] = self._refcount.get(adapter_id, 0) + 1
         return Acquired(self._on_device[adapter_id], tier, self._device_versions[adapter_id])
 
-    def release(self, adapter_id: str) -> None:
+    def release(self, adapter_id: AdapterId) -> None:
         """Drop one reference taken by acquire; releasing an unreferenced adapter does nothing."""
         count = self._refcount.get(adapter_id, 0)
         if count <= 1:
@@ -324,16 +326,16 @@ class AdapterCache:
         else:
             self._refcount[adapter_id] = count - 1
 
-    def pin(self, adapter_id: str) -> None:
+    def pin(self, adapter_id: AdapterId) -> None:
         """Keep the adapter on the device until unpinned (it is loaded now if needed)."""
         self.acquire(adapter_id)
         self._pinned.add(adapter_id)
         self.release(adapter_id)
 
-    def unpin(self, adapter_id: str) -> None:
+    def unpin(self, adapter_id: AdapterId) -> None:
         self._pinned.discard(adapter_id)
 
-    def unload(self, adapter_id: str) -> bool:
+    def unload(self, adapter_id: AdapterId) -> bool:
         """Forget the adapter in every memory tier (a later use re-reads the disk). Returns
         False, changing nothing, while sequences use it; unloading twice is harmless."""
         self._harvest()
@@ -353,7 +355,7 @@ class AdapterCache:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _read_and_validate(self, adapter_id: str) -> tuple[AdapterWeights, float]:
+    def _read_and_validate(self, adapter_id: AdapterId) -> tuple[AdapterWeights, float]:
         """Runs on a loader thread: the weights and how long reading them took (seconds)."""
         started = time.perf_counter()
         weights = self.store.load(
@@ -369,7 +371,7 @@ class AdapterCache:
             weights = weights.pin_memory()
         return weights, time.perf_counter() - started
 
-    def _start_load(self, adapter_id: str) -> None:
+    def _start_load(self, adapter_id: AdapterId) -> None:
         self._failed.pop(adapter_id, None)
         future = self._executor.submit(self._read_and_validate, adapter_id)
         self._loading[adapter_id] = future
@@ -394,7 +396,7 @@ class AdapterCache:
                     self._weights_stamp(adapter_id),
                 )
 
-    def _put_host(self, adapter_id: str, weights: AdapterWeights) -> None:
+    def _put_host(self, adapter_id: AdapterId, weights: AdapterWeights) -> None:
         old = self._in_host.pop(adapter_id, None)
         if old is not None:
             self._host_bytes -= old.nbytes
@@ -405,7 +407,7 @@ class AdapterCache:
             self._host_bytes -= evicted.nbytes
             self.counters.host_evictions += 1
 
-    def _upload_if_free(self, adapter_id: str) -> None:
+    def _upload_if_free(self, adapter_id: AdapterId) -> None:
         weights = self._in_host[adapter_id]
         try:
             pool_index = self._pool_for_rank(adapter_id, weights.rank)
@@ -414,7 +416,7 @@ class AdapterCache:
         if self._free_slots[pool_index]:
             self._upload(adapter_id, weights, evict=False)
 
-    def _upload(self, adapter_id: str, weights: AdapterWeights, *, evict: bool) -> None:
+    def _upload(self, adapter_id: AdapterId, weights: AdapterWeights, *, evict: bool) -> None:
         pool_index = self._pool_for_rank(adapter_id, weights.rank)
         free = self._free_slots[pool_index]
         if not free and evict:
@@ -443,19 +445,19 @@ class AdapterCache:
         self._device_versions[adapter_id] = weights.version
         self.counters.upload_ms.observe((time.perf_counter() - started) * 1000)
 
-    def _drop_from_device(self, adapter_id: str) -> None:
+    def _drop_from_device(self, adapter_id: AdapterId) -> None:
         placed = self._on_device.pop(adapter_id)
         self._device_versions.pop(adapter_id, None)
         self.pools[placed.pool_index].clear(placed.slot)
         self._free_slots[placed.pool_index].append(placed.slot)
 
-    def _weights_stamp(self, adapter_id: str) -> tuple[float, int] | None:
+    def _weights_stamp(self, adapter_id: AdapterId) -> tuple[float, int] | None:
         try:
             stat = (Path(self.store.path_for(adapter_id)) / WEIGHTS_FILE).stat()
         except (OSError, AdapterError):
             return None
         return (stat.st_mtime, stat.st_size)
 
-    def _failure_is_stale(self, adapter_id: str) -> bool:
+    def _failure_is_stale(self, adapter_id: AdapterId) -> bool:
         """A refused adapter is retried once its weights file changes."""
         return self._failed[adapter_id].weights_stamp != self._weights_stamp(adapter_id)

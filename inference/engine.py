@@ -1,10 +1,15 @@
 """The generation engine: continuous batching of many adapters over one base model.
 
 Requests queue on `submit`; every `step` admits what fits (a free KV row and a device slot for
-the adapter), prefetches adapters for those still waiting, runs ONE forward pass over every
-running sequence (prompt chunks of new sequences and one decode token of the others, each with
-its own adapter or none), samples, and returns the requests that finished. Nothing raises out
-of `step`: bad requests come back as results with an error code.
+the adapter), prefetches the adapters of those still waiting and of those the caller expects to
+submit, runs ONE forward pass over every running sequence (prompt chunks of new sequences and
+one decode token of the others, each with its own adapter or none), samples, and returns the
+requests that finished. Nothing raises out of `step`: bad requests come back as results with an
+error code.
+
+The engine owns adapter residency: its adapter cache is private, and callers that schedule
+requests ahead of it ask `adapter_status` and announce what comes next with `expect_adapters`.
+Adapter ids arrive validated (`schemas.ids.AdapterId`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +33,7 @@ from inference.model import ForwardBatch, SequenceChunk, Transformer, load_model
 from inference.sampling import SamplingParams, sample_tokens
 from inference.text_codec import TextCodec
 from schemas.events import CacheTier, ErrorCode, Timings, Usage
-from schemas.ids import is_valid_id, new_id
+from schemas.ids import AdapterId, is_valid_id, new_id
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class EngineConfig:
 @dataclass
 class GenerationRequest:
     prompt_ids: Sequence[int]
-    adapter_id: str | None = None  # None: the base model alone
+    adapter_id: AdapterId | None = None  # None: the base model alone
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
@@ -58,7 +64,7 @@ class GenerationRequest:
 @dataclass
 class GenerationResult:
     request_id: str
-    adapter_id: str | None
+    adapter_id: AdapterId | None
     status: Literal["ok", "error"]
     error_code: ErrorCode | None = None
     error_message: str | None = None
@@ -123,7 +129,7 @@ class Engine:
         base_hash: str | None = None,
     ) -> None:
         self.model = model
-        self.adapters = adapters
+        self._adapters = adapters
         self.config = config or EngineConfig()
         self.codec = codec
         self.base_hash = base_hash
@@ -133,6 +139,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._done: list[GenerationResult] = []
+        self._expected: list[AdapterId] = []  # adapters of requests the caller will submit
         self.last_step = StepStats()
 
     @classmethod
@@ -197,7 +204,7 @@ class Engine:
         self.last_step = StepStats()
         try:
             self._admit()
-            self._prefetch_waiting()
+            self._prefetch()
             if self._running:
                 self._forward_and_sample()
         except Exception as exc:  # one bad pass must not take the serving loop down
@@ -245,8 +252,22 @@ class Engine:
 
     def close(self) -> None:
         """Stop the adapter loader threads."""
-        if self.adapters is not None:
-            self.adapters.close()
+        if self._adapters is not None:
+            self._adapters.close()
+
+    # --- adapter residency -------------------------------------------------------------------
+
+    def adapter_status(self, adapter_id: AdapterId) -> AdapterStatus:
+        """Where the adapter is now; UNKNOWN when this engine serves the base model only."""
+        if self._adapters is None:
+            return AdapterStatus.UNKNOWN
+        return self._adapters.status(adapter_id)
+
+    def expect_adapters(self, adapter_ids: Iterable[AdapterId]) -> None:
+        """The adapters of requests the caller will submit soon, most urgent first; replaces
+        the previous list. Each step prefetches them after those of the engine's own queue, so
+        they load while running sequences decode."""
+        self._expected = list(adapter_ids)
 
     def encode(self, text: str) -> list[int]:
         if self.codec is None:
@@ -260,9 +281,7 @@ class Engine:
     ) -> tuple[ErrorCode, str] | None:
         if not is_valid_id(str(request.request_id)):
             return ErrorCode.INVALID_PARAMETERS, f"invalid request id {request.request_id!r}"
-        if request.adapter_id is not None and not is_valid_id(str(request.adapter_id)):
-            return ErrorCode.UNKNOWN_ADAPTER, f"invalid adapter id {request.adapter_id!r}"
-        if request.adapter_id is not None and self.adapters is None:
+        if request.adapter_id is not None and self._adapters is None:
             return ErrorCode.UNKNOWN_ADAPTER, "this engine serves the base model only"
         sampling_problem = sampling.problem()
         if sampling_problem is not None:
@@ -304,16 +323,16 @@ class Engine:
         """Give a waiting sequence its adapter slot and a KV row; "wait" leaves it queued,
         "failed" has queued its error result."""
         adapter_id = seq.request.adapter_id
-        if adapter_id is not None and self.adapters is not None:
+        if adapter_id is not None and self._adapters is not None:
             started = time.perf_counter()
             try:
-                # Never stall running sequences on a disk read: load in the background and
-                # admit on a later step. With nothing running, waiting is all there is to do.
-                status = self.adapters.status(adapter_id)
+                # Never stall running sequences on a disk read: wait at the head of the queue,
+                # whose adapters `_prefetch` loads in the background, and admit on a later
+                # step. With nothing running, waiting is all there is to do.
+                status = self._adapters.status(adapter_id)
                 if self._running and status in (AdapterStatus.ON_DISK, AdapterStatus.LOADING):
-                    self.adapters.prefetch([adapter_id])
                     return "wait"
-                seq.acquired = self.adapters.acquire(adapter_id)
+                seq.acquired = self._adapters.acquire(adapter_id)
             except UnknownAdapter as exc:
                 self._done.append(self._error_for(seq, ErrorCode.UNKNOWN_ADAPTER, exc.reason))
                 return "failed"
@@ -334,15 +353,18 @@ class Engine:
         seq.admitted = time.perf_counter()
         return "run"
 
-    def _prefetch_waiting(self) -> None:
-        if self.adapters is None or not self._waiting:
+    def _prefetch(self) -> None:
+        """The one place adapters are prefetched: those of the queue's head first (requests
+        waiting for a disk read stand there), then those the caller expects to submit."""
+        if self._adapters is None:
             return
         wanted = [
             seq.request.adapter_id
-            for seq, _ in zip(self._waiting, range(self.config.prefetch_depth), strict=False)
+            for seq in islice(self._waiting, self.config.prefetch_depth)
             if seq.request.adapter_id is not None
-        ]
-        self.adapters.prefetch(wanted)
+        ] + self._expected
+        if wanted:
+            self._adapters.prefetch(wanted)
 
     def _forward_and_sample(self) -> None:
         chunks: list[SequenceChunk] = []
@@ -385,9 +407,12 @@ class Engine:
         )
         lora = (
             build_active_lora(
-                self.adapters.pools, batch.token_pools, batch.token_slots, prefill=batch.has_prefill
+                self._adapters.pools,
+                batch.token_pools,
+                batch.token_slots,
+                prefill=batch.has_prefill,
             )
-            if self.adapters is not None
+            if self._adapters is not None
             else []
         )
         logits = self.model(batch, self.cache, lora)
@@ -424,8 +449,9 @@ class Engine:
         if seq.kv_row >= 0:
             self.cache.free(seq.kv_row)
             seq.kv_row = -1
-        if seq.acquired is not None and self.adapters is not None:
-            self.adapters.release(seq.request.adapter_id or "")
+        adapter_id = seq.request.adapter_id
+        if seq.acquired is not None and adapter_id is not None and self._adapters is not None:
+            self._adapters.release(adapter_id)
 
     def _finish_ok(
         self, seq: _Sequence, reason: Literal["stop", "length"], drop_last: bool = False

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Annotated
+from typing import Annotated, NewType
 
 from pydantic import AfterValidator, StringConstraints, WithJsonSchema
 
@@ -29,16 +29,25 @@ def check_id(value: str, what: str = "id") -> str:
     return value
 
 
-EntityId = Annotated[
-    str,
-    AfterValidator(check_id),
-    WithJsonSchema({"type": "string", "pattern": ID_PATTERN, "maxLength": 128}),
-]
-AdapterId = EntityId
+_ID_JSON_SCHEMA = {"type": "string", "pattern": ID_PATTERN, "maxLength": 128}
+
+EntityId = Annotated[str, AfterValidator(check_id), WithJsonSchema(_ID_JSON_SCHEMA)]
+
+# An adapter id that has been validated. Only the boundary makes one: a pydantic field typed
+# `AdapterId` (the wire format is a plain string, as for every EntityId), or `parse_adapter_id`
+# for an id from anywhere else (a command-line argument). Inner layers (the engine, its adapter
+# cache, the worker's scheduler) take this type and do not check it again.
+_ValidAdapterId = NewType("AdapterId", str)
+AdapterId = Annotated[_ValidAdapterId, AfterValidator(check_id), WithJsonSchema(_ID_JSON_SCHEMA)]
 ContributorId = EntityId
 DatanetId = EntityId
 WorkerId = EntityId
 Sha256Hex = Annotated[str, StringConstraints(pattern=HEX64_PATTERN)]
+
+
+def parse_adapter_id(value: str) -> AdapterId:
+    """`value` as an AdapterId; ValueError with a one-line reason if it is not a valid id."""
+    return _ValidAdapterId(check_id(value, "adapter id"))
 
 
 def new_id() -> str:

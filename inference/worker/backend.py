@@ -5,6 +5,10 @@ time (the service runs it on a single executor thread). `advance` admits queued 
 the engine's continuous batch as rows free up, runs steps for a time slice, and turns finished
 generations into results; ok results that want a sketch wait until `flush_sketches`, so one
 gradient pass covers many results of an adapter.
+
+Adapter residency belongs to the engine: the scheduler ranks requests by the engine's
+`adapter_status`, and the adapters of the requests it still holds are handed to the engine's
+`expect_adapters`, which prefetches them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.adapter_cache import AdapterStatus
+from inference.adapters import AdapterStore
 from inference.config import LoraServingConfig
 from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 from inference.sketch import Sketcher
@@ -24,7 +29,7 @@ from inference.worker.results import error_result, ok_result
 from inference.worker.scheduler import AdmissionScheduler, Residency
 from inference.worker.sketching import SketchAttacher, SketchJob, SketchPolicy
 from schemas.events import ErrorCode, InferenceRequest, InferenceResult, Sketch
-from schemas.ids import new_id
+from schemas.ids import AdapterId, new_id
 
 log = logging.getLogger("loraledger.worker")
 
@@ -46,7 +51,7 @@ class BackendConfig:
     adapter_memory_bytes: int = 64 << 20
     ready_bonus_s: float = 0.25
     host_bonus_s: float = 0.1
-    prefetch_adapters: int = 16
+    prefetch_adapters: int = 16  # distinct adapters of queued requests the engine prefetches
     sketch_batch: int = 32  # held ok results of one adapter that trigger a sketch pass
 
 
@@ -117,9 +122,8 @@ class ServingBackend:
             raise ValueError(f"the base model in {base_model_dir} has no tokenizer.json")
         attacher = None
         if policy.mode != "off":
-            assert engine.adapters is not None
             attacher = SketchAttacher(
-                engine.adapters.store, lambda: Sketcher(base_model_dir, device=device)
+                AdapterStore(adapters_dir), lambda: Sketcher(base_model_dir, device=device)
             )
         return cls(
             engine,
@@ -212,10 +216,10 @@ class ServingBackend:
             counts[job.request.adapter_id] = counts.get(job.request.adapter_id, 0) + 1
         return max(counts.values()) >= self.config.sketch_batch
 
-    def _residency(self, adapter_id: str | None) -> Residency:
-        if adapter_id is None or self.engine.adapters is None:
+    def _residency(self, adapter_id: AdapterId | None) -> Residency:
+        if adapter_id is None:
             return Residency.READY
-        return _RESIDENCY[self.engine.adapters.status(adapter_id)]
+        return _RESIDENCY[self.engine.adapter_status(adapter_id)]
 
     def _admit(self) -> list[Completed]:
         room = self.config.max_batch - self.engine.num_running - self.engine.num_waiting
@@ -225,10 +229,7 @@ class ServingBackend:
             failure = self._submit(job)
             if failure is not None:
                 completed.append(failure)
-        if self.engine.adapters is not None and self.scheduler:
-            self.engine.adapters.prefetch(
-                self.scheduler.upcoming_adapters(self.config.prefetch_adapters)
-            )
+        self.engine.expect_adapters(self.scheduler.upcoming_adapters(self.config.prefetch_adapters))
         return completed
 
     def _submit(self, job: _Job) -> Completed | None:
@@ -319,5 +320,4 @@ class ServingBackend:
         )
 
     def close(self) -> None:
-        if self.engine.adapters is not None:
-            self.engine.adapters.close()
+        self.engine.close()

@@ -6,6 +6,9 @@ Preferring ready adapters keeps the batch full and the cache warm; the bonus is 
 of seconds, so a request is never overtaken by a request that arrived more than
 `ready_bonus_s` after it. A cold adapter therefore waits at most that long behind hot traffic
 (plus the time the requests ahead of it take), never forever.
+
+The scheduler only ranks: how ready an adapter is comes from the caller (the engine's view of
+its cache), and the caller hands `upcoming_adapters` to the engine to prefetch.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Generic, TypeVar
+
+from schemas.ids import AdapterId
 
 T = TypeVar("T")
 
@@ -32,7 +37,7 @@ class _Queued(Generic[T]):
     enqueued_at: float
     sequence: int
     item: T = field(compare=False)
-    adapter_id: str | None = field(compare=False)
+    adapter_id: AdapterId | None = field(compare=False)
 
 
 class AdmissionScheduler(Generic[T]):
@@ -55,16 +60,18 @@ class AdmissionScheduler(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         return (queued.item for queued in self._queue)
 
-    def push(self, item: T, adapter_id: str | None, now: float) -> None:
+    def push(self, item: T, adapter_id: AdapterId | None, now: float) -> None:
         self._sequence += 1
         self._queue.append(_Queued(now, self._sequence, item, adapter_id))
 
-    def take(self, count: int, residency: Callable[[str | None], Residency], now: float) -> list[T]:
+    def take(
+        self, count: int, residency: Callable[[AdapterId | None], Residency], now: float
+    ) -> list[T]:
         """Remove and return up to `count` items, highest priority first (oldest first among
         equals). `residency` is asked once per distinct adapter."""
         if count <= 0 or not self._queue:
             return []
-        known: dict[str | None, Residency] = {}
+        known: dict[AdapterId | None, Residency] = {}
 
         def priority(queued: _Queued[T]) -> tuple[float, float, int]:
             if queued.adapter_id not in known:
@@ -78,9 +85,9 @@ class AdmissionScheduler(Generic[T]):
         self._queue = [queued for queued in self._queue if id(queued) not in picked]
         return [queued.item for queued in chosen]
 
-    def upcoming_adapters(self, limit: int) -> list[str]:
+    def upcoming_adapters(self, limit: int) -> list[AdapterId]:
         """Distinct adapters of the oldest queued requests, for prefetching."""
-        adapters: dict[str, None] = {}
+        adapters: dict[AdapterId, None] = {}
         for queued in sorted(self._queue):
             if queued.adapter_id is not None:
                 adapters.setdefault(queued.adapter_id)

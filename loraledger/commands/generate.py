@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 
 from infra.settings import load_settings
+from schemas.ids import parse_adapter_id
 
 console = Console()
 
@@ -35,11 +36,14 @@ def generate(
     # Imported here so other commands do not pay for loading torch.
     from inference.engine import Engine, EngineConfig, GenerationRequest
 
+    try:
+        adapter_id = None if adapter.lower() == NO_ADAPTER else parse_adapter_id(adapter)
+    except ValueError as exc:
+        _fail(str(exc))
     settings = load_settings()
     model_dir = model_dir or settings.base_model_dir
     if not (model_dir / "config.json").is_file():
         _fail(f"no model checkpoint in {model_dir}; build one or pass --model-dir")
-    adapter_id = None if adapter.lower() == NO_ADAPTER else adapter
     engine = Engine.from_model_dir(
         model_dir,
         settings.adapters_dir,
@@ -99,7 +103,7 @@ def generate(
         _fail(f"{code}: {result.error_message}")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     console.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(1)
 

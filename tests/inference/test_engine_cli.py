@@ -74,3 +74,10 @@ def test_unknown_adapter_fails_with_one_line(home: Path) -> None:
 def test_missing_model_directory_is_reported(home: Path, tmp_path: Path) -> None:
     outcome = _run(home, "--prompt", "w1", "--model-dir", str(tmp_path))
     assert outcome.exit_code == 1 and "no model checkpoint in" in outcome.output
+
+
+def test_an_invalid_adapter_id_is_refused_before_anything_loads(home: Path, tmp_path: Path) -> None:
+    outcome = _run(home, "--adapter", "../adapters/demo-adapter", "--prompt", "w1",
+                   "--model-dir", str(tmp_path))  # no model there: the id is checked first
+    assert outcome.exit_code == 1
+    assert "invalid adapter id '../adapters/demo-adapter'" in outcome.output

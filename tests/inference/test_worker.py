@@ -4,6 +4,7 @@ policy, metrics, and the serving backend on the tiny test base model."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from prometheus_client import generate_latest
 from random_adapters import write_random_adapters
 from typer.testing import CliRunner
 
+from inference.adapter_cache import AdapterStatus
 from inference.base_model import build_base_model
 from inference.config import ModelConfig
 from inference.hashing import adapter_weights_hash, base_model_hash
@@ -332,6 +334,31 @@ def test_sketch_modes_off_and_sampled(base_model_dir, adapters_dir):
     assert {r.request_id for r in results if r.sketch is not None} == {
         r.request_id for r in results if policy.wants(r.request_id) and r.output_text
     }
+
+
+def test_adapters_of_requests_the_scheduler_holds_load_while_others_decode(
+    base_model_dir, adapters_dir
+):
+    backend = _backend(base_model_dir, adapters_dir, SketchPolicy(SketchMode.OFF), max_batch=1)
+    requests = [r for r in _requests() if r.adapter_id in ("ad3", "ad4", "ad5")][:3]
+    for request in requests:
+        backend.enqueue(request)
+    backend.advance(budget_s=0.0)  # the first runs; the other two stay in the scheduler
+    assert len(backend.scheduler) == 2 and backend.engine.num_waiting == 0
+    queued = [request.adapter_id for request in requests[1:]]
+    deadline = time.monotonic() + 10
+    while {backend.engine.adapter_status(a) for a in queued} & {
+        AdapterStatus.ON_DISK,
+        AdapterStatus.LOADING,
+    }:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    results = [c.result for c in backend.run_until_idle()]
+    backend.close()
+    assert [r.status for r in results] == ["ok"] * 3
+    tiers = {r.adapter_id: r.cache_tier.value for r in results}
+    assert tiers[requests[0].adapter_id] == "disk"
+    assert all(tiers[a] in ("host", "device") for a in queued)
 
 
 def test_dropped_requests_yield_nothing(base_model_dir, adapters_dir):
