@@ -33,7 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.batch import LoraBatch  # noqa: E402
 from kernels.bgmv_expand import bgmv_expand  # noqa: E402
 from kernels.bgmv_shrink import bgmv_shrink  # noqa: E402
-from kernels.cases import LoraCase, make_case, reference_problems  # noqa: E402
+from kernels.cases import (  # noqa: E402
+    LoraCase,
+    make_case,
+    reference_problems,
+    same_bits,
+    sentinel,
+)
 from kernels.dispatch import add_lora  # noqa: E402
 from kernels.reference import reference_shrink  # noqa: E402
 from kernels.sgmv_expand import sgmv_expand  # noqa: E402
@@ -230,14 +236,19 @@ def expand_ops(case: LoraCase, batch: LoraBatch, shrunk: Tensor) -> Callable[[],
 
 
 def check_kernels(case: LoraCase, batch: LoraBatch) -> list[str]:
-    """Shrink output on the entries it must write, then the whole add_lora, vs the reference."""
+    """Shrink output on the entries it must write (and no others), then the whole add_lora, vs
+    the reference."""
     problems = []
-    shrunk = torch.full((case.x.shape[0], case.lora_a.shape[1]), float("nan"), device=case.x.device)
+    poison = sentinel(torch.float32)
+    shrunk = poison.expand(case.x.shape[0], case.lora_a.shape[1]).to(case.x.device).contiguous()
     shrink_ops(case, batch, shrunk)()
     expected = reference_shrink(case.x, case.lora_a, case.ranks, case.scales, case.token_slots)
     slots = case.token_slots.cpu()
     ranks = case.ranks.cpu().long()[slots.clamp(min=0)]
     written = (slots >= 0)[:, None] & (torch.arange(shrunk.shape[1])[None, :] < ranks[:, None])
+    untouched = shrunk.cpu()[~written]
+    if not same_bits(untouched, poison.expand_as(untouched)):
+        problems.append("shrink: wrote outside active rows below their rank")
     got = shrunk.cpu()[written].double()
     want = expected[written]
     # The shrink reads half-precision inputs exactly and sums in float32.

@@ -75,6 +75,36 @@ def _bgmv_shrink_kernel(
     )
 
 
+@triton.jit
+def _bgmv_sum_splits_kernel(
+    partial_ptr,
+    out_ptr,
+    token_slots_ptr,
+    ranks_ptr,
+    max_rank,
+    split_k,
+    stride_partial_split,
+    stride_m,
+    BLOCK_R: tl.constexpr,
+):
+    # Sums the split-K slices into exactly the entries the unsplit kernel would store, so rows
+    # of tokens without an adapter and columns past a slot's rank keep whatever `out` held.
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(token_slots_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    rank_ok = offs_r < rank
+    partial_ptrs = partial_ptr + token * stride_m + offs_r
+    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for _ in range(split_k):
+        total += tl.load(partial_ptrs, mask=rank_ok, other=0.0)
+        partial_ptrs += stride_partial_split
+    tl.store(out_ptr + token * stride_m + offs_r, total, mask=rank_ok)
+
+
 def bgmv_shrink(
     x: Tensor,
     lora_a: Tensor,
@@ -91,7 +121,8 @@ def bgmv_shrink(
             if s < 0: continue
             r = ranks[s]
             out[i, :r] = scales[s] * (x[i] @ lora_a[s, :r, :].T)
-        Other entries of `out` (rows with slot -1, columns >= r) are left unspecified.
+        Every other entry of `out` (rows with slot -1, columns >= r) is left untouched, also
+        when the reduction is split over programs.
 
     Args:
         x: [num_tokens, in_features] float32/float16/bfloat16, each row dense.
@@ -135,6 +166,7 @@ def bgmv_shrink(
     split_k = split_k_for(num_tokens, k_blocks)
     k_per_split = triton.cdiv(k_blocks, split_k) * block_k
     split_k = triton.cdiv(in_features, k_per_split)
+    # Split-K programs write float32 partials, summed into `out` by a second launch.
     partial = out if split_k == 1 else out.new_empty(split_k, *out.shape)
 
     runnable(_bgmv_shrink_kernel, x)[(num_tokens, split_k)](
@@ -156,4 +188,14 @@ def bgmv_shrink(
         BLOCK_K=block_k,
     )
     if split_k > 1:
-        torch.sum(partial, dim=0, out=out)
+        runnable(_bgmv_sum_splits_kernel, x)[(num_tokens,)](
+            partial,
+            out,
+            token_slots,
+            ranks,
+            max_rank,
+            split_k,
+            partial.stride(0),
+            out.stride(0),
+            BLOCK_R=block_r,
+        )

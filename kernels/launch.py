@@ -16,7 +16,12 @@ import numpy as np
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder, TensorHandle
+from triton.runtime.interpreter import (
+    InterpretedFunction,
+    InterpreterBuilder,
+    TensorHandle,
+    _patch_lang,
+)
 from triton.runtime.jit import JITFunction
 
 # CUDA caps the second and third grid dimensions; segments run along the third.
@@ -87,10 +92,21 @@ def _jit_calls_interpreted() -> Iterator[None]:
     # when Triton was imported without TRITON_INTERPRET; while an interpreted kernel runs, calls
     # to them must run interpreted too.
     original_call = JITFunction.__call__
+    original_device_call = InterpretedFunction.__call__
     original_dot = InterpreterBuilder.create_dot
 
     def call_interpreted(self: JITFunction, *args: Any, **kwargs: Any) -> Any:
         return _interpreted_copy(self)(*args, **kwargs)
+
+    def device_call_restoring(self: InterpretedFunction, *args: Any, **kwargs: Any) -> Any:
+        # Triton's own device-function call patches triton.language for the callee and never
+        # undoes it; compiling a kernel later in the process would then build IR with the
+        # interpreter's semantics. Same call, with the patch undone on return.
+        scope = _patch_lang(self.fn)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
 
     def dot_bf16_as_float32(self: InterpreterBuilder, a: Any, b: Any, *rest: Any) -> Any:
         # The interpreter keeps bfloat16 as its raw uint16 bits and would multiply those as
@@ -98,11 +114,13 @@ def _jit_calls_interpreted() -> Iterator[None]:
         return original_dot(self, _widen_bf16(a), _widen_bf16(b), *rest)
 
     JITFunction.__call__ = call_interpreted  # type: ignore[method-assign]
+    InterpretedFunction.__call__ = device_call_restoring  # type: ignore[method-assign]
     InterpreterBuilder.create_dot = dot_bf16_as_float32  # type: ignore[method-assign]
     try:
         yield
     finally:
         JITFunction.__call__ = original_call  # type: ignore[method-assign]
+        InterpretedFunction.__call__ = original_device_call  # type: ignore[method-assign]
         InterpreterBuilder.create_dot = original_dot  # type: ignore[method-assign]
 
 

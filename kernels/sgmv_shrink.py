@@ -87,6 +87,46 @@ def _sgmv_shrink_kernel(
     tl.store(out_ptrs, acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
+@triton.jit
+def _sgmv_sum_splits_kernel(
+    partial_ptr,
+    out_ptr,
+    seg_starts_ptr,
+    seg_lens_ptr,
+    seg_slots_ptr,
+    ranks_ptr,
+    max_rank,
+    split_k,
+    stride_partial_split,
+    stride_m,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # Sums the split-K slices into exactly the entries the unsplit kernel would store, so rows
+    # outside segments and columns past a slot's rank keep whatever `out` held.
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    seg_len = tl.load(seg_lens_ptr + seg)
+    if pid_m * BLOCK_M >= seg_len:
+        return
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
+    if slot < 0:
+        return
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
+    start = tl.load(seg_starts_ptr + seg).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask = (offs_m < seg_len)[:, None] & (offs_r < rank)[None, :]
+    offsets = (start + offs_m)[:, None] * stride_m + offs_r[None, :]
+    partial_ptrs = partial_ptr + offsets
+    total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for _ in range(split_k):
+        total += tl.load(partial_ptrs, mask=mask, other=0.0)
+        partial_ptrs += stride_partial_split
+    tl.store(out_ptr + offsets, total, mask=mask)
+
+
 def sgmv_shrink(
     x: Tensor,
     lora_a: Tensor,
@@ -105,7 +145,8 @@ def sgmv_shrink(
             s, r = seg_slots[g], ranks[seg_slots[g]]
             for i in range(seg_starts[g], seg_starts[g] + seg_lens[g]):
                 out[i, :r] = scales[s] * (x[i] @ lora_a[s, :r, :].T)
-        Other entries of `out` (rows outside segments, columns >= r) are left unspecified.
+        Every other entry of `out` (rows outside segments, such as tokens without an adapter,
+        and columns >= r) is left untouched, also when the reduction is split over programs.
 
     Args:
         x: [num_tokens, in_features] float32/float16/bfloat16, each row dense.
@@ -155,6 +196,7 @@ def sgmv_shrink(
     split_k = split_k_for(m_blocks * num_segments, k_blocks)
     k_per_split = triton.cdiv(k_blocks, split_k) * block_k
     split_k = triton.cdiv(in_features, k_per_split)
+    # Split-K programs write float32 partials, summed into `out` by a second launch.
     partial = out if split_k == 1 else out.new_empty(split_k, *out.shape)
 
     grid = (m_blocks, split_k, num_segments)
@@ -181,4 +223,17 @@ def sgmv_shrink(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
     if split_k > 1:
-        torch.sum(partial, dim=0, out=out)
+        runnable(_sgmv_sum_splits_kernel, x)[(m_blocks, num_segments)](
+            partial,
+            out,
+            seg_starts,
+            seg_lens,
+            seg_slots,
+            ranks,
+            max_rank,
+            split_k,
+            partial.stride(0),
+            out.stride(0),
+            BLOCK_M=block_m,
+            BLOCK_R=block_r,
+        )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.cases import POPULARITIES, RANK_CLASSES, make_case
+from kernels.cases import POPULARITIES, RANK_CLASSES, make_case, poison_rows_without_adapter
 from kernels.dispatch import add_lora, add_lora_trusted
 from kernels.torch_path import add_lora_torch
 
@@ -97,6 +97,34 @@ def test_both_decode_strategies_match_reference(
 
     def run(c) -> None:
         batch = c.batch(False)
+        add_lora_torch(c.y, c.x, c.lora_a, c.lora_b, c.ranks, c.scales, batch, **force(strategy))
+
+    check_run(case, run)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("prefill", "strategy"),
+    [(True, "grouped"), (False, "grouped"), (False, "gathered")],
+    ids=["prefill", "decode-grouped", "decode-gathered"],
+)
+def test_rows_without_adapter_keep_their_bits(
+    check_run, prefill: bool, strategy: str, dtype: torch.dtype
+) -> None:
+    case = make_case(
+        "with_base",
+        "mix",
+        num_requests=12,
+        prefill=prefill,
+        in_features=513,
+        out_features=24,
+        dtype=dtype,
+        seed=11,
+    )
+    poison_rows_without_adapter(case)
+
+    def run(c) -> None:
+        batch = c.batch(prefill)
         add_lora_torch(c.y, c.x, c.lora_a, c.lora_b, c.ranks, c.scales, batch, **force(strategy))
 
     check_run(case, run)
