@@ -44,8 +44,10 @@ class Collected:
     last_offsets: dict[Partition, int] = field(default_factory=dict)  # highest seen
 
     def done(self, request_id: str) -> bool:
-        """Result, attribution and reward entries all in (error results are not attributed
-        and cost nothing; entries of one request commit in one transaction)."""
+        """Result, attribution and every reward entry in (error results are not attributed
+        and cost nothing). The entries of one request commit in one transaction but are keyed
+        by beneficiary, so they land on several partitions and may arrive in different fetches;
+        they always sum to the request's fee, which tells when the last one is in."""
         result = self.results.get(request_id)
         if result is None:
             return False
@@ -53,7 +55,10 @@ class Collected:
             return True
         if request_id not in self.attributions:
             return False
-        return fee_for(result, Parameters()) == 0 or bool(self.rewards.get(request_id))
+        if fee_for(result, Parameters()) == 0:
+            return True
+        entries = self.rewards.get(request_id)
+        return bool(entries) and sum(entry.amount for entry in entries) == entries[0].fee_total
 
     def events(self) -> list[Any]:
         entries = [entry for group in self.rewards.values() for entry in group]
@@ -110,7 +115,7 @@ def _absorb(collected: Collected, logical: str, value: bytes, wanted: set[str]) 
 def _timeout_message(collected: Collected, wanted: set[str], when: str) -> str:
     ok = [rid for rid, result in collected.results.items() if result.status == "ok"]
     unattributed = sum(1 for rid in ok if rid not in collected.attributions)
-    unpaid = sum(1 for rid in ok if rid in collected.attributions and not collected.rewards[rid])
+    unpaid = sum(1 for rid in ok if rid in collected.attributions and not collected.done(rid))
     return (
         f"{when}: {len(wanted) - len(collected.results)} requests without a "
         f"result (worker), {unattributed} without an attribution (attribution agent), "

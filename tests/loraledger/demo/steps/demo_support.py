@@ -54,10 +54,12 @@ def record(request_id: str, weighted: bool = True) -> AttributionRecord:
     )
 
 
-def entry(request_id: str) -> RewardEntry:
+def entry(request_id: str, role: RewardRole = RewardRole.TREASURY, amount: int = 6,
+          fee_total: int = 60) -> RewardEntry:
+    beneficiary = "treasury" if role == RewardRole.TREASURY else "law-contributor-000"
     return RewardEntry(
-        entry_id=reward_entry_id(request_id, "treasury", "treasury"), request_id=request_id,
-        adapter_id="demo-valley-law", epoch=0, beneficiary_id="treasury",
-        role=RewardRole.TREASURY, amount=6, fee_total=60, parameters_version=0,
+        entry_id=reward_entry_id(request_id, beneficiary, role.value), request_id=request_id,
+        adapter_id="demo-valley-law", epoch=0, beneficiary_id=beneficiary,
+        role=role, amount=amount, fee_total=fee_total, parameters_version=0,
         created_at=datetime(2026, 1, 1, tzinfo=UTC),
     )

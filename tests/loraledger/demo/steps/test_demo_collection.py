@@ -14,6 +14,7 @@ from infra.settings import load_settings
 from loraledger.demo.errors import DemoError
 from loraledger.demo.steps.collection import WATCHED_TOPICS, Collected, start_collector
 from schemas.codec import decode
+from schemas.events import RewardRole
 from schemas.topics import topic_name, topic_spec
 
 
@@ -24,11 +25,13 @@ def test_a_request_is_done_once_result_attribution_and_rewards_are_in():
     assert not collected.done("r1")
     collected.attributions["r1"] = record("r1")
     assert not collected.done("r1")
-    collected.rewards["r1"].append(entry("r1"))
+    collected.rewards["r1"].append(entry("r1", RewardRole.TREASURY, amount=6, fee_total=60))
+    assert not collected.done("r1")  # the other entries are on other partitions, still coming
+    collected.rewards["r1"].append(entry("r1", RewardRole.CONTRIBUTOR, amount=54, fee_total=60))
     assert collected.done("r1")
     collected.results["r2"] = result("r2", status="error")
     assert collected.done("r2")  # errors are neither attributed nor paid
-    assert len(collected.events()) == 4
+    assert len(collected.events()) == 5
 
 
 @pytest.mark.integration
