@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 SMALL_DEMO = ["--requests", "20", "--adapters", "2", "--base-preset", "test",
               "--train-steps", "20", "--timeout", "300"]
 
