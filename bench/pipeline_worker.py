@@ -43,7 +43,8 @@ from inference.lora_layers import LoraPool  # noqa: E402
 from inference.worker.backend import BackendConfig  # noqa: E402
 from inference.worker.service import Worker, WorkerConfig  # noqa: E402
 from inference.worker.sketching import SketchMode, SketchPolicy  # noqa: E402
-from infra.kafka.clients import ensure_topics, make_consumer, make_producer, send_event  # noqa: E402
+from infra.kafka.clients import ensure_topics, make_consumer, make_producer  # noqa: E402
+from infra.kafka.events import send_event  # noqa: E402
 from infra.settings import Settings, load_settings  # noqa: E402
 from schemas.codec import decode  # noqa: E402
 from schemas.events import InferenceRequest  # noqa: E402

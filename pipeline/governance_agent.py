@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 import faust
 
+from infra.kafka.dead_letters import dead_letter
 from pipeline.app import app, settings, topic
 from pipeline.governance import (
     OpenProposal,
@@ -34,7 +35,6 @@ from pipeline.governance import (
 from pipeline.rewards import epoch_of
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import (
-    DeadLetter,
     EpochTick,
     Parameters,
     ParametersActivated,
@@ -94,11 +94,11 @@ def _store_open(entry: OpenProposal) -> None:
 
 async def _dead_letter(event: faust.EventT, reason: str) -> None:
     message = event.message
-    letter = DeadLetter.for_bytes(
-        event.value or b"", source_topic=message.topic, partition=message.partition,
+    letter = dead_letter(
+        event.value, source_topic=message.topic, partition=message.partition,
         offset=message.offset, consumer=CONSUMER, reason=reason,
     )
-    await dead_letters.send(key=message.topic.encode(), value=encode(letter))
+    await dead_letters.send(key=letter.key, value=encode(letter.event))
 
 
 async def _tally_before(now_epoch: int, at: datetime, activate_from: int | None = None) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse_client import DEFAULT_DATABASE, apply_ddl, check_database, drop_database
-from infra.kafka.clients import read_topic
+from infra.kafka.events import read_topic
 from infra.settings import Settings
 from pipeline.ledger import LEDGER_EVENTS, TABLES, LedgerWriter
 

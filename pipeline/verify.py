@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.kafka.clients import read_topic
+from infra.kafka.events import read_topic
 from infra.settings import Settings
 from pipeline.attribution.artifacts import ArtifactCache, adapter_dir
 from pipeline.attribution.attributor import METHOD_NAME, METHOD_VERSION, attribute

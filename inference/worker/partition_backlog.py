@@ -14,14 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One message to produce, already encoded."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
+from infra.kafka.events import Outgoing
 
 
 @dataclass

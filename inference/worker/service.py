@@ -11,7 +11,7 @@ a producer with the same id, which fences the previous owner (its open transacti
 its later commits fail) - the classic zombie fencing, needed because the offset commit in a
 transaction carries no consumer-group generation. A partition's results and dead letters are
 produced in one transaction with the offset after the last record they cover, and only for the
-finished prefix of the partition (see `ledger`). A worker killed at any moment leaves an
+finished prefix of the partition (see `partition_backlog`). A worker killed at any moment leaves an
 aborted or committed transaction: read-committed consumers see each result once, and the new
 owner re-consumes exactly the records whose results were not committed.
 
@@ -36,20 +36,16 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from inference.worker.backend import BackendConfig, Completed, ServingBackend
 from inference.worker.metrics import WorkerMetrics
-from inference.worker.partition_backlog import Outgoing, PartitionBacklog, ReadyPrefix
+from inference.worker.partition_backlog import PartitionBacklog, ReadyPrefix
 from inference.worker.sketching import SketchPolicy
-from infra.kafka.clients import (
-    DeadLetterRouter,
-    ensure_topics,
-    make_consumer,
-    make_producer,
-    validated,
-)
+from infra.kafka.clients import ensure_topics, make_consumer, make_producer
+from infra.kafka.dead_letters import validated
+from infra.kafka.events import Outgoing
+from infra.kafka.transactions import send_and_commit
 from infra.settings import Settings
-from schemas.codec import encode
 from schemas.events import InferenceResult
 from schemas.ids import check_id, new_id
-from schemas.topics import TOPICS, topic_name
+from schemas.topics import topic_name
 
 log = logging.getLogger("loraledger.worker")
 
@@ -89,18 +85,6 @@ def transactional_id(settings: Settings, partition: TopicPartition) -> str:
     return f"{group_id(settings)}.{partition.topic}.{partition.partition}"
 
 
-class _CapturingProducer:
-    """Stands in for a producer in `DeadLetterRouter`: keeps the dead letter so it goes out in
-    the transaction that commits its record's offset."""
-
-    def __init__(self) -> None:
-        self.sent: list[Outgoing] = []
-
-    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
-                   **_: Any) -> None:
-        self.sent.append(Outgoing(topic, key, value or b""))
-
-
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -132,7 +116,6 @@ class Worker:
         self._ledgers: dict[TopicPartition, PartitionBacklog] = {}
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self._partition_of: dict[str, TopicPartition] = {}  # backend key -> input partition
-        self._results_topic = topic_name("results", settings.topic_prefix)
         self._last_commit = time.monotonic()
         self._last_status = time.monotonic()
 
@@ -221,21 +204,20 @@ class Worker:
                 if ledger is None:
                     continue
                 for record in records:
-                    await self._take(tp, ledger, record)
+                    self._take(tp, ledger, record)
 
-    async def _take(self, tp: TopicPartition, ledger: PartitionBacklog, record: Any) -> None:
+    def _take(self, tp: TopicPartition, ledger: PartitionBacklog, record: Any) -> None:
         assert self.backend is not None
         key = new_id()
         if ledger.track(record.offset, key) is None:
             return
-        capture = _CapturingProducer()
-        router = DeadLetterRouter(self.settings, capture, f"worker-{self.config.worker_id}")
-        valid = await validated([record], self.settings, router)
-        if valid:
+        # A dead letter goes out in the transaction that commits its record's offset.
+        checked = validated([record], self.settings, f"worker-{self.config.worker_id}")
+        if checked.events:
             self._partition_of[key] = tp
-            self.backend.enqueue(valid[0][1], key)
+            self.backend.enqueue(checked.events[0][1], key)
         else:
-            ledger.finish(key, capture.sent)
+            ledger.finish(key, checked.dead_letters)
             self.metrics.dead_letters.inc()
 
     async def _work(self, flush: bool = False) -> None:
@@ -252,14 +234,12 @@ class Worker:
             await self._commit()
 
     def _record(self, completed: list[Completed]) -> None:
-        spec = TOPICS["results"]
         for item in completed:
             tp = self._partition_of.pop(item.key, None)
             ledger = self._ledgers.get(tp) if tp is not None else None
             if ledger is None:
                 continue  # its partition was revoked meanwhile
-            message = Outgoing(self._results_topic, spec.key_of(item.result), encode(item.result))
-            ledger.finish(item.key, [message], item.result)
+            ledger.finish(item.key, [Outgoing.of(item.result)], item.result)
 
     async def _commit(self) -> None:
         self._last_commit = time.monotonic()
@@ -282,12 +262,13 @@ class Worker:
         if producer is None:
             return
         try:
-            async with producer.transaction():
-                for message in prefix.messages:
-                    await producer.send(message.topic, message.value, key=message.key)
-                await producer.send_offsets_to_transaction(
-                    {tp: prefix.next_offset}, group_id(self.settings)
-                )
+            await send_and_commit(
+                producer,
+                self.settings,
+                prefix.messages,
+                {tp: prefix.next_offset},
+                group_id(self.settings),
+            )
         except ProducerFenced:
             # A zombie: the group gave the partition to another worker, which fenced us. Its
             # uncommitted records are the new owner's now.

@@ -116,7 +116,7 @@ def add(
         prepared = read_rows_file(store, name, contributor, license, file)
     events = [item for item in prepared if isinstance(item, DatanetContribution)]
     if events and publish:
-        from infra.kafka.clients import publish_sync
+        from infra.kafka.events import publish_sync
 
         settings = load_settings()
         try:

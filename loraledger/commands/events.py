@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from infra.kafka.clients import publish_sync, read_topic
+from infra.kafka.events import publish_sync, read_topic
 from infra.settings import load_settings
 from schemas.codec import DecodeError, decode
 from schemas.events import InferenceRequest

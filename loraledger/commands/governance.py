@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infra.kafka.clients import publish_sync, read_topic
+from infra.kafka.events import publish_sync, read_topic
 from infra.settings import Settings, load_settings
 from pipeline.governance import active_parameters, changes_from_options, fold_log
 from pipeline.rewards import epoch_of

@@ -90,7 +90,7 @@ def _snapshot(settings: Settings, ref: str) -> Snapshot:
 
 
 def _publish(settings: Settings, manifests: list[dict]) -> None:
-    from infra.kafka.clients import publish_sync
+    from infra.kafka.events import publish_sync
 
     try:
         publish_sync(settings, [registration_event(m) for m in manifests])

@@ -13,7 +13,7 @@ from inference.datanets import DatanetStore
 from inference.factory import registration_event
 from infra.clickhouse_client import get_client
 from infra.kafka.broker import stop_broker
-from infra.kafka.clients import publish_sync
+from infra.kafka.events import publish_sync
 from infra.settings import Settings
 from loraledger.demo.errors import DemoError
 from loraledger.demo.options import DATANETS, DemoOptions

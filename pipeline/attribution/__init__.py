@@ -6,7 +6,7 @@ from pipeline.attribution.artifacts import AdapterArtifacts, ArtifactCache, load
 from pipeline.attribution.attributor import METHOD_NAME, METHOD_VERSION, attribute
 from pipeline.attribution.failures import AttributionFailure, FailureCode
 from pipeline.attribution.parameters import current_parameters
-from pipeline.attribution.processing import Outgoing, process_result
+from pipeline.attribution.processing import process_result
 
 __all__ = [
     "METHOD_NAME",
@@ -15,7 +15,6 @@ __all__ = [
     "ArtifactCache",
     "AttributionFailure",
     "FailureCode",
-    "Outgoing",
     "attribute",
     "current_parameters",
     "load_artifacts",

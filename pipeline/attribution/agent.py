@@ -24,6 +24,7 @@ import logging
 from aiokafka import ConsumerRecord
 from aiokafka.errors import ProducerFenced
 
+from infra.kafka.events import Outgoing
 from infra.settings import Settings
 from pipeline.app import app, settings
 from pipeline.attribution.artifacts import ArtifactCache
@@ -33,7 +34,7 @@ from pipeline.attribution.parameters import (
     governance_in_worker,
     parameters_for_epoch,
 )
-from pipeline.attribution.processing import Outgoing, process_result
+from pipeline.attribution.processing import process_result
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import ProducerFenced
 
-from infra.kafka.clients import make_producer
+from infra.kafka.clients import make_consumer, make_producer
+from infra.kafka.events import Outgoing
+from infra.kafka.transactions import send_and_commit
 from infra.settings import Settings
-from pipeline.attribution.processing import Outgoing
-from schemas.topics import topic_name
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,10 @@ async def run_transactional_loop(
     handler runs in a thread (it is CPU work) and must not raise for bad input: it turns bad
     input into records (dead letters, failed attributions)."""
     stop = stop or asyncio.Event()
-    consumer = AIOKafkaConsumer(
-        topic_name(config.source, settings.topic_prefix),
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=config.group_id,
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
+    consumer = make_consumer(
+        settings,
+        [config.source],
+        config.group_id,
         session_timeout_ms=config.session_timeout_ms,
         heartbeat_interval_ms=max(1000, config.session_timeout_ms // 3),
     )
@@ -94,15 +91,14 @@ async def _process_batch(
     batch: dict[TopicPartition, list[ConsumerRecord]],
 ) -> None:
     try:
-        async with producer.transaction():
-            for records in batch.values():
-                for record in records:
-                    for out in await asyncio.to_thread(handler, record):
-                        await producer.send(
-                            topic_name(out.topic, settings.topic_prefix), out.value, key=out.key
-                        )
-            offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
-            await producer.send_offsets_to_transaction(offsets, config.group_id)
+        outgoing = [
+            message
+            for records in batch.values()
+            for record in records
+            for message in await asyncio.to_thread(handler, record)
+        ]
+        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+        await send_and_commit(producer, settings, outgoing, offsets, config.group_id)
     except (asyncio.CancelledError, ProducerFenced):
         raise
     except Exception:

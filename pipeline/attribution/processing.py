@@ -1,5 +1,5 @@
-"""What the attribution agent does with one message of `results`, with no Kafka in sight:
-bytes in, the messages to send out. The agent and the tests share it.
+"""What the attribution agent does with one message of `results`, with no Kafka I/O: bytes
+in, the events to send out. The agent and the tests share it.
 
 - A valid ok result -> one AttributionRecord (status ok, or failed with a reason) and the
   request's RewardEntry records (`pipeline.rewards.split_fee`).
@@ -22,41 +22,29 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from infra.kafka.dead_letters import dead_letter
+from infra.kafka.events import Outgoing
 from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.attributor import attribute, failed_record
 from pipeline.attribution.failures import AttributionFailure, FailureCode
 from pipeline.attribution.parameters import parameters_for_epoch
 from pipeline.rewards import epoch_of, split_fee
-from schemas.codec import DecodeError, decode, encode
+from schemas.codec import DecodeError, decode
 from schemas.events import (
     AttributionRecord,
-    DeadLetter,
     InferenceResult,
     Parameters,
     ParametersActivated,
     RewardEntry,
 )
-from schemas.topics import topic_spec
 
 CONSUMER_NAME = "attribution"
 
 # epoch -> the activation (version and parameters) in force then.
 Pricing = Callable[[int], ParametersActivated]
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    topic: str  # logical topic name
-    key: bytes
-    value: bytes
-
-
-def _outgoing(topic: str, event: AttributionRecord | DeadLetter | RewardEntry) -> Outgoing:
-    return Outgoing(topic, topic_spec(topic).key_of(event), encode(event))
 
 
 def _salvage(raw: bytes) -> tuple[InferenceResult, str] | None:
@@ -108,10 +96,7 @@ def _attributed(
     entries = reward_entries(
         result, record, cache=cache, pricing=pricing, epoch_seconds=epoch_seconds
     )
-    return [
-        _outgoing("attributions", record),
-        *(_outgoing("rewards", entry) for entry in entries),
-    ]
+    return [Outgoing.of(record), *(Outgoing.of(entry) for entry in entries)]
 
 
 def process_result(
@@ -131,15 +116,16 @@ def process_result(
     try:
         result = decode("results", raw)
     except DecodeError as exc:
-        dead = DeadLetter.for_bytes(
-            raw or b"",
-            source_topic=source_topic,
-            partition=partition,
-            offset=offset,
-            consumer=CONSUMER_NAME,
-            reason=exc.reason,
-        )
-        out = [_outgoing("dead-letters", dead)]
+        out = [
+            dead_letter(
+                raw,
+                source_topic=source_topic,
+                partition=partition,
+                offset=offset,
+                consumer=CONSUMER_NAME,
+                reason=exc.reason,
+            )
+        ]
         salvaged = _salvage(raw or b"")
         if salvaged is not None and salvaged[0].status == "ok":
             result, sketch_sha = salvaged

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from inference.datanets import DatanetStore
-from infra.kafka.clients import read_topic
+from infra.kafka.events import read_topic
 from loraledger.cli import app
 
 

@@ -3,7 +3,6 @@ policy, metrics, and the serving backend on the tiny test base model."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -23,14 +22,13 @@ from inference.hashing import adapter_weights_hash, base_model_hash
 from inference.sketch import Sketcher
 from inference.worker.backend import BackendConfig, ServingBackend
 from inference.worker.metrics import WorkerMetrics
-from inference.worker.partition_backlog import Outgoing, PartitionBacklog
+from inference.worker.partition_backlog import PartitionBacklog
 from inference.worker.scheduler import AdmissionScheduler, Residency
-from inference.worker.service import _CapturingProducer, transactional_id
+from inference.worker.service import transactional_id
 from inference.worker.sketching import SketchMode, SketchPolicy
-from infra.kafka.clients import DeadLetterRouter, validated
+from infra.kafka.events import Outgoing
 from infra.settings import load_settings
-from schemas.codec import decode
-from schemas.events import ErrorCode, InferenceRequest
+from schemas.events import ErrorCode, InferenceRequest, InferenceResult
 
 # --- scheduler -------------------------------------------------------------------------------
 
@@ -115,8 +113,12 @@ def test_bonuses_must_be_ordered():
 # --- ledger ----------------------------------------------------------------------------------
 
 
-def _message(text: str) -> list[Outgoing]:
-    return [Outgoing("results", b"k", text.encode())]
+def _message(request_id: str) -> list[Outgoing]:
+    result = InferenceResult(
+        request_id=request_id, adapter_id="a", status="error", worker_id="w",
+        error_code=ErrorCode.UNKNOWN_ADAPTER,
+    )
+    return [Outgoing.of(result)]
 
 
 def test_only_the_finished_prefix_is_ready():
@@ -131,7 +133,7 @@ def test_only_the_finished_prefix_is_ready():
     assert prefix is not None
     assert [entry.key for entry in prefix.entries] == ["a", "b"]
     assert prefix.next_offset == 12
-    assert [m.value for m in prefix.messages] == [b"a", b"b"]
+    assert [m.event.request_id for m in prefix.messages] == ["a", "b"]
     ledger.confirm(prefix)
     assert len(ledger) == 1 and ledger.unfinished == 1
     assert ledger.finish("c", [])
@@ -153,7 +155,7 @@ def test_the_ledger_ignores_offsets_it_has_passed_and_unknown_keys():
         ledger.confirm(prefix)
 
 
-# --- sketch policy, ids, dead letters ---------------------------------------------------------
+# --- sketch policy, ids ----------------------------------------------------------------------
 
 
 def test_sketch_policy_modes():
@@ -181,29 +183,8 @@ def test_transactional_ids_name_the_partition_not_the_worker():
     )
 
 
-def test_dead_letters_are_captured_for_the_transaction():
-    from aiokafka import ConsumerRecord
-
-    settings_ = load_settings({"LORALEDGER_TOPIC_PREFIX": "p."})
-    record = ConsumerRecord(
-        topic="p.requests", partition=2, offset=7, timestamp=0, timestamp_type=0, key=b"a",
-        value=b"\xffnot json", checksum=None, serialized_key_size=1, serialized_value_size=9,
-        headers=(),
-    )
-    capture = _CapturingProducer()
-    valid = asyncio.run(
-        validated([record], settings_, DeadLetterRouter(settings_, capture, "worker-w"))
-    )
-    assert valid == []
-    (message,) = capture.sent
-    assert message.topic == "p.dead-letters"
-    letter = decode("dead-letters", message.value)
-    assert (letter.partition, letter.offset, letter.source_topic) == (2, 7, "p.requests")
-    assert "UTF-8" in letter.reason
-
-
 def test_metrics_count_committed_results():
-    from schemas.events import InferenceResult, Timings, Usage
+    from schemas.events import Timings, Usage
 
     metrics = WorkerMetrics()
     ok = InferenceResult(

@@ -22,7 +22,8 @@ from random_adapters import write_random_adapters
 from inference.base_model import build_base_model
 from inference.config import ModelConfig
 from inference.hashing import base_model_hash
-from infra.kafka.clients import make_producer, send_event
+from infra.kafka.clients import make_producer
+from infra.kafka.events import send_event
 from infra.settings import Settings, load_settings
 from schemas.codec import decode
 from schemas.events import ErrorCode, InferenceRequest

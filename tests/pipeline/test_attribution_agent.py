@@ -19,7 +19,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from attribution_support import train_adapters
 
-from infra.kafka.clients import ensure_topics, publish, read_topic
+from infra.kafka.clients import ensure_topics
+from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
 from schemas.events import InferenceResult, Parameters, Usage
 from schemas.topics import topic_name

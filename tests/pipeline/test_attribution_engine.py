@@ -9,7 +9,7 @@ from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.attributor import attribute
 from pipeline.attribution.methods import Basis, mix_weights
 from pipeline.attribution.processing import process_result
-from schemas.codec import decode, encode
+from schemas.codec import encode
 from schemas.events import PPM_TOTAL, Parameters
 
 
@@ -163,7 +163,7 @@ def _process(raw, cache):
 def test_undecodable_bytes_go_to_the_dead_letters_with_their_position(cache):
     out = _process(b"\xff not json", cache)
     assert [o.topic for o in out] == ["dead-letters"]
-    dead = decode("dead-letters", out[0].value)
+    dead = out[0].event
     assert (dead.source_topic, dead.partition, dead.offset) == ("t.results", 3, 42)
     assert base64.b64decode(dead.raw_b64) == b"\xff not json"
 
@@ -173,7 +173,7 @@ def test_corrupt_sketch_gives_a_dead_letter_and_a_failed_record(adapter, cache):
     payload["sketch"]["values_b64"] = payload["sketch"]["values_b64"][:-8]
     out = _process(json.dumps(payload).encode(), cache)
     assert [o.topic for o in out] == ["dead-letters", "attributions"]
-    record = decode("attributions", out[1].value)
+    record = out[1].event
     assert out[1].key == b"req-1"
     assert record.status == "failed"
     assert record.failure_reason.startswith("corrupt_sketch: ")
@@ -182,7 +182,7 @@ def test_corrupt_sketch_gives_a_dead_letter_and_a_failed_record(adapter, cache):
 def test_valid_result_gives_one_record_keyed_by_request_id(adapter, cache):
     out = _process(encode(make_result(adapter, request_id="req-9")), cache)
     assert [(o.topic, o.key) for o in out] == [("attributions", b"req-9")]
-    assert decode("attributions", out[0].value).status == "ok"
+    assert out[0].event.status == "ok"
 
 
 def test_cache_keeps_the_most_recent_adapters_and_reloads_new_versions(tmp_path):

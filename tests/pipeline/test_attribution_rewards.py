@@ -16,7 +16,7 @@ from pipeline.attribution.artifacts import MANIFEST_FILE, ArtifactCache
 from pipeline.attribution.processing import process_result
 from pipeline.governance import GENESIS
 from pipeline.rewards import TREASURY_ID
-from schemas.codec import decode, encode
+from schemas.codec import encode
 from schemas.events import (
     FeeSplit,
     InferenceResult,
@@ -77,7 +77,7 @@ def run(raw: bytes, cache: ArtifactCache, pricing=None) -> list:
 
 
 def decoded(out: list, topic: str) -> list:
-    return [decode(topic, o.value) for o in out if o.topic == topic]
+    return [o.event for o in out if o.topic == topic]
 
 
 def test_an_ok_result_gives_its_record_and_entries_summing_to_the_fee(adapter, cache):

@@ -20,7 +20,8 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from attribution_support import make_adapter, make_result
 
-from infra.kafka.clients import ensure_topics, publish, read_topic
+from infra.kafka.clients import ensure_topics
+from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
 from schemas.events import Parameters, Usage
 

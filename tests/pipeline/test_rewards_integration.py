@@ -21,7 +21,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from attribution_support import make_adapter, make_result
 
-from infra.kafka.clients import publish, read_topic
+from infra.kafka.events import publish, read_topic
 from infra.settings import load_settings
 from pipeline.attribution.artifacts import MANIFEST_FILE
 from pipeline.rewards import TREASURY_ID

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import pytest
 from attribution_support import train_adapters
 
-from infra.kafka.clients import ensure_topics, publish, read_topic
+from infra.kafka.clients import ensure_topics
+from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
 from pipeline.attribution.agent import run_attribution
 from pipeline.verify import fetch_events, verify_events, verify_request

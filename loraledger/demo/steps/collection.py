@@ -11,7 +11,8 @@ from typing import Any
 
 from rich.console import Console
 
-from infra.kafka.clients import make_admin, make_consumer, publish
+from infra.kafka.clients import make_admin, make_consumer
+from infra.kafka.events import publish
 from infra.settings import Settings
 from loraledger.demo.errors import DemoError
 from loraledger.demo.processes import Service

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from inference.data.synthetic import PlantedFact, generate_datanet
 from inference.datanets import DatanetStore, Snapshot, snapshot_hash
-from infra.kafka.clients import publish_sync
+from infra.kafka.events import publish_sync
 from infra.settings import Settings
 from loraledger.demo.errors import DemoError
 from loraledger.demo.options import DemoDatanet, DemoOptions

@@ -9,7 +9,7 @@ import time
 import pytest
 from demo_support import entry, record, result
 
-from infra.kafka.clients import publish
+from infra.kafka.events import publish
 from infra.settings import load_settings
 from loraledger.demo.errors import DemoError
 from loraledger.demo.steps.collection import WATCHED_TOPICS, Collected, start_collector
