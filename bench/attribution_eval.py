@@ -40,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from inference.adapter_store import AdapterDir, AdapterStore  # noqa: E402
 from inference.attribution_index import (  # noqa: E402
     TRAK,
     AttributionIndex,
@@ -51,13 +52,11 @@ from inference.base_model import build_base_model, load_base_model  # noqa: E402
 from inference.data import generate_datanet  # noqa: E402
 from inference.datanets import DatanetStore, Snapshot  # noqa: E402
 from inference.factory import (  # noqa: E402
-    INDEX_DIR,
     TrainConfig,
     subset_specs,
     train_adapter,
     train_many,
 )
-from inference.hashing import sha256_file  # noqa: E402
 from inference.influence_preconditioner import DEFAULT_DAMPING_RELATIVE  # noqa: E402
 from inference.sketch import Sketcher, collate, encode_pair, per_example_loss  # noqa: E402
 from infra.settings import load_settings  # noqa: E402
@@ -173,14 +172,16 @@ def trak_copy(setup: Setup, sketcher: Sketcher, lambda_relative: float) -> tuple
     (same sketches, same examples); returns its id and the seconds the re-indexing took."""
     started = time.perf_counter()
     adapter_id = "full-trak"
-    directory = setup.adapters_dir / adapter_id
-    shutil.copytree(setup.full_dir, directory, dirs_exist_ok=True)
-    shutil.rmtree(directory / INDEX_DIR)
-    meta = read_index_meta(setup.full_dir / INDEX_DIR)
-    examples = AttributionIndex.load(setup.full_dir / INDEX_DIR).examples.to_pylist()
+    store = AdapterStore(setup.adapters_dir)
+    full = AdapterDir(setup.full_dir)
+    directory = store.adapter_dir(adapter_id)
+    shutil.copytree(full.path, directory.path, dirs_exist_ok=True)
+    shutil.rmtree(directory.index_dir)
+    meta = read_index_meta(full.index_dir)
+    examples = AttributionIndex.load(full.index_dir).examples.to_pylist()
     sketches = sketcher.projected_gradient([("", example["text"]) for example in examples])
     digest = write_index(
-        directory / INDEX_DIR,
+        directory.index_dir,
         sketches,
         [IndexExample(**example) for example in examples],
         seed=meta["seed"],
@@ -191,9 +192,10 @@ def trak_copy(setup: Setup, sketcher: Sketcher, lambda_relative: float) -> tuple
         lambda_relative=lambda_relative,
         estimator=TRAK,
     )
-    manifest = json.loads((directory / "manifest.json").read_text())
-    manifest.update(adapter_id=adapter_id, index_hash=digest)
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    copied = store.manifest(adapter_id)  # still the full adapter's
+    directory.write_manifest(
+        copied.model_copy(update={"adapter_id": adapter_id, "index_hash": digest})
+    )
     return adapter_id, time.perf_counter() - started
 
 
@@ -208,9 +210,9 @@ def processor_run(
     """The processor's own path: one `attribute` call per result, artifacts cached (as in
     steady state), default governance parameters. Returns the index's scores [Q, N], ms per
     attribute() call, and the records."""
-    directory = setup.adapters_dir / adapter_id
-    manifest = json.loads((directory / "manifest.json").read_text())
-    assert manifest["weights_hash"] == sha256_file(directory / "adapter_model.safetensors")
+    store = AdapterStore(setup.adapters_dir)
+    manifest = store.manifest(adapter_id)
+    assert manifest.weights_hash == store.adapter_dir(adapter_id).weights_hash()
     cache = ArtifactCache(setup.adapters_dir)
     parameters = Parameters()
     results = [
@@ -220,7 +222,7 @@ def processor_run(
             status="ok",
             prompt=prompt,
             output_text=completion,
-            adapter_hash=manifest["weights_hash"],
+            adapter_hash=manifest.weights_hash,
             worker_id="bench",
             sketch=Sketch.from_array(
                 sketches[q], seed=sketcher.seed, projection=sketcher.projection
@@ -263,7 +265,7 @@ def ours(
     started = time.perf_counter()
     sketches = sketcher.projected_gradient(queries)
     sketch_ms = (time.perf_counter() - started) * 1000 / len(queries)
-    index = AttributionIndex.load(setup.full_dir / INDEX_DIR)
+    index = AttributionIndex.load(AdapterDir(setup.full_dir).index_dir)
     estimator, estimator_params = index.estimator, index.meta.get("estimator_params", {})
     scores, attribution_ms, records = processor_run(
         setup, "full", queries, sketches, sketcher, args.repeat

@@ -40,7 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.adapter_cache import AdapterCache  # noqa: E402
-from inference.adapters import AdapterStore, save_peft_adapter  # noqa: E402
+from inference.adapter_store import AdapterStore  # noqa: E402
+from inference.adapters import save_peft_adapter  # noqa: E402
 from inference.base_model import PRESETS as BASE_PRESETS  # noqa: E402
 from inference.config import LORA_TARGETS, LoraServingConfig, ModelConfig  # noqa: E402
 from inference.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402

@@ -26,18 +26,16 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
 import torch
 
-from inference.adapters import (
-    WEIGHTS_FILE,
+from inference.adapter_store import (
     AdapterError,
     AdapterRefused,
     AdapterStore,
-    AdapterWeights,
     UnknownAdapter,
 )
+from inference.adapters import AdapterWeights, load_peft_adapter
 from inference.config import LoraServingConfig, ModelConfig
 from inference.lora_layers import LoraPool, SlotIndex
 from schemas.events import CacheTier
@@ -358,11 +356,12 @@ class AdapterCache:
     def _read_and_validate(self, adapter_id: AdapterId) -> tuple[AdapterWeights, float]:
         """Runs on a loader thread: the weights and how long reading them took (seconds)."""
         started = time.perf_counter()
-        weights = self.store.load(
-            adapter_id,
+        weights = load_peft_adapter(
+            self.store.adapter_dir(adapter_id).path,
             self.model_config,
             max_rank=self.pools[-1].rank_class,
             target_modules=self.serving.target_modules,
+            adapter_id=adapter_id,
             base_model_hash=self.base_model_hash,
             dtype=self.dtype,
         )
@@ -453,7 +452,7 @@ class AdapterCache:
 
     def _weights_stamp(self, adapter_id: AdapterId) -> tuple[float, int] | None:
         try:
-            stat = (Path(self.store.path_for(adapter_id)) / WEIGHTS_FILE).stat()
+            stat = self.store.adapter_dir(adapter_id).weights_path.stat()
         except (OSError, AdapterError):
             return None
         return (stat.st_mtime, stat.st_size)

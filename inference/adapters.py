@@ -1,9 +1,9 @@
-"""PEFT LoRA adapters: reading, validating and storing them on disk.
+"""PEFT LoRA adapters: reading and validating their weights for a base model, and writing them.
 
-An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` as written by
-peft's `save_pretrained`, plus an optional `manifest.json` (written by the ModelFactory) whose
-`base_model_hash` and `weights_hash` pin the base model and the weights. Anything that would
-make the served model differ from what peft computes is refused with a one-line reason.
+An adapter directory (see `inference.adapter_store`) holds peft's config and weights files,
+plus an optional manifest whose `base_model_hash` and `weights_hash` pin the base model and the
+weights. Anything that would make the served model differ from what peft computes is refused
+with a one-line reason.
 """
 
 from __future__ import annotations
@@ -21,14 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from inference.adapter_store import AdapterDir, AdapterRefused, UnknownAdapter
 from inference.config import LORA_TARGETS, ModelConfig
-from inference.hashing import adapter_weights_hash
-from schemas.ids import is_valid_id
 
-CONFIG_FILE = "adapter_config.json"
 _PEFT_DEFAULT_ALPHA = 8  # peft's LoraConfig default when a config leaves lora_alpha out
-WEIGHTS_FILE = "adapter_model.safetensors"
-MANIFEST_FILE = "manifest.json"
 
 _PARENT = {
     "q_proj": "self_attn",
@@ -46,22 +42,6 @@ _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\."
     r"(?P<parent>self_attn|mlp)\.(?P<target>[a-z_]+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
-
-
-class AdapterError(Exception):
-    """Base of the adapter errors; `reason` is one line a user can act on."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class UnknownAdapter(AdapterError):
-    """No adapter with this id in the store (or the id itself is invalid)."""
-
-
-class AdapterRefused(AdapterError):
-    """The adapter exists but cannot be served on this base model."""
 
 
 @dataclass(frozen=True)
@@ -106,16 +86,6 @@ class AdapterWeights:
         return AdapterWeights(self.adapter_id, self.version, pinned)
 
 
-def check_adapter_id(adapter_id: str) -> str:
-    """Return the id if it is a valid adapter id, else raise UnknownAdapter with the reason."""
-    if not isinstance(adapter_id, str) or not is_valid_id(adapter_id):
-        raise UnknownAdapter(
-            f"invalid adapter id {adapter_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return adapter_id
-
-
 def load_peft_adapter(
     adapter_dir: Path,
     model_config: ModelConfig,
@@ -133,20 +103,20 @@ def load_peft_adapter(
     differs from the manifest's `weights_hash`, unsupported peft options, unknown target
     modules, shapes that do not fit the base, ranks above `max_rank`, non-finite values.
     """
-    adapter_dir = Path(adapter_dir)
-    adapter_id = adapter_id or adapter_dir.name
-    config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
-    if not config_path.is_file() or not weights_path.is_file():
+    files = AdapterDir(Path(adapter_dir))
+    adapter_id = adapter_id or files.adapter_id
+    if not files.has_peft_files():
         raise UnknownAdapter(
-            f"adapter {adapter_id!r} needs {CONFIG_FILE} and {WEIGHTS_FILE} in its directory"
+            f"adapter {adapter_id!r} needs {files.config_path.name} and "
+            f"{files.weights_path.name} in its directory"
         )
-    version = adapter_weights_hash(adapter_dir)
-    _check_manifest(adapter_dir, adapter_id, version, base_model_hash)
-    peft_config = _read_json(config_path, adapter_id)
+    version = files.weights_hash()
+    _check_manifest(files, adapter_id, version, base_model_hash)
+    peft_config = _read_json(files.config_path, adapter_id)
     _check_peft_options(peft_config, adapter_id)
 
     pairs: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for key, tensor in _read_tensors(weights_path, adapter_id):
+    for key, tensor in _read_tensors(files.weights_path, adapter_id):
         match = _KEY.match(key)
         if match is None:
             raise AdapterRefused(f"adapter {adapter_id!r} has weights for an unknown module: {key}")
@@ -213,7 +183,6 @@ def save_peft_adapter(
     *,
     lora_alpha: float,
     base_model_name_or_path: str = "",
-    manifest: dict[str, Any] | None = None,
 ) -> str:
     """Write an adapter in peft's on-disk format (as `save_pretrained` does); returns its version.
 
@@ -223,14 +192,14 @@ def save_peft_adapter(
     ranks = {a.shape[0] for a, _ in modules.values()}
     if len(ranks) != 1:
         raise ValueError(f"save_peft_adapter writes one rank per adapter, got {sorted(ranks)}")
-    adapter_dir = Path(adapter_dir)
-    adapter_dir.mkdir(parents=True, exist_ok=True)
+    files = AdapterDir(Path(adapter_dir))
+    files.path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     for (layer, target), (a, b) in modules.items():
         prefix = f"base_model.model.model.layers.{layer}.{_PARENT[target]}.{target}"
         tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
-    save_file(tensors, str(adapter_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(tensors, str(files.weights_path), metadata={"format": "pt"})
     targets = sorted({target for _, target in modules})
     config = {
         "peft_type": "LORA",
@@ -248,81 +217,26 @@ def save_peft_adapter(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    (adapter_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    version = adapter_weights_hash(adapter_dir)
-    if manifest is not None:
-        manifest = {**manifest, "weights_hash": version}
-        (adapter_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return version
-
-
-class AdapterStore:
-    """The disk tier: `root/<adapter_id>/` holds one adapter's PEFT files and manifest."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    def path_for(self, adapter_id: str) -> Path:
-        """The adapter's directory; the id is validated so it names exactly one child of root."""
-        check_adapter_id(adapter_id)
-        return self.root / adapter_id
-
-    def exists(self, adapter_id: str) -> bool:
-        try:
-            path = self.path_for(adapter_id)
-        except UnknownAdapter:
-            return False
-        return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
-
-    def ids(self) -> Iterator[str]:
-        if not self.root.is_dir():
-            return
-        for child in sorted(self.root.iterdir()):
-            if is_valid_id(child.name) and self.exists(child.name):
-                yield child.name
-
-    def load(
-        self,
-        adapter_id: str,
-        model_config: ModelConfig,
-        *,
-        max_rank: int,
-        target_modules: tuple[str, ...] = LORA_TARGETS,
-        base_model_hash: str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> AdapterWeights:
-        """Read one adapter from disk; UnknownAdapter when absent, AdapterRefused when invalid."""
-        if not self.exists(adapter_id):
-            raise UnknownAdapter(f"no adapter {adapter_id!r} in {self.root}")
-        return load_peft_adapter(
-            self.path_for(adapter_id),
-            model_config,
-            max_rank=max_rank,
-            target_modules=target_modules,
-            adapter_id=adapter_id,
-            base_model_hash=base_model_hash,
-            dtype=dtype,
-        )
+    files.config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return files.weights_hash()
 
 
 def _check_manifest(
-    adapter_dir: Path, adapter_id: str, version: str, base_model_hash: str | None
+    files: AdapterDir, adapter_id: str, version: str, base_model_hash: str | None
 ) -> None:
-    path = adapter_dir / MANIFEST_FILE
-    if not path.is_file():
+    manifest = files.read_manifest()
+    if manifest is None:
         return
-    manifest = _read_json(path, adapter_id)
-    declared_weights = manifest.get("weights_hash")
-    if declared_weights is not None and declared_weights != version:
+    if manifest.weights_hash != version:
         raise AdapterRefused(
-            f"adapter {adapter_id!r}: sha256 of {WEIGHTS_FILE} is {version[:12]}..., the manifest "
-            f"says {str(declared_weights)[:12]}...: the weights were changed or corrupted"
+            f"adapter {adapter_id!r}: sha256 of {files.weights_path.name} is {version[:12]}..., "
+            f"the manifest says {manifest.weights_hash[:12]}...: the weights were changed or "
+            "corrupted"
         )
-    declared_base = manifest.get("base_model_hash")
-    if None not in (base_model_hash, declared_base) and declared_base != base_model_hash:
+    if base_model_hash is not None and manifest.base_model_hash != base_model_hash:
         raise AdapterRefused(
-            f"adapter {adapter_id!r} was trained on base model {str(declared_base)[:12]}..., "
-            f"this server runs {base_model_hash[:12]}..."
+            f"adapter {adapter_id!r} was trained on base model {manifest.base_model_hash[:12]}..."
+            f", this server runs {base_model_hash[:12]}..."
         )
 
 
@@ -375,7 +289,5 @@ def _read_tensors(path: Path, adapter_id: str) -> Iterator[tuple[str, Tensor]]:
             keys = list(handle.keys())
             tensors = [(key, handle.get_tensor(key)) for key in keys]
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise AdapterRefused(
-            f"adapter {adapter_id!r}: {WEIGHTS_FILE} is unreadable: {exc}"
-        ) from exc
+        raise AdapterRefused(f"adapter {adapter_id!r}: {path.name} is unreadable: {exc}") from exc
     yield from tensors

@@ -38,7 +38,10 @@ from inference.hashing import sha256_files
 TRAK = ("trak", "1")
 EKFAC_PROJECTED = ("ekfac-projected", "1")
 ESTIMATORS = (TRAK, EKFAC_PROJECTED)
-INDEX_FILES = ("features.safetensors", "examples.parquet", "index.json")
+FEATURES_FILE = "features.safetensors"
+EXAMPLES_FILE = "examples.parquet"
+META_FILE = "index.json"
+INDEX_FILES = (FEATURES_FILE, EXAMPLES_FILE, META_FILE)  # in the order the index hash reads
 # lambda = DEFAULT_LAMBDA_RELATIVE * mean eigenvalue of Phi^T Phi: scale-free damping that keeps
 # the inverse well defined when there are fewer examples than dimensions.
 DEFAULT_LAMBDA_RELATIVE = 1.0
@@ -108,9 +111,9 @@ def write_index(
         inverse, lam = preconditioner(features, lambda_relative)
         tensors["preconditioner"] = np.ascontiguousarray(inverse)
         params = {"lambda": lam, "lambda_relative": lambda_relative}
-    save_file(tensors, str(directory / "features.safetensors"))
+    save_file(tensors, str(directory / FEATURES_FILE))
     table = pa.Table.from_pylist([asdict(e) for e in examples], schema=EXAMPLES_SCHEMA)
-    pq.write_table(table, directory / "examples.parquet")
+    pq.write_table(table, directory / EXAMPLES_FILE)
     meta = {
         **params,
         "estimator": estimator[0],
@@ -123,7 +126,7 @@ def write_index(
         "projection": projection,
         "seed": seed,
     }
-    (directory / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    meta_path(directory).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return index_hash(directory)
 
 
@@ -131,8 +134,13 @@ def index_hash(directory: Path) -> str:
     return sha256_files([Path(directory) / name for name in INDEX_FILES])
 
 
+def meta_path(directory: Path) -> Path:
+    """The index's metadata file: present once the index is complete (it is written last)."""
+    return Path(directory) / META_FILE
+
+
 def read_index_meta(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / "index.json"
+    path = meta_path(directory)
     if not path.is_file():
         raise FileNotFoundError(f"no attribution index in {directory}")
     return json.loads(path.read_text())
@@ -176,8 +184,8 @@ class AttributionIndex:
                 f"attribution index in {directory} uses estimator {estimator[0]!r} version "
                 f"{estimator[1]!r}, which this code cannot score; re-index the adapter"
             )
-        tensors = load_file(str(directory / "features.safetensors"))
-        examples = pq.read_table(directory / "examples.parquet", schema=EXAMPLES_SCHEMA)
+        tensors = load_file(str(directory / FEATURES_FILE))
+        examples = pq.read_table(directory / EXAMPLES_FILE, schema=EXAMPLES_SCHEMA)
         features, inverse = tensors["features"], tensors.get("preconditioner")
         k = meta["k"]
         shapes_ok = features.shape == (examples.num_rows, k) and (

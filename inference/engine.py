@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from inference.adapter_cache import Acquired, AdapterCache, AdapterStatus, NoFreeSlot
-from inference.adapters import AdapterRefused, AdapterStore, UnknownAdapter
+from inference.adapter_store import AdapterRefused, AdapterStore, UnknownAdapter
 from inference.config import LoraServingConfig
 from inference.hashing import base_model_hash
 from inference.lora_layers import build_active_lora

@@ -1,20 +1,15 @@
 """ModelFactory: fine-tune LoRA adapters with peft on a datanet snapshot, on the CPU, and store
-each one in PEFT format with its attribution index and a manifest.
-
-`<adapters_dir>/<adapter_id>/`:
-- `adapter_config.json` + `adapter_model.safetensors`  (PEFT format; any peft loader reads it)
-- `attribution_index/`  (see `inference.attribution_index`)
-- `manifest.json`  owner, hashes of base model, weights, snapshot and index, training config,
-  contributors. No timestamps: the same inputs and seed give byte-identical files.
+each one in the adapter store (`inference.adapter_store`): PEFT format, its attribution index
+and its manifest (owner, hashes of base model, weights, snapshot and index, training config,
+contributors). No timestamps: the same inputs and seed give byte-identical files.
 
 Training is deterministic: one thread, seeded LoRA init, a seeded fixed data order, no dropout.
-Publishing the AdapterRegistered event is separate (`registration_event`), so training works
-with no broker.
+Publishing the AdapterRegistered event is separate (`AdapterManifest.registration_event`), so
+training works with no broker.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -22,13 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
+from inference.adapter_store import AdapterManifest, AdapterStore
 from inference.attribution_index import (
     DEFAULT_LAMBDA_RELATIVE,
     EKFAC_PROJECTED,
@@ -39,7 +34,7 @@ from inference.attribution_index import (
 )
 from inference.base_model import load_base_model, single_thread
 from inference.datanets import DatanetRow, Snapshot, snapshot_hash
-from inference.hashing import adapter_weights_hash, base_model_hash, sha256_file
+from inference.hashing import base_model_hash
 from inference.influence_preconditioner import (
     DEFAULT_DAMPING_RELATIVE,
     DEFAULT_PRIOR_DAMPING_RELATIVE,
@@ -58,14 +53,11 @@ from inference.sketch import (
     per_example_loss,
     projected_gradient,
 )
-from schemas import AdapterRegistered
 from schemas.ids import check_id
 
 LORA_TARGETS: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )  # fmt: skip
-MANIFEST = "manifest.json"
-INDEX_DIR = "attribution_index"
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, loss)
 
@@ -129,7 +121,7 @@ class AdapterSpec:
 @dataclass(frozen=True)
 class TrainResult:
     adapter_dir: Path
-    manifest: dict[str, Any]
+    manifest: AdapterManifest
     losses: list[float]  # per step
     train_seconds: float
     index_seconds: float
@@ -245,24 +237,23 @@ def _train_one(
     base_hash: str,
     snapshot: Snapshot,
     spec: AdapterSpec,
-    adapters_dir: Path,
+    store: AdapterStore,
     overwrite: bool,
     progress: ProgressFn | None,
     projectors: dict[tuple[str, int, int], Projector],
 ) -> tuple[TrainResult, LlamaForCausalLM]:
     """Train, save and index one adapter on `base`; returns the base with LoRA layers removed."""
     config = spec.config
-    check_id(spec.adapter_id, "adapter id")
+    final = store.adapter_dir(spec.adapter_id)
     check_id(spec.owner_id, "owner id")
-    final = Path(adapters_dir) / spec.adapter_id
-    if final.exists() and not overwrite:
+    if final.path.exists() and not overwrite:
         raise FileExistsError(f"adapter {spec.adapter_id!r} already exists; pick another id")
     rows = _select_rows(snapshot, spec.row_ids)
     if not rows:
         raise ValueError("no rows to train on")
-    staging = Path(adapters_dir) / f".{spec.adapter_id}.{os.getpid()}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = store.staging_dir(spec.adapter_id)
+    shutil.rmtree(staging.path, ignore_errors=True)
+    staging.path.mkdir(parents=True)
     for param in base.parameters():
         param.requires_grad_(False)
     torch.manual_seed(config.seed)  # LoRA A init
@@ -271,7 +262,7 @@ def _train_one(
         started = time.perf_counter()
         losses = _train_steps(model, tokenizer, rows, config, progress)
         train_seconds = time.perf_counter() - started
-        _save_adapter(model, staging)
+        _save_adapter(model, staging.path)
 
         started = time.perf_counter()
         layout = param_layout(model)
@@ -289,7 +280,7 @@ def _train_one(
             for i, row in enumerate(rows)
         ]
         index_hash = write_index(
-            staging / INDEX_DIR,
+            staging.index_dir,
             features,
             examples,
             seed=config.projection_seed,
@@ -304,29 +295,28 @@ def _train_one(
         index_seconds = time.perf_counter() - started
     finally:
         base = model.unload()
-    manifest = {
-        "adapter_id": spec.adapter_id,
-        "owner_id": spec.owner_id,
-        "format": "peft-lora",
-        "base_model_hash": base_hash,
-        "weights_hash": adapter_weights_hash(staging),
-        "rank": config.rank,
-        "datanet_id": snapshot.manifest.datanet_id,
-        "snapshot_version": snapshot.manifest.version,
-        "snapshot_hash": snapshot.manifest.snapshot_hash,
-        "training_rows": len(rows),
-        "training_rows_hash": snapshot_hash([row.row_id for row in rows]),
-        "training_config": config.to_record(),
-        "contributors": sorted({row.contributor_id for row in rows}),
-        "index_hash": index_hash,
-        "first_loss": round(losses[0], 6),
-        "last_loss": round(losses[-1], 6),
-    }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    return TrainResult(final, manifest, losses, train_seconds, index_seconds), base
+    manifest = AdapterManifest(
+        adapter_id=spec.adapter_id,
+        owner_id=spec.owner_id,
+        base_model_hash=base_hash,
+        weights_hash=staging.weights_hash(),
+        rank=config.rank,
+        datanet_id=snapshot.manifest.datanet_id,
+        snapshot_version=snapshot.manifest.version,
+        snapshot_hash=snapshot.manifest.snapshot_hash,
+        training_rows=len(rows),
+        training_rows_hash=snapshot_hash([row.row_id for row in rows]),
+        training_config=config.to_record(),
+        contributors=sorted({row.contributor_id for row in rows}),
+        index_hash=index_hash,
+        first_loss=round(losses[0], 6),
+        last_loss=round(losses[-1], 6),
+    )
+    staging.write_manifest(manifest)
+    if final.path.exists():
+        shutil.rmtree(final.path)
+    os.replace(staging.path, final.path)
+    return TrainResult(final.path, manifest, losses, train_seconds, index_seconds), base
 
 
 def train_adapter(
@@ -360,13 +350,14 @@ def train_many(
     if len(set(ids)) != len(ids):
         raise ValueError("adapter ids in a batch must be distinct")
     base_hash = base_model_hash(base_model_dir)
+    store = AdapterStore(adapters_dir)
     results = []
     projectors: dict[tuple[str, int, int], Projector] = {}
     with single_thread():
         base, tokenizer = load_base_model(base_model_dir)
         for spec in specs:
             result, base = _train_one(
-                base, tokenizer, base_hash, snapshot, spec, adapters_dir, overwrite, progress,
+                base, tokenizer, base_hash, snapshot, spec, store, overwrite, progress,
                 projectors,
             )  # fmt: skip
             results.append(result)
@@ -403,50 +394,3 @@ def subset_specs(
             AdapterSpec(f"{prefix}-{i:04d}", owner_id, config, tuple(rng.sample(row_ids, size)))
         )
     return specs
-
-
-# --- the adapter store ------------------------------------------------------------------------
-
-
-def adapter_dir(adapters_dir: Path, adapter_id: str) -> Path:
-    return Path(adapters_dir) / check_id(adapter_id, "adapter id")
-
-
-def load_manifest(adapters_dir: Path, adapter_id: str) -> dict[str, Any]:
-    path = adapter_dir(adapters_dir, adapter_id) / MANIFEST
-    if not path.is_file():
-        raise KeyError(f"unknown adapter {adapter_id!r}: train it with `loraledger train`")
-    return json.loads(path.read_text())
-
-
-def manifest_hash(adapters_dir: Path, adapter_id: str) -> str:
-    return sha256_file(adapter_dir(adapters_dir, adapter_id) / MANIFEST)
-
-
-def list_adapters(adapters_dir: Path) -> list[dict[str, Any]]:
-    """Manifests of every stored adapter, by id."""
-    root = Path(adapters_dir)
-    if not root.is_dir():
-        return []
-    return [
-        json.loads((child / MANIFEST).read_text())
-        for child in sorted(root.iterdir())
-        if not child.name.startswith(".") and (child / MANIFEST).is_file()
-    ]
-
-
-def registration_event(manifest: dict[str, Any]) -> AdapterRegistered:
-    """The AdapterRegistered event announcing a trained adapter."""
-    return AdapterRegistered(
-        adapter_id=manifest["adapter_id"],
-        owner_id=manifest["owner_id"],
-        base_model_hash=manifest["base_model_hash"],
-        weights_hash=manifest["weights_hash"],
-        rank=manifest["rank"],
-        datanet_id=manifest["datanet_id"],
-        snapshot_version=manifest["snapshot_version"],
-        snapshot_hash=manifest["snapshot_hash"],
-        index_hash=manifest["index_hash"],
-        training_config=manifest["training_config"],
-        contributors=manifest["contributors"],
-    )

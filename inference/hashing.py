@@ -27,11 +27,6 @@ def sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def adapter_weights_hash(adapter_dir: Path) -> str:
-    """An adapter's version: the sha256 of its weights file."""
-    return sha256_file(Path(adapter_dir) / "adapter_model.safetensors")
-
-
 def base_model_hash(model_dir: Path) -> str:
     """Hash of a Hugging Face checkpoint's weights (all *.safetensors shards, sorted)."""
     shards = sorted(Path(model_dir).glob("*.safetensors"))

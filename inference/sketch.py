@@ -43,7 +43,8 @@ from safetensors.torch import load
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from inference.attribution_index import read_index_meta
+from inference.adapter_store import AdapterDir
+from inference.attribution_index import meta_path, read_index_meta
 
 PROJECTION_KIND = "gaussian-blocked-v1"
 LOSS_DEFINITION = "mean-nll-completion-tokens-teacher-forced"
@@ -58,8 +59,6 @@ PROJECTION_CACHE_BYTES = 512 << 20
 # (each may hold a cached projection of up to PROJECTION_CACHE_BYTES).
 DEFAULT_CACHED_ADAPTERS = 16
 CACHED_PROJECTORS = 4
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 # adapter_config.json fields that do not change the model the config builds.
 _CONFIG_FIELDS_IGNORED = frozenset({"base_model_name_or_path", "revision", "inference_mode"})
 
@@ -309,11 +308,8 @@ def projected_gradient(
 def _files_version(adapter_dir: Path) -> tuple[int, ...]:
     """(mtime, size) of the weights, the config and the index metadata: changes when any of
     them is rewritten."""
-    paths = (
-        adapter_dir / WEIGHTS_FILE,
-        adapter_dir / CONFIG_FILE,
-        adapter_dir / "attribution_index" / "index.json",
-    )
+    files = AdapterDir(adapter_dir)
+    paths = (files.weights_path, files.config_path, meta_path(files.index_dir))
     version: list[int] = []
     for path in paths:
         if not path.is_file():
@@ -343,20 +339,21 @@ class _AdapterFiles:
 def _read_adapter(
     adapter_dir: Path, version: tuple[int, ...], device: torch.device
 ) -> _AdapterFiles:
-    meta = read_index_meta(adapter_dir / "attribution_index")
+    files = AdapterDir(adapter_dir)
+    meta = read_index_meta(files.index_dir)
     if meta.get("projection") != PROJECTION_KIND or meta.get("loss") != LOSS_DEFINITION:
         raise ValueError(
             f"index of {adapter_dir} uses projection {meta.get('projection')!r} and loss "
             f"{meta.get('loss')!r}; this code computes {PROJECTION_KIND!r} and "
             f"{LOSS_DEFINITION!r}"
         )
-    config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    config = json.loads(files.config_path.read_text())
     if not isinstance(config, dict):
-        raise ValueError(f"{CONFIG_FILE} in {adapter_dir} is not a JSON object")
+        raise ValueError(f"{files.config_path.name} in {adapter_dir} is not a JSON object")
     config = {key: value for key, value in config.items() if key not in _CONFIG_FIELDS_IGNORED}
     # Read into memory, not mapped: a cached tensor mapped from the file would change under
     # us (or fault) when the file is rewritten in place.
-    weights = load((adapter_dir / WEIGHTS_FILE).read_bytes())
+    weights = load(files.weights_path.read_bytes())
     weights = {name: tensor.to(device) for name, tensor in weights.items()}
     return _AdapterFiles(version, config, weights, meta)
 

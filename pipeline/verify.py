@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from inference.adapter_store import AdapterStore
 from infra.kafka.events import read_topic
 from infra.settings import Settings
-from pipeline.attribution.artifacts import ArtifactCache, adapter_dir
+from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.attributor import METHOD_NAME, METHOD_VERSION, attribute
-from pipeline.attribution.failures import AttributionFailure
 from pipeline.attribution.spans import DEFAULT_MIN_SPAN_TOKENS
 from schemas.events import AttributionRecord, InferenceRequest, InferenceResult, Parameters
 
@@ -109,9 +109,8 @@ def recompute_sketch(settings: Settings, result: InferenceResult) -> np.ndarray:
     """The result's sketch recomputed on the CPU from the stored adapter."""
     from inference.sketch import Sketcher
 
-    sketcher = Sketcher(
-        settings.base_model_dir, adapter_dir(settings.adapters_dir, result.adapter_id)
-    )
+    adapter_dir = AdapterStore.from_settings(settings).adapter_dir(result.adapter_id)
+    sketcher = Sketcher(settings.base_model_dir, adapter_dir.path)
     return sketcher.projected_gradient([(result.prompt, result.output_text)])[0]
 
 
@@ -163,7 +162,7 @@ def verify_events(
     if check_sketch and result.sketch is not None:
         try:
             recomputed = recompute_sketch(settings, result)
-        except (FileNotFoundError, ValueError, AttributionFailure) as exc:
+        except (FileNotFoundError, ValueError) as exc:
             return differ("sketch", "recomputable", str(exc), "the sketch could not be recomputed")
         published = result.sketch.to_array()
         if recomputed.shape != published.shape:

@@ -25,11 +25,11 @@ def encode(event: BaseModel) -> bytes:
 _SHOWN_ERRORS = 3
 
 
-def _summarise(exc: ValidationError) -> str:
-    """The first few field errors on one line."""
+def validation_summary(exc: ValidationError, whole: str = "event") -> str:
+    """The first few field errors on one line; `whole` names an error of no single field."""
     errors = exc.errors(include_url=False)
     parts = [
-        f"{'.'.join(str(part) for part in error['loc']) or 'event'}: {error['msg']}"
+        f"{'.'.join(str(part) for part in error['loc']) or whole}: {error['msg']}"
         for error in errors[:_SHOWN_ERRORS]
     ]
     more = f" (+{len(errors) - _SHOWN_ERRORS} more)" if len(errors) > _SHOWN_ERRORS else ""
@@ -55,4 +55,4 @@ def decode(topic: str, data: bytes | None) -> Any:
     try:
         return value_adapter(topic).validate_python(payload)
     except ValidationError as exc:
-        raise DecodeError(f"invalid {topic} event: {_summarise(exc)}") from None
+        raise DecodeError(f"invalid {topic} event: {validation_summary(exc)}") from None

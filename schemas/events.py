@@ -309,7 +309,13 @@ class DatanetContribution(Event):
         return self
 
 
-class AdapterRegistered(Event):
+class AdapterFacts(BaseModel):
+    """What a trained adapter is: its owner, and the hashes that pin its base model, weights,
+    training snapshot and attribution index. AdapterRegistered announces them and the manifest
+    stored beside the adapter's weights records them: both are typed here, once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     adapter_id: AdapterId
     owner_id: EntityId
     base_model_hash: Sha256Hex
@@ -321,6 +327,13 @@ class AdapterRegistered(Event):
     index_hash: Sha256Hex | None = None
     training_config: dict[str, float | int | str | bool | list[str]] = Field(default_factory=dict)
     contributors: list[ContributorId] = Field(default_factory=list)
+
+
+# A trained adapter, announced on `adapters`. AdapterFacts comes first among the bases so that
+# the event's own fields (schema_version, created_at) stay first in its JSON; no docstring, so
+# the exported JSON schema is what it was.
+class AdapterRegistered(AdapterFacts, Event):
+    pass
 
 
 # --- governance -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.adapter_cache import AdapterStatus
-from inference.adapters import AdapterStore
+from inference.adapter_store import AdapterStore
 from inference.config import LoraServingConfig
 from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 from inference.sketch import Sketcher

@@ -8,15 +8,13 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
-from inference.adapters import AdapterStore
+from inference.adapter_store import AdapterStore
+from inference.attribution_index import meta_path
 from inference.sketch import Sketcher
 from schemas.events import Sketch
 
 log = logging.getLogger("loraledger.worker")
-
-INDEX_META = Path("attribution_index") / "index.json"
 
 
 class SketchMode(StrEnum):
@@ -67,7 +65,7 @@ class SketchAttacher:
 
     def has_index(self, adapter_id: str) -> bool:
         try:
-            return (self.store.path_for(adapter_id) / INDEX_META).is_file()
+            return meta_path(self.store.adapter_dir(adapter_id).index_dir).is_file()
         except Exception:
             return False
 
@@ -82,12 +80,12 @@ class SketchAttacher:
         # The adapter the sketcher holds goes first: switching adapters is the costly part.
         current = self._sketcher.adapter_dir if self._sketcher is not None else None
         ordered = sorted(
-            by_adapter.items(), key=lambda item: self.store.path_for(item[0]) != current
+            by_adapter.items(), key=lambda item: self.store.adapter_dir(item[0]).path != current
         )
         for adapter_id, group in ordered:
             try:
                 sketcher = self._ensure_sketcher()
-                sketcher.use_adapter(self.store.path_for(adapter_id))
+                sketcher.use_adapter(self.store.adapter_dir(adapter_id).path)
                 values = sketcher.projected_gradient([(j.prompt, j.completion) for j in group])
             except Exception as exc:  # a broken index must not hold back the results
                 log.warning(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,17 +11,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from inference.adapter_store import AdapterError, AdapterManifest, AdapterStore
 from inference.base_model import PRESETS, build_base_model
 from inference.datanets import DatanetStore, Snapshot, parse_ref
-from inference.factory import (
-    TrainConfig,
-    list_adapters,
-    load_manifest,
-    registration_event,
-    subset_specs,
-    train_adapter,
-    train_many,
-)
+from inference.factory import TrainConfig, subset_specs, train_adapter, train_many
 from infra.settings import Settings, load_settings
 
 console = Console()
@@ -89,11 +81,11 @@ def _snapshot(settings: Settings, ref: str) -> Snapshot:
         raise _fail(str(exc).strip("'\"")) from None
 
 
-def _publish(settings: Settings, manifests: list[dict]) -> None:
+def _publish(settings: Settings, manifests: list[AdapterManifest]) -> None:
     from infra.kafka.events import publish_sync
 
     try:
-        publish_sync(settings, [registration_event(m) for m in manifests])
+        publish_sync(settings, [m.registration_event() for m in manifests])
     except Exception as exc:  # the adapters are saved; only the announcement failed
         raise _fail(
             f"adapters saved but not announced: Kafka at {settings.kafka_bootstrap} failed "
@@ -142,10 +134,10 @@ def train(
             raise _fail(str(exc)) from None
     m = result.manifest
     console.print(
-        f"adapter {adapter_id}: loss {m['first_loss']:.3f} -> {m['last_loss']:.3f}, "
-        f"{m['training_rows']} rows, train {result.train_seconds:.1f}s, "
-        f"index {result.index_seconds:.1f}s, weights {m['weights_hash'][:12]}, "
-        f"index {m['index_hash'][:12]}"
+        f"adapter {adapter_id}: loss {m.first_loss:.3f} -> {m.last_loss:.3f}, "
+        f"{m.training_rows} rows, train {result.train_seconds:.1f}s, "
+        f"index {result.index_seconds:.1f}s, weights {m.weights_hash[:12]}, "
+        f"index {str(m.index_hash)[:12]}"
     )
     if publish:
         _publish(settings, [m])
@@ -173,7 +165,7 @@ def train_batch(
         specs = subset_specs(snapshot, count, prefix, owner, fraction, config)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    manifests: list[dict] = []
+    manifests: list[AdapterManifest] = []
     with _progress("adapters") as progress:
         task = progress.add_task("adapters", total=count, loss="-")
         try:
@@ -181,7 +173,7 @@ def train_batch(
                 snapshot, specs, settings.base_model_dir, settings.adapters_dir,
                 on_adapter=lambda r: (
                     manifests.append(r.manifest),
-                    progress.update(task, advance=1, loss=f"{r.manifest['last_loss']:.3f}"),
+                    progress.update(task, advance=1, loss=f"{r.manifest.last_loss:.3f}"),
                 ),
             )  # fmt: skip
         except (FileExistsError, FileNotFoundError, ValueError) as exc:
@@ -197,11 +189,14 @@ def train_batch(
 def adapters_list() -> None:
     """Adapters in the local store."""
     table = Table("adapter", "owner", "rank", "datanet", "rows", "weights", "index")
-    for m in list_adapters(load_settings().adapters_dir):
+    try:
+        manifests = AdapterStore.from_settings(load_settings()).manifests()
+    except AdapterError as exc:
+        raise _fail(exc.reason) from None
+    for m in manifests:
         table.add_row(
-            m["adapter_id"], m["owner_id"], str(m["rank"]),
-            f"{m['datanet_id']}@{m['snapshot_version']}", str(m["training_rows"]),
-            m["weights_hash"][:12], m["index_hash"][:12],
+            m.adapter_id, m.owner_id, str(m.rank), f"{m.datanet_id}@{m.snapshot_version}",
+            str(m.training_rows), m.weights_hash[:12], str(m.index_hash)[:12],
         )  # fmt: skip
     console.print(table)
 
@@ -210,10 +205,10 @@ def adapters_list() -> None:
 def adapters_show(adapter_id: str = typer.Argument(..., help="Adapter id.")) -> None:
     """An adapter's manifest."""
     try:
-        manifest = load_manifest(load_settings().adapters_dir, adapter_id)
-    except (KeyError, ValueError) as exc:
-        raise _fail(str(exc).strip("'\"")) from None
-    console.print_json(json.dumps(manifest))
+        manifest = AdapterStore.from_settings(load_settings()).manifest(adapter_id)
+    except AdapterError as exc:
+        raise _fail(exc.reason) from None
+    console.print_json(manifest.to_json())
 
 
 def register(app: typer.Typer) -> None:

@@ -9,8 +9,8 @@ import time
 
 from rich.console import Console
 
+from inference.adapter_store import AdapterStore
 from inference.datanets import DatanetStore
-from inference.factory import registration_event
 from infra.clickhouse_client import get_client
 from infra.kafka.broker import stop_broker
 from infra.kafka.events import publish_sync
@@ -37,9 +37,10 @@ SINK_WAIT_S = 30.0  # for the pipeline to commit past this run's events before i
 def reset_demo_state(settings: Settings) -> None:
     """--fresh: forget the demo's datanets and adapters (the base model is rebuilt only when its
     preset changes: it is deterministic, so a rebuild would give the same weights)."""
+    adapters = AdapterStore.from_settings(settings)
     for spec in DATANETS:
         shutil.rmtree(settings.datanets_dir / spec.name, ignore_errors=True)
-        shutil.rmtree(settings.adapters_dir / adapter_id_for(spec), ignore_errors=True)
+        shutil.rmtree(adapters.adapter_dir(adapter_id_for(spec)).path, ignore_errors=True)
 
 
 def run_demo(settings: Settings, options: DemoOptions, console: Console) -> DemoSummary:
@@ -72,7 +73,7 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> Demo
 
         with steps.step("adapters") as outcome:
             manifests, cached = ensure_adapters(settings, datanets, options.train, console)
-            publish_sync(settings, [registration_event(manifest) for manifest in manifests])
+            publish_sync(settings, [manifest.registration_event() for manifest in manifests])
             outcome.extend(describe_adapter(manifest, cached) for manifest in manifests)
 
         requests = make_requests(datanets, options)

@@ -1,32 +1,27 @@
 """An adapter's attribution artifacts, loaded just in time and kept in an LRU cache.
 
-What is read, and checked, per adapter (`<adapters_dir>/<adapter_id>/`):
-- `manifest.json`: `weights_hash` (the adapter's version), `index_hash`, and `owner_id` (who
-  is paid the adapter owner's share of a fee; absent or invalid -> None, and that share goes
-  to the treasury);
-- `adapter_model.safetensors`: its sha256 must equal the manifest's `weights_hash`;
-- `attribution_index/`: its hash must equal the manifest's `index_hash`.
+What is read, and checked, per adapter of the adapter store (`inference.adapter_store`):
+- its manifest: `weights_hash` (the adapter's version), `index_hash`, and `owner_id` (who is
+  paid the adapter owner's share of a fee; with no valid manifest the owner is None, and that
+  share goes to the treasury);
+- its weights: their sha256 must equal the manifest's `weights_hash`;
+- its attribution index: its hash must equal the manifest's `index_hash`.
 The span index is built from the index's own examples table: the snapshot rows the adapter was
 trained on, already covered by the index hash, so one hash pins both methods' inputs.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inference.adapter_store import AdapterError, AdapterManifest, AdapterStore
 from inference.attribution_index import AttributionIndex
-from inference.hashing import adapter_weights_hash
 from pipeline.attribution.failures import AttributionFailure, FailureCode
 from pipeline.attribution.spans import SpanIndex
-from schemas.ids import is_valid_id
 
-INDEX_DIR = "attribution_index"
-MANIFEST_FILE = "manifest.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 DEFAULT_CAPACITY = 32
 
 ContributorKey = tuple[str, str]  # (contributor_id, datanet_id)
@@ -59,59 +54,44 @@ class AdapterArtifacts:
         return Counter(self.keys)
 
 
-def adapter_dir(adapters_dir: Path, adapter_id: str) -> Path:
-    if not is_valid_id(adapter_id):
-        raise AttributionFailure(FailureCode.UNKNOWN_ADAPTER, f"invalid adapter id {adapter_id!r}")
-    return Path(adapters_dir) / adapter_id
-
-
-def read_manifest(adapters_dir: Path, adapter_id: str) -> dict:
-    directory = adapter_dir(adapters_dir, adapter_id)
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise AttributionFailure(
-            FailureCode.UNKNOWN_ADAPTER, f"adapter {adapter_id!r} has no {MANIFEST_FILE}"
-        )
+def read_manifest(store: AdapterStore, adapter_id: str) -> AdapterManifest:
+    """The adapter's manifest; an invalid id, no manifest or an invalid one is an unknown
+    adapter."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
+        directory = store.adapter_dir(adapter_id)
+        manifest = directory.read_manifest()
+    except AdapterError as exc:
+        raise AttributionFailure(FailureCode.UNKNOWN_ADAPTER, exc.reason) from None
+    if manifest is None:
         raise AttributionFailure(
-            FailureCode.UNKNOWN_ADAPTER, f"adapter {adapter_id!r} manifest unreadable: {exc}"
-        ) from None
-    if not isinstance(manifest, dict):
-        raise AttributionFailure(
-            FailureCode.UNKNOWN_ADAPTER, f"adapter {adapter_id!r} manifest is not an object"
+            FailureCode.UNKNOWN_ADAPTER,
+            f"adapter {adapter_id!r} has no {directory.manifest_path.name}",
         )
     return manifest
 
 
-def manifest_owner(manifest: dict) -> str | None:
-    owner = manifest.get("owner_id")
-    return owner if isinstance(owner, str) and is_valid_id(owner) else None
-
-
-def load_artifacts(adapters_dir: Path, adapter_id: str) -> AdapterArtifacts:
+def load_artifacts(store: AdapterStore, adapter_id: str) -> AdapterArtifacts:
     """Read and cross-check one adapter's manifest, weights hash and attribution index."""
-    manifest = read_manifest(adapters_dir, adapter_id)
-    directory = adapter_dir(adapters_dir, adapter_id)
-    weights_hash, index_hash = manifest.get("weights_hash"), manifest.get("index_hash")
-    if not weights_hash or not (directory / WEIGHTS_FILE).is_file():
+    manifest = read_manifest(store, adapter_id)
+    directory = store.adapter_dir(adapter_id)
+    weights_hash, index_hash = manifest.weights_hash, manifest.index_hash
+    if not directory.weights_path.is_file():
         raise AttributionFailure(
             FailureCode.UNKNOWN_ADAPTER, f"adapter {adapter_id!r} has no weights or weights_hash"
         )
-    actual = adapter_weights_hash(directory)
+    actual = directory.weights_hash()
     if actual != weights_hash:
         raise AttributionFailure(
             FailureCode.HASH_MISMATCH,
             f"adapter {adapter_id!r} weights hash {actual[:12]}… differs from its manifest's "
-            f"{str(weights_hash)[:12]}…",
+            f"{weights_hash[:12]}…",
         )
-    if not index_hash:
+    if index_hash is None:
         raise AttributionFailure(
             FailureCode.MISSING_INDEX, f"adapter {adapter_id!r} manifest records no index_hash"
         )
     try:
-        index = AttributionIndex.load(directory / INDEX_DIR, expected_hash=index_hash)
+        index = AttributionIndex.load(directory.index_dir, expected_hash=index_hash)
     except FileNotFoundError as exc:
         raise AttributionFailure(FailureCode.MISSING_INDEX, str(exc)) from None
     except ValueError as exc:
@@ -135,7 +115,7 @@ def load_artifacts(adapters_dir: Path, adapter_id: str) -> AdapterArtifacts:
         index,
         keys,
         examples.column("row_id").to_pylist(),
-        owner_id=manifest_owner(manifest),
+        owner_id=manifest.owner_id,
     )
 
 
@@ -147,7 +127,7 @@ class ArtifactCache:
     def __init__(self, adapters_dir: Path, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
             raise ValueError("cache capacity must be >= 1")
-        self.adapters_dir = Path(adapters_dir)
+        self.store = AdapterStore(adapters_dir)
         self.capacity = capacity
         self._entries: OrderedDict[str, AdapterArtifacts] = OrderedDict()
         self._lock = threading.Lock()
@@ -162,7 +142,7 @@ class ArtifactCache:
             if cached is not None and adapter_hash in (None, cached.adapter_hash):
                 self._entries.move_to_end(adapter_id)
                 return cached
-        artifacts = load_artifacts(self.adapters_dir, adapter_id)
+        artifacts = load_artifacts(self.store, adapter_id)
         with self._lock:
             self.loads += 1
             self._entries[adapter_id] = artifacts
@@ -180,6 +160,6 @@ class ArtifactCache:
         if cached is not None:
             return cached.owner_id
         try:
-            return manifest_owner(read_manifest(self.adapters_dir, adapter_id))
+            return read_manifest(self.store, adapter_id).owner_id
         except AttributionFailure:
             return None

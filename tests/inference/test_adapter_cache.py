@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from inference.adapter_cache import AdapterCache, AdapterStatus, LatencyHistogram, NoFreeSlot
-from inference.adapters import AdapterRefused, AdapterStore, UnknownAdapter, save_peft_adapter
+from inference.adapter_store import AdapterRefused, AdapterStore, UnknownAdapter
+from inference.adapters import save_peft_adapter
 from inference.config import LORA_TARGETS, LoraServingConfig, ModelConfig
 from inference.lora_layers import LoraPool
 from schemas.events import CacheTier

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_manifests import write_manifest
 from multi_lora_fixtures import (
     AdapterRecipe,
     load_hf,
@@ -16,18 +17,9 @@ from multi_lora_fixtures import (
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from inference.adapters import (
-    CONFIG_FILE,
-    MANIFEST_FILE,
-    WEIGHTS_FILE,
-    AdapterRefused,
-    AdapterStore,
-    UnknownAdapter,
-    load_peft_adapter,
-    save_peft_adapter,
-)
+from inference.adapter_store import AdapterDir, AdapterRefused, UnknownAdapter
+from inference.adapters import load_peft_adapter, save_peft_adapter
 from inference.config import ModelConfig
-from inference.hashing import adapter_weights_hash
 
 TINY = ModelConfig.from_preset("tiny")
 BASE_HASH = "a" * 64
@@ -71,10 +63,10 @@ def test_peft_adapter_loads_with_its_keys_ranks_and_scales(peft_dir: Path) -> No
     weights = load_peft_adapter(peft_dir, TINY, max_rank=64)
     assert set(weights.modules) == {(i, t) for i in (0, 1) for t in ("q_proj", "v_proj")}
     assert weights.rank == 8
-    assert weights.version == adapter_weights_hash(peft_dir)
+    assert weights.version == AdapterDir(peft_dir).weights_hash()
     module = weights.modules[(1, "v_proj")]
     assert module.scale == 32 / 8
-    stored = load_file(peft_dir / WEIGHTS_FILE)
+    stored = load_file(AdapterDir(peft_dir).weights_path)
     torch.testing.assert_close(
         module.b, stored["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
     )
@@ -83,7 +75,7 @@ def test_peft_adapter_loads_with_its_keys_ranks_and_scales(peft_dir: Path) -> No
 def test_adapter_written_here_loads_in_peft(base_dir: Path, tmp_path: Path) -> None:
     modules = _random_modules(4, ("q_proj", "down_proj"))
     version = save_peft_adapter(tmp_path / "ours", modules, lora_alpha=8)
-    assert version == adapter_weights_hash(tmp_path / "ours")
+    assert version == AdapterDir(tmp_path / "ours").weights_hash()
     peft = PeftModel.from_pretrained(load_hf(base_dir), tmp_path / "ours")
     lora_b = peft.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight
     torch.testing.assert_close(lora_b, modules[(1, "down_proj")][1])
@@ -104,19 +96,19 @@ def test_adapter_written_here_loads_in_peft(base_dir: Path, tmp_path: Path) -> N
 def test_unsupported_peft_options_are_refused(
     peft_dir: Path, tmp_path: Path, edit: dict, reason: str
 ) -> None:
-    adapter = _copy(peft_dir, tmp_path / "edited")
-    config = json.loads((adapter / CONFIG_FILE).read_text())
-    (adapter / CONFIG_FILE).write_text(json.dumps({**config, **edit}))
+    adapter = AdapterDir(_copy(peft_dir, tmp_path / "edited"))
+    config = json.loads(adapter.config_path.read_text())
+    adapter.config_path.write_text(json.dumps({**config, **edit}))
     with pytest.raises(AdapterRefused, match=reason):
-        _load(adapter)
+        _load(adapter.path)
 
 
 def _edit_weights(peft_dir: Path, tmp_path: Path, change) -> Path:
-    adapter = _copy(peft_dir, tmp_path / "edited")
-    tensors = load_file(adapter / WEIGHTS_FILE)
+    adapter = AdapterDir(_copy(peft_dir, tmp_path / "edited"))
+    tensors = load_file(adapter.weights_path)
     change(tensors)
-    save_file(tensors, adapter / WEIGHTS_FILE)
-    return adapter
+    save_file(tensors, adapter.weights_path)
+    return adapter.path
 
 
 def test_adapter_for_another_base_shape_is_refused(tmp_path: Path) -> None:
@@ -175,39 +167,30 @@ def test_half_a_lora_pair_is_refused(peft_dir: Path, tmp_path: Path) -> None:
 
 def test_manifest_pins_weights_and_base(peft_dir: Path, tmp_path: Path) -> None:
     adapter = _copy(peft_dir, tmp_path / "pinned")
-    good = {"weights_hash": adapter_weights_hash(adapter), "base_model_hash": BASE_HASH}
-    (adapter / MANIFEST_FILE).write_text(json.dumps(good))
+    write_manifest(adapter, base_model_hash=BASE_HASH)
     _load(adapter, base_model_hash=BASE_HASH)
 
-    (adapter / MANIFEST_FILE).write_text(json.dumps({**good, "base_model_hash": "b" * 64}))
+    write_manifest(adapter, base_model_hash="b" * 64)
     with pytest.raises(AdapterRefused, match="trained on base model bbbbbbbbbbbb"):
         _load(adapter, base_model_hash=BASE_HASH)
 
-    (adapter / MANIFEST_FILE).write_text(json.dumps({**good, "weights_hash": "c" * 64}))
+    write_manifest(adapter, base_model_hash=BASE_HASH, weights_hash="c" * 64)
     with pytest.raises(AdapterRefused, match="the weights were changed or corrupted"):
         _load(adapter, base_model_hash=BASE_HASH)
+
+    AdapterDir(adapter).manifest_path.write_text('{"weights_hash": "' + "c" * 64 + '"}')
+    with pytest.raises(AdapterRefused, match="invalid manifest.json: adapter_id: Field required"):
+        _load(adapter)
+
+
+def test_a_directory_without_peft_files_is_unknown(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnknownAdapter, match="needs adapter_config.json and adapter_model"):
+        _load(tmp_path / "empty")
 
 
 def test_corrupt_weights_file_is_refused(peft_dir: Path, tmp_path: Path) -> None:
     adapter = _copy(peft_dir, tmp_path / "corrupt")
-    (adapter / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
+    AdapterDir(adapter).weights_path.write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterRefused, match="is unreadable"):
         _load(adapter)
-
-
-@pytest.mark.parametrize("bad_id", ["../escape", "a/b", "", ".hidden", "x" * 129, "sp ace"])
-def test_store_refuses_ids_that_are_not_one_path_component(tmp_path: Path, bad_id: str) -> None:
-    store = AdapterStore(tmp_path)
-    assert not store.exists(bad_id)
-    with pytest.raises(UnknownAdapter, match="invalid adapter id"):
-        store.path_for(bad_id)
-
-
-def test_store_lists_and_loads_adapters(peft_dir: Path, tmp_path: Path) -> None:
-    store = AdapterStore(tmp_path)
-    _copy(peft_dir, tmp_path / "one")
-    (tmp_path / ".staging").mkdir()
-    assert list(store.ids()) == ["one"]
-    assert store.load("one", TINY, max_rank=64).adapter_id == "one"
-    with pytest.raises(UnknownAdapter, match="no adapter 'two'"):
-        store.load("two", TINY, max_rank=64)

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_manifests import write_manifest
 from multi_lora_fixtures import save_tiny_llama
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
 from inference.adapter_cache import AdapterCache, AdapterStatus
-from inference.adapters import AdapterStore, save_peft_adapter
+from inference.adapter_store import AdapterStore
+from inference.adapters import save_peft_adapter
 from inference.config import LORA_TARGETS, LoraServingConfig
 from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 from inference.model import load_model
@@ -66,7 +68,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     broken.mkdir()
     for path in (store / "ad-8").iterdir():
         (broken / path.name).write_bytes(path.read_bytes())
-    (broken / "manifest.json").write_text(json.dumps({"weights_hash": "0" * 64}))
+    write_manifest(broken, weights_hash="0" * 64)
     return model_dir, store
 
 

@@ -8,19 +8,11 @@ import pytest
 import torch
 from peft import PeftModel
 
+from inference.adapter_store import AdapterDir, AdapterStore
+from inference.attribution_index import read_index_meta
 from inference.base_model import load_base_model
-from inference.factory import (
-    AdapterSpec,
-    TrainConfig,
-    list_adapters,
-    load_manifest,
-    manifest_hash,
-    registration_event,
-    subset_specs,
-    train_adapter,
-    train_many,
-)
-from inference.hashing import adapter_weights_hash, base_model_hash
+from inference.factory import AdapterSpec, TrainConfig, subset_specs, train_adapter, train_many
+from inference.hashing import base_model_hash, sha256_file
 from inference.sketch import collate, encode_pair, per_example_loss
 
 QUICK = TrainConfig(steps=8, lr=3e-3, seed=0, batch_size=8, index_k=32)
@@ -32,23 +24,27 @@ def test_training_lowers_the_loss_and_writes_a_peft_adapter_with_manifest(
     losses = trained_adapter.losses
     assert len(losses) == small_train.steps
     assert sum(losses[-20:]) / 20 < 0.8 * sum(losses[:20]) / 20
-    directory = trained_adapter.adapter_dir
-    config = json.loads((directory / "adapter_config.json").read_text())
+    directory = AdapterDir(trained_adapter.adapter_dir)
+    config = json.loads(directory.config_path.read_text())
     assert config["r"] == small_train.rank and config["peft_type"] == "LORA"
     assert sorted(config["target_modules"]) == sorted(small_train.target_modules)
-    manifest = load_manifest(directory.parent, "commons-a")
+    store = AdapterStore(directory.path.parent)
+    manifest = store.manifest("commons-a")
+    assert manifest == trained_adapter.manifest
+    text = directory.manifest_path.read_text()  # the format every stored adapter has
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
     snapshot = small_datanet.snapshot.manifest
-    assert manifest["weights_hash"] == adapter_weights_hash(directory)
-    assert manifest["base_model_hash"] == base_model_hash(base_model_dir)
-    assert (manifest["snapshot_hash"], manifest["snapshot_version"]) == (
+    assert manifest.weights_hash == directory.weights_hash()
+    assert manifest.base_model_hash == base_model_hash(base_model_dir)
+    assert (manifest.snapshot_hash, manifest.snapshot_version) == (
         snapshot.snapshot_hash, snapshot.version,
     )  # fmt: skip
-    assert manifest["contributors"] == snapshot.contributors
-    assert manifest["training_config"]["target_modules"] == list(small_train.target_modules)
-    assert not list(directory.rglob("*.bin")) and not list(directory.rglob("*.pkl"))
-    event = registration_event(manifest)
-    assert event.index_hash == manifest["index_hash"] and event.rank == small_train.rank
-    assert [m["adapter_id"] for m in list_adapters(directory.parent)] == ["commons-a"]
+    assert manifest.contributors == snapshot.contributors
+    assert manifest.training_config["target_modules"] == list(small_train.target_modules)
+    assert not list(directory.path.rglob("*.bin")) and not list(directory.path.rglob("*.pkl"))
+    event = manifest.registration_event()
+    assert event.index_hash == manifest.index_hash and event.rank == small_train.rank
+    assert [m.adapter_id for m in store.manifests()] == ["commons-a"]
 
 
 def test_the_adapter_learns_its_contributors_planted_facts(
@@ -81,14 +77,14 @@ def test_same_seed_gives_byte_identical_artifacts_and_train_many_matches(
     )
     hashes = [
         (
-            r.manifest["weights_hash"],
-            r.manifest["index_hash"],
-            manifest_hash(r.adapter_dir.parent, "same"),
+            r.manifest.weights_hash,
+            r.manifest.index_hash,
+            sha256_file(AdapterDir(r.adapter_dir).manifest_path),
         )
         for r in (first, second, batch[0])
     ]
     assert hashes[0] == hashes[1] == hashes[2]
-    assert batch[1].manifest["weights_hash"] != first.manifest["weights_hash"]
+    assert batch[1].manifest.weights_hash != first.manifest.weights_hash
     files = sorted(
         p.relative_to(first.adapter_dir) for p in first.adapter_dir.rglob("*") if p.is_file()
     )
@@ -105,10 +101,10 @@ def test_subset_batches_train_on_their_rows(
     results = train_many(snapshot, specs, base_model_dir, tmp_path)
     for spec, result in zip(specs, results, strict=True):
         assert (
-            result.manifest["training_rows"] == len(spec.row_ids) == round(len(snapshot.rows) / 2)
+            result.manifest.training_rows == len(spec.row_ids) == round(len(snapshot.rows) / 2)
         )
-        examples = json.loads((result.adapter_dir / "attribution_index" / "index.json").read_text())
-        assert examples["examples"] == len(spec.row_ids)
+        meta = read_index_meta(AdapterDir(result.adapter_dir).index_dir)
+        assert meta["examples"] == len(spec.row_ids)
 
 
 def test_bad_training_requests_are_refused(

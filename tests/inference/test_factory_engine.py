@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 from inference.adapter_cache import AdapterCache
-from inference.adapters import AdapterStore
+from inference.adapter_store import AdapterStore
 from inference.base_model import load_base_model
 from inference.config import LoraServingConfig
 from inference.lora_layers import build_active_lora

@@ -48,7 +48,7 @@ def sketcher(base_model_dir: Path, trained_adapter) -> Sketcher:
 def test_index_files_hash_and_layout(trained_adapter, small_datanet) -> None:
     directory = trained_adapter.adapter_dir / "attribution_index"
     assert sorted(p.name for p in directory.iterdir()) == sorted(INDEX_FILES)
-    index = AttributionIndex.load(directory, expected_hash=trained_adapter.manifest["index_hash"])
+    index = AttributionIndex.load(directory, expected_hash=trained_adapter.manifest.index_hash)
     rows = small_datanet.snapshot.rows
     assert index.features.shape == (len(rows), index.k) and index.features.dtype == np.float32
     assert index.examples.column("row_id").to_pylist() == [r.row_id for r in rows]
@@ -70,8 +70,8 @@ def test_an_altered_index_is_refused(tmp_path: Path, trained_adapter) -> None:
     meta["estimator_params"]["damping_relative"] *= 2
     (copy / "index.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="hash"):
-        AttributionIndex.load(copy, expected_hash=trained_adapter.manifest["index_hash"])
-    assert AttributionIndex.load(copy).hash != trained_adapter.manifest["index_hash"]
+        AttributionIndex.load(copy, expected_hash=trained_adapter.manifest.index_hash)
+    assert AttributionIndex.load(copy).hash != trained_adapter.manifest.index_hash
 
 
 def test_score_is_the_dot_product_with_the_stored_rows(trained_adapter) -> None:

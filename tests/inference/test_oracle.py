@@ -17,7 +17,7 @@ from multi_lora_fixtures import (
 )
 
 from inference.adapter_cache import AdapterCache
-from inference.adapters import AdapterStore
+from inference.adapter_store import AdapterStore
 from inference.config import LoraServingConfig
 from inference.engine import Engine, EngineConfig, GenerationRequest
 from inference.lora_layers import build_active_lora

@@ -16,9 +16,10 @@ from random_adapters import write_random_adapters
 from typer.testing import CliRunner
 
 from inference.adapter_cache import AdapterStatus
+from inference.adapter_store import AdapterStore
 from inference.base_model import build_base_model
 from inference.config import ModelConfig
-from inference.hashing import adapter_weights_hash, base_model_hash
+from inference.hashing import base_model_hash
 from inference.sketch import Sketcher
 from inference.worker.backend import BackendConfig, ServingBackend
 from inference.worker.metrics import WorkerMetrics
@@ -271,7 +272,8 @@ def test_every_request_yields_exactly_one_result(base_model_dir, adapters_dir):
     for request in requests[:-2]:
         result = by_request[request.request_id]
         assert result.status == "ok", result.error_message
-        assert result.adapter_hash == adapter_weights_hash(adapters_dir / request.adapter_id)
+        stored = AdapterStore(adapters_dir).adapter_dir(request.adapter_id)
+        assert result.adapter_hash == stored.weights_hash()
         assert result.base_model_hash == base_hash
         assert result.worker_id == "w-test"
         assert 1 <= result.usage.completion_tokens <= request.max_new_tokens

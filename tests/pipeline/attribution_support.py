@@ -4,14 +4,14 @@ results that carry sketches for it."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from adapter_manifests import write_manifest
 
+from inference.adapter_store import AdapterStore
 from inference.attribution_index import IndexExample, write_index
-from inference.hashing import adapter_weights_hash
 from infra.settings import Settings
 from schemas.events import InferenceResult, Sketch
 from schemas.text import row_id_for
@@ -34,12 +34,13 @@ def make_adapter(
     examples_per_contributor: int = 3,
     k: int = 16,
     seed: int = 0,
+    owner_id: str = "owner-a",
 ) -> dict:
     """Write `<adapters_dir>/<adapter_id>/` and return its facts (hashes, features, examples)."""
     rng = np.random.default_rng(seed)
-    directory = Path(adapters_dir) / adapter_id
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "adapter_model.safetensors").write_bytes(rng.bytes(256))
+    adapter = AdapterStore(adapters_dir).adapter_dir(adapter_id)
+    adapter.path.mkdir(parents=True, exist_ok=True)
+    adapter.weights_path.write_bytes(rng.bytes(256))
     examples = []
     for c in range(contributors):
         for e in range(examples_per_contributor):
@@ -51,7 +52,7 @@ def make_adapter(
             )
     features = rng.standard_normal((len(examples), k)).astype(np.float32)
     index_hash = write_index(
-        directory / "attribution_index",
+        adapter.index_dir,
         features,
         examples,
         seed=SEED,
@@ -60,12 +61,10 @@ def make_adapter(
         param_layout_hash="0" * 64,
         max_length=64,
     )
-    weights_hash = adapter_weights_hash(directory)
-    manifest = {"weights_hash": weights_hash, "index_hash": index_hash}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    manifest = write_manifest(adapter.path, owner_id=owner_id, index_hash=index_hash)
     return {
-        "dir": directory,
-        "weights_hash": weights_hash,
+        "dir": adapter.path,
+        "weights_hash": manifest.weights_hash,
         "index_hash": index_hash,
         "features": features,
         "examples": examples,
@@ -113,9 +112,7 @@ class TrainedAdapters:
     adapters_dir: Path
 
     def sketch(self, adapter_id: str, prompt: str, output: str, noise: float = 0.0) -> Sketch:
-        from inference.factory import adapter_dir
-
-        self.sketcher.use_adapter(adapter_dir(self.adapters_dir, adapter_id))
+        self.sketcher.use_adapter(AdapterStore(self.adapters_dir).adapter_dir(adapter_id).path)
         values = self.sketcher.projected_gradient([(prompt, output)])[0]
         values = values + noise * np.abs(values).max()
         return Sketch.from_array(
@@ -150,6 +147,6 @@ def train_adapters(settings: Settings, adapter_ids: list[str]) -> TrainedAdapter
     )
     sketcher = Sketcher(settings.base_model_dir)
     hashes = {
-        spec.adapter_id: t.manifest["weights_hash"] for spec, t in zip(specs, trained, strict=True)
+        spec.adapter_id: t.manifest.weights_hash for spec, t in zip(specs, trained, strict=True)
     }
     return TrainedAdapters(synthetic.facts, hashes, sketcher, settings.adapters_dir)

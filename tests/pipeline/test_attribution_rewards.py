@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 import pytest
 from attribution_support import make_adapter, make_result
 
+from inference.adapter_store import AdapterDir
 from pipeline.attribution import parameters as attribution_parameters
-from pipeline.attribution.artifacts import MANIFEST_FILE, ArtifactCache
+from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.processing import process_result
 from pipeline.governance import GENESIS
 from pipeline.rewards import TREASURY_ID
@@ -39,12 +40,7 @@ PRICED = Parameters(
 
 @pytest.fixture
 def adapter(tmp_path):
-    made = make_adapter(tmp_path)
-    manifest_path = made["dir"] / MANIFEST_FILE
-    # The owner is metadata: adding it changes neither the weights nor the index hash.
-    manifest = json.loads(manifest_path.read_text())
-    manifest_path.write_text(json.dumps({**manifest, "owner_id": "olga"}))
-    return made
+    return make_adapter(tmp_path, owner_id="olga")
 
 
 @pytest.fixture
@@ -166,7 +162,7 @@ def test_owner_comes_from_a_valid_manifest_owner_only(adapter, cache, tmp_path):
     assert cache.owner_of("adapter-a") == "olga"
     assert cache.owner_of("nobody") is None
     assert cache.owner_of("../escape") is None
-    manifest_path = adapter["dir"] / MANIFEST_FILE
+    manifest_path = AdapterDir(adapter["dir"]).manifest_path
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "owner_id": "../root"}))
     assert ArtifactCache(tmp_path).owner_of("adapter-a") is None

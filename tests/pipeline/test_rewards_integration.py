@@ -23,7 +23,6 @@ from attribution_support import make_adapter, make_result
 
 from infra.kafka.events import publish, read_topic
 from infra.settings import load_settings
-from pipeline.attribution.artifacts import MANIFEST_FILE
 from pipeline.rewards import TREASURY_ID
 from schemas.events import (
     AttributionRecord,
@@ -93,11 +92,7 @@ def request_results(adapter: dict, count: int, epoch: int) -> list[InferenceResu
 
 
 def owned_adapter(adapters_dir: Path) -> dict:
-    adapter = make_adapter(adapters_dir, ADAPTER)
-    manifest_path = adapter["dir"] / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text())
-    manifest_path.write_text(json.dumps({**manifest, "owner_id": OWNER}))
-    return adapter
+    return make_adapter(adapters_dir, ADAPTER, owner_id=OWNER)
 
 
 def start_worker(env: dict[str, str], cwd: Path) -> subprocess.Popen:

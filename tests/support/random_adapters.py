@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inference.adapter_store import AdapterStore
 from inference.adapters import save_peft_adapter
 from inference.attribution_index import IndexExample, write_index
 from inference.config import ModelConfig
 from inference.sketch import LOSS_DEFINITION, PROJECTION_KIND, layout_hash
-from schemas.ids import check_id
 from schemas.text import row_id_for
 
-INDEX_DIR = "attribution_index"
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
 
 
@@ -54,7 +53,7 @@ def write_random_adapter(
 ) -> Path:
     """Write one adapter with N(0, scale^2) weights; with `index_examples` > 0, also an
     attribution index of that many random examples. Returns the adapter directory."""
-    check_id(adapter_id, "adapter id")
+    directory = AdapterStore(adapters_dir).adapter_dir(adapter_id)
     generator = torch.Generator().manual_seed(seed)
     modules = {}
     for layer in range(config.num_layers):
@@ -63,13 +62,12 @@ def write_random_adapter(
             a = torch.randn(rank, in_features, generator=generator) * scale
             b = torch.randn(out_features, rank, generator=generator) * scale
             modules[(layer, target)] = (a, b)
-    directory = Path(adapters_dir) / adapter_id
-    save_peft_adapter(directory, modules, lora_alpha=2.0 * rank)
+    save_peft_adapter(directory.path, modules, lora_alpha=2.0 * rank)
     if index_examples > 0:
         rng = np.random.default_rng(seed)
         texts = [f"example {i} of {adapter_id}" for i in range(index_examples)]
         write_index(
-            directory / INDEX_DIR,
+            directory.index_dir,
             rng.standard_normal((index_examples, index_k)).astype(np.float32),
             [
                 IndexExample(i, row_id_for(text), f"contributor-{i % 3}", "datanet-0", text)
@@ -81,7 +79,7 @@ def write_random_adapter(
             param_layout_hash=layout_hash(lora_layout(config, rank, targets)),
             max_length=max_length,
         )
-    return directory
+    return directory.path
 
 
 def write_random_adapters(

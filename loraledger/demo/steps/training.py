@@ -4,12 +4,12 @@ is missing or stale (training is deterministic)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from rich.console import Console
 
+from inference.adapter_store import AdapterManifest, AdapterStore
 from inference.datanets import Snapshot
-from inference.factory import AdapterSpec, TrainConfig, list_adapters, train_many
+from inference.factory import AdapterSpec, TrainConfig, train_many
 from inference.hashing import base_model_hash
 from infra.settings import Settings
 from loraledger.demo.options import DemoDatanet
@@ -26,32 +26,33 @@ def owner_id_for(spec: DemoDatanet) -> str:
 
 
 def adapter_is_current(
-    manifest: dict[str, Any] | None, snapshot: Snapshot, config: TrainConfig, base_hash: str
+    manifest: AdapterManifest | None, snapshot: Snapshot, config: TrainConfig, base_hash: str
 ) -> bool:
     """Training is deterministic: the same snapshot, config and base give the same adapter."""
     return (
         manifest is not None
-        and manifest.get("snapshot_hash") == snapshot.manifest.snapshot_hash
-        and manifest.get("training_config") == config.to_record()
-        and manifest.get("base_model_hash") == base_hash
+        and manifest.snapshot_hash == snapshot.manifest.snapshot_hash
+        and manifest.training_config == config.to_record()
+        and manifest.base_model_hash == base_hash
     )
 
 
-def describe_adapter(manifest: dict[str, Any], cached: Sequence[str]) -> str:
+def describe_adapter(manifest: AdapterManifest, cached: Sequence[str]) -> str:
     """One line for the step's outcome."""
-    state = "cached" if manifest["adapter_id"] in cached else "trained"
-    return (f"{manifest['adapter_id']} ({state}, loss "
-            f"{manifest['first_loss']:.2f}->{manifest['last_loss']:.2f})")
+    state = "cached" if manifest.adapter_id in cached else "trained"
+    return (f"{manifest.adapter_id} ({state}, loss "
+            f"{manifest.first_loss:.2f}->{manifest.last_loss:.2f})")
 
 
 def ensure_adapters(
     settings: Settings, datanets: Sequence[PreparedDatanet], config: TrainConfig,
     console: Console,
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[AdapterManifest], list[str]]:
     """Train the adapters whose manifest is missing or stale; returns every manifest and the ids
     that were cached."""
     base_hash = base_model_hash(settings.base_model_dir)
-    stored = {manifest["adapter_id"]: manifest for manifest in list_adapters(settings.adapters_dir)}
+    store = AdapterStore.from_settings(settings)
+    stored = {manifest.adapter_id: manifest for manifest in store.manifests()}
     todo = [
         prepared for prepared in datanets
         if not adapter_is_current(stored.get(adapter_id_for(prepared.spec)), prepared.snapshot,
@@ -75,5 +76,5 @@ def ensure_adapters(
             spec = AdapterSpec(adapter_id, owner_id_for(prepared.spec), config)
             train_many(prepared.snapshot, [spec], settings.base_model_dir,
                        settings.adapters_dir, overwrite=True, progress=advance)
-    stored = {manifest["adapter_id"]: manifest for manifest in list_adapters(settings.adapters_dir)}
+    stored = {manifest.adapter_id: manifest for manifest in store.manifests()}
     return [stored[adapter_id_for(p.spec)] for p in datanets], cached
