@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.attribution_index import IndexExample, write_index
+from inference.attribution_index import TRAK, IndexExample, write_index
 from inference.hashing import adapter_weights_hash
 from infra.settings import Settings
 from schemas.events import InferenceResult, Sketch
@@ -59,6 +59,7 @@ def make_adapter(
         loss="test-loss",
         param_layout_hash="0" * 64,
         max_length=64,
+        estimator=TRAK,
     )
     weights_hash = adapter_weights_hash(directory)
     manifest = {"weights_hash": weights_hash, "index_hash": index_hash}

@@ -13,6 +13,7 @@ from attribution_support import train_adapters
 from infra.kafka.clients import ensure_topics, publish, read_topic
 from infra.settings import Settings, load_settings
 from pipeline.attribution.agent import run_attribution
+from pipeline.attribution.parameters import DEFAULTS
 from pipeline.verify import fetch_events, verify_events, verify_request
 from schemas.events import InferenceRequest, InferenceResult, Sketch
 
@@ -43,7 +44,7 @@ def _result(request: InferenceRequest, output: str, sketch: Sketch | None, weigh
 
 async def _attribute_until(settings: Settings, count: int) -> list:
     stop = asyncio.Event()
-    task = asyncio.create_task(run_attribution(settings, stop))
+    task = asyncio.create_task(run_attribution(settings, DEFAULTS, stop))
     try:
         for _ in range(120):
             records = [
