@@ -88,12 +88,14 @@ def write_index(
     loss: str,
     param_layout_hash: str,
     max_length: int,
+    estimator: tuple[str, str],
     lambda_relative: float = DEFAULT_LAMBDA_RELATIVE,
-    estimator: tuple[str, str] = TRAK,
     estimator_params: dict[str, float] | None = None,
 ) -> str:
     """Write the three index files; returns the index hash.
 
+    `estimator` has no default here: the caller says which one its `features` are for (the
+    ModelFactory's is `TrainConfig.index_estimator`, `ekfac-projected` unless configured).
     `trak`: `features` are the examples' sketches; the preconditioner is computed here with
     `lambda_relative`. `ekfac-projected`: `features` are already the scoring rows w_i
     (`influence_preconditioner.ekfac_projected_features`), `estimator_params` records how."""

@@ -1,6 +1,36 @@
-"""Every Faust agent module, imported so that one worker runs them all. Rewards have no agent of
-their own: the attribution processor pays each result in the transaction that attributes it."""
+"""The pipeline's stream processors, and `build_pipeline`, which builds a Faust app running
+some or all of them. Rewards have no processor of their own: the attribution processor pays
+each result in the transaction that attributes it."""
 
-import pipeline.attribution.agent  # noqa: F401
-import pipeline.governance_agent  # noqa: F401
-import pipeline.sink  # noqa: F401
+from __future__ import annotations
+
+from collections.abc import Collection
+from enum import StrEnum
+
+from infra.settings import Settings
+from pipeline import governance_agent, sink
+from pipeline.app import PipelineApp, build_app
+from pipeline.attribution import agent as attribution_agent
+from pipeline.attribution.parameters import DEFAULTS, ParameterSource
+
+
+class Processor(StrEnum):
+    ATTRIBUTION = "attribution"
+    GOVERNANCE = "governance"
+    SINK = "sink"
+
+
+def build_pipeline(
+    settings: Settings, processors: Collection[Processor] = tuple(Processor)
+) -> PipelineApp:
+    """The app with `processors` registered. Attribution prices with governance's parameter
+    history when governance runs in the same worker, else with the defaults (version 0)."""
+    app = build_app(settings)
+    parameters: ParameterSource = DEFAULTS
+    if Processor.GOVERNANCE in processors:
+        parameters = governance_agent.register(app, settings)
+    if Processor.ATTRIBUTION in processors:
+        attribution_agent.register(app, settings, parameters)
+    if Processor.SINK in processors:
+        sink.register(app, settings)
+    return app

@@ -1,5 +1,7 @@
-"""The one Faust app. Agents live in their own modules and register on it when imported
-(`pipeline.agents` imports them all); topics and tables are declared next to their agents.
+"""The pipeline's Faust app, built by `build_app(settings)`. Each processor module exposes
+`register(app, settings, ...)`, which declares its topics, tables, agents and tasks on the app
+it is given; `pipeline.agents.build_pipeline` builds the app and registers the processors a
+worker runs. Nothing is built or read from the environment at import.
 
 Stopping (SIGTERM, Ctrl-C) under `exactly_once` runs in this order:
 
@@ -30,7 +32,8 @@ from typing import Any
 
 import faust
 
-from infra.settings import load_settings
+from infra.settings import Settings
+from schemas.topics import topic_spec
 
 log = logging.getLogger(__name__)
 
@@ -99,33 +102,36 @@ class PipelineApp(faust.App):
 async def _no_commit(*args: Any, **kwargs: Any) -> bool:
     return False
 
-settings = load_settings()
-
-app = PipelineApp(
-    f"{settings.topic_prefix}loraledger-pipeline",
-    broker=[f"kafka://{server}" for server in settings.kafka_bootstrap.split(",")],
-    processing_guarantee="exactly_once",
-    store="memory://",  # tables are rebuilt from their changelog topics on start
-    datadir=str(settings.home / "faust"),
-    topic_partitions=8,
-    topic_replication_factor=1,
-    consumer_auto_offset_reset="earliest",
-    web_enabled=False,
-    autodiscover=False,
-    # A restarted worker rejoins its group after the old session expires; Faust's 60 s default
-    # would stall every restart for a minute.
-    broker_session_timeout=10,
-)
+def consumer_group(settings: Settings) -> str:
+    """The app's id, which is also its Kafka consumer group: one per stack (topic prefix)."""
+    return f"{settings.topic_prefix}loraledger-pipeline"
 
 
-def topic(name: str) -> faust.TopicT:
-    """A registry topic under this stack's prefix, read as raw bytes: agents decode once at the
+def build_app(settings: Settings) -> PipelineApp:
+    """A Faust app with nothing registered on it yet."""
+    return PipelineApp(
+        consumer_group(settings),
+        broker=[f"kafka://{server}" for server in settings.kafka_bootstrap.split(",")],
+        processing_guarantee="exactly_once",
+        store="memory://",  # tables are rebuilt from their changelog topics on start
+        datadir=str(settings.home / "faust"),
+        topic_partitions=8,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        autodiscover=False,
+        # A restarted worker rejoins its group after the old session expires; Faust's 60 s
+        # default would stall every restart for a minute.
+        broker_session_timeout=10,
+    )
+
+
+def registry_topic(app: faust.App, name: str, topic_prefix: str) -> faust.TopicT:
+    """A registry topic under `topic_prefix`, read as raw bytes: agents decode once at the
     boundary so that an invalid value goes to the dead letters instead of crashing the agent."""
-    from schemas.topics import topic_spec
-
     spec = topic_spec(name)
     return app.topic(
-        spec.broker_name(settings.topic_prefix),
+        spec.broker_name(topic_prefix),
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",

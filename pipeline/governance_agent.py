@@ -1,6 +1,9 @@
 """The governance agent: proposals, votes, tallies and parameter activations on `governance`,
 and the tables the other agents read the active parameters and vote weights from.
 
+`register(app, settings)` declares the topics, tables and agents on `app` and returns the
+`GovernanceState` over the tables, the parameter source the attribution processor prices with.
+
 - `parameter_history` (global table, version -> ParametersActivated JSON): every worker holds
   all of it; `current_parameters()` and `parameters_for_epoch()` read it.
 - `earnings` (global table, beneficiary -> {epoch: micro-units}), fed by the `rewards` topic:
@@ -24,7 +27,8 @@ from datetime import UTC, datetime
 import faust
 
 from infra.kafka.dead_letters import dead_letter
-from pipeline.app import app, settings, topic
+from infra.settings import Settings
+from pipeline.app import registry_topic
 from pipeline.governance import (
     OpenProposal,
     active_parameters,
@@ -46,119 +50,134 @@ from schemas.events import (
 
 CONSUMER = "governance"
 
-governance_topic = topic("governance")
-rewards_topic = topic("rewards")
-dead_letters = topic("dead-letters")
 
-parameter_history = app.GlobalTable("parameter-history", default=None, partitions=1)
-earnings = app.GlobalTable("earnings", default=None)
-open_proposals = app.Table("open-proposals", default=None, partitions=1)
+class GovernanceState:
+    """The governance tables of one app, and the parameters they say are in force (a
+    `pipeline.attribution.parameters.ParameterSource`)."""
 
+    def __init__(self, app: faust.App, epoch_seconds: int) -> None:
+        self._app = app
+        self._epoch_seconds = epoch_seconds
+        self.parameter_history = app.GlobalTable("parameter-history", default=None, partitions=1)
+        self.earnings = app.GlobalTable("earnings", default=None)
+        self.open_proposals = app.Table("open-proposals", default=None, partitions=1)
 
-def history() -> list[ParametersActivated]:
-    return [ParametersActivated.model_validate_json(raw) for raw in parameter_history.values()]
+    def history(self) -> list[ParametersActivated]:
+        return [
+            ParametersActivated.model_validate_json(raw)
+            for raw in self.parameter_history.values()
+        ]
 
+    def parameters_for_epoch(self, epoch: int) -> ParametersActivated:
+        """The activation (version and parameters) in force at `epoch`."""
+        return active_parameters(self.history(), epoch)
 
-def parameters_for_epoch(epoch: int) -> ParametersActivated:
-    """The activation (version and parameters) in force at `epoch`."""
-    return active_parameters(history(), epoch)
+    def current_parameters(self) -> Parameters:
+        """The parameters in force now, for the attribution processor."""
+        return self.parameters_for_epoch(
+            epoch_of(datetime.now(UTC), self._epoch_seconds)
+        ).parameters
 
+    async def ready(self) -> None:
+        """Return once Faust has recovered the tables: before that the history may be empty."""
+        await self._app.tables.recovery.completed.wait()
 
-def current_parameters() -> Parameters:
-    """The parameters in force now, for the attribution agent."""
-    return parameters_for_epoch(epoch_of(datetime.now(UTC), settings.epoch_seconds)).parameters
+    def earnings_snapshot(self) -> dict[str, dict[int, int]]:
+        return {
+            beneficiary: {int(epoch): amount for epoch, amount in (per_epoch or {}).items()}
+            for beneficiary, per_epoch in self.earnings.items()
+        }
 
+    def open_snapshot(self) -> dict[str, OpenProposal]:
+        return {
+            proposal_id: OpenProposal(Proposal.model_validate_json(state["proposal"]),
+                                      dict(state["votes"]))
+            for proposal_id, state in self.open_proposals.items()
+            if state is not None
+        }
 
-def _earnings_snapshot() -> dict[str, dict[int, int]]:
-    return {
-        beneficiary: {int(epoch): amount for epoch, amount in (per_epoch or {}).items()}
-        for beneficiary, per_epoch in earnings.items()
-    }
-
-
-def _open_snapshot() -> dict[str, OpenProposal]:
-    return {
-        proposal_id: OpenProposal(Proposal.model_validate_json(state["proposal"]),
-                                  dict(state["votes"]))
-        for proposal_id, state in open_proposals.items()
-        if state is not None
-    }
-
-
-def _store_open(entry: OpenProposal) -> None:
-    open_proposals[entry.proposal.proposal_id] = {
-        "proposal": entry.proposal.model_dump_json(),
-        "votes": entry.votes,
-    }
-
-
-async def _dead_letter(event: faust.EventT, reason: str) -> None:
-    message = event.message
-    letter = dead_letter(
-        event.value, source_topic=message.topic, partition=message.partition,
-        offset=message.offset, consumer=CONSUMER, reason=reason,
-    )
-    await dead_letters.send(key=letter.key, value=encode(letter.event))
+    def store_open(self, entry: OpenProposal) -> None:
+        self.open_proposals[entry.proposal.proposal_id] = {
+            "proposal": entry.proposal.model_dump_json(),
+            "votes": entry.votes,
+        }
 
 
-async def _tally_before(now_epoch: int, at: datetime, activate_from: int | None = None) -> None:
-    pending = _open_snapshot()
-    if not any(entry.proposal.epoch < now_epoch for entry in pending.values()):
-        return
-    emitted = tally_due(pending, history(), _earnings_snapshot(), now_epoch, at,
-                        activate_from=activate_from)
-    for produced in emitted:
-        if isinstance(produced, ProposalTallied):
-            open_proposals.pop(produced.proposal_id, None)
-        else:
-            parameter_history[str(produced.version)] = produced.model_dump_json()
-        await governance_topic.send(
-            key=(produced.proposal_id or "").encode(), value=encode(produced)
+def register(app: faust.App, settings: Settings) -> GovernanceState:
+    """Declare governance's topics, tables and agents on `app`."""
+    governance_topic = registry_topic(app, "governance", settings.topic_prefix)
+    rewards_topic = registry_topic(app, "rewards", settings.topic_prefix)
+    dead_letters = registry_topic(app, "dead-letters", settings.topic_prefix)
+    state = GovernanceState(app, settings.epoch_seconds)
+
+    async def _dead_letter(event: faust.EventT, reason: str) -> None:
+        message = event.message
+        letter = dead_letter(
+            event.value, source_topic=message.topic, partition=message.partition,
+            offset=message.offset, consumer=CONSUMER, reason=reason,
         )
+        await dead_letters.send(key=letter.key, value=encode(letter.event))
 
+    async def _tally_before(
+        now_epoch: int, at: datetime, activate_from: int | None = None
+    ) -> None:
+        pending = state.open_snapshot()
+        if not any(entry.proposal.epoch < now_epoch for entry in pending.values()):
+            return
+        emitted = tally_due(pending, state.history(), state.earnings_snapshot(), now_epoch, at,
+                            activate_from=activate_from)
+        for produced in emitted:
+            if isinstance(produced, ProposalTallied):
+                state.open_proposals.pop(produced.proposal_id, None)
+            else:
+                state.parameter_history[str(produced.version)] = produced.model_dump_json()
+            await governance_topic.send(
+                key=(produced.proposal_id or "").encode(), value=encode(produced)
+            )
 
-@app.agent(governance_topic, name="governance")
-async def govern(stream: faust.StreamT) -> None:
-    async for event in stream.events():
-        try:
-            decoded = decode("governance", event.value)
-        except DecodeError as exc:
-            await _dead_letter(event, exc.reason)
-            continue
-        if isinstance(decoded, EpochTick):
-            close_before, activate_from = tick_epochs(decoded, settings.epoch_seconds)
-            await _tally_before(close_before, decoded.created_at, activate_from)
-            continue
-        now_epoch = epoch_of(decoded.created_at, settings.epoch_seconds)
-        await _tally_before(now_epoch, decoded.created_at)
-        if isinstance(decoded, Proposal):
-            if decoded.proposal_id not in open_proposals:
-                _store_open(OpenProposal(decoded))
-        elif isinstance(decoded, Vote):
-            state = open_proposals.get(decoded.proposal_id)
-            if state is not None:
-                target = {decoded.proposal_id: OpenProposal(
-                    Proposal.model_validate_json(state["proposal"]), dict(state["votes"]))}
-                record_vote(target, decoded)
-                _store_open(target[decoded.proposal_id])
-        elif (
-            isinstance(decoded, ParametersActivated)
-            and str(decoded.version) not in parameter_history
-        ):
-            # Our own activations come back here; keep the first record of each version.
-            parameter_history[str(decoded.version)] = decoded.model_dump_json()
-        # ProposalTallied: the tally that emitted it already closed the proposal.
+    @app.agent(governance_topic, name="governance")
+    async def govern(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            try:
+                decoded = decode("governance", event.value)
+            except DecodeError as exc:
+                await _dead_letter(event, exc.reason)
+                continue
+            if isinstance(decoded, EpochTick):
+                close_before, activate_from = tick_epochs(decoded, settings.epoch_seconds)
+                await _tally_before(close_before, decoded.created_at, activate_from)
+                continue
+            now_epoch = epoch_of(decoded.created_at, settings.epoch_seconds)
+            await _tally_before(now_epoch, decoded.created_at)
+            if isinstance(decoded, Proposal):
+                if decoded.proposal_id not in state.open_proposals:
+                    state.store_open(OpenProposal(decoded))
+            elif isinstance(decoded, Vote):
+                stored = state.open_proposals.get(decoded.proposal_id)
+                if stored is not None:
+                    target = {decoded.proposal_id: OpenProposal(
+                        Proposal.model_validate_json(stored["proposal"]), dict(stored["votes"]))}
+                    record_vote(target, decoded)
+                    state.store_open(target[decoded.proposal_id])
+            elif (
+                isinstance(decoded, ParametersActivated)
+                and str(decoded.version) not in state.parameter_history
+            ):
+                # Our own activations come back here; keep the first record of each version.
+                state.parameter_history[str(decoded.version)] = decoded.model_dump_json()
+            # ProposalTallied: the tally that emitted it already closed the proposal.
 
+    @app.agent(rewards_topic, name="governance-earnings")
+    async def track_earnings(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            try:
+                entry: RewardEntry = decode("rewards", event.value)
+            except DecodeError as exc:
+                await _dead_letter(event, exc.reason)
+                continue
+            per_epoch = dict(state.earnings.get(entry.beneficiary_id) or {})
+            key = str(entry.epoch)
+            per_epoch[key] = per_epoch.get(key, 0) + entry.amount
+            state.earnings[entry.beneficiary_id] = per_epoch
 
-@app.agent(rewards_topic, name="governance-earnings")
-async def track_earnings(stream: faust.StreamT) -> None:
-    async for event in stream.events():
-        try:
-            entry: RewardEntry = decode("rewards", event.value)
-        except DecodeError as exc:
-            await _dead_letter(event, exc.reason)
-            continue
-        per_epoch = dict(earnings.get(entry.beneficiary_id) or {})
-        key = str(entry.epoch)
-        per_epoch[key] = per_epoch.get(key, 0) + entry.amount
-        earnings[entry.beneficiary_id] = per_epoch
+    return state

@@ -3,9 +3,10 @@
 Rounding rules (the ledger's contract):
 - A fee is `total_tokens * price_per_token` in integer micro-units, so the fee itself is
   never rounded. The price is `adapter_prices[adapter_id]`, else `default_price_per_token`.
-- The fee splits into four role shares by basis points with largest-remainder rounding:
-  each share is floored, and the units left over go one each to the largest remainders,
-  ties broken by the fixed role order contributors, adapter owner, compute operator, treasury.
+- The fee splits into four role shares by basis points with largest-remainder rounding
+  (`pipeline.largest_remainder`): each share is floored, and the units left over go one each
+  to the largest remainders, ties broken by the fixed role order contributors, adapter owner,
+  compute operator, treasury.
 - The contributors' share splits by attribution ppm the same way, over (contributor, datanet)
   pairs, ties broken by (contributor id, datanet id) ascending, so the result never depends on
   the order weights arrive in.
@@ -22,10 +23,9 @@ Rounding rules (the ledger's contract):
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
 from datetime import datetime
 
-from infra.settings import load_settings
+from pipeline.largest_remainder import largest_remainder
 from schemas.events import (
     BPS_TOTAL,
     PPM_TOTAL,
@@ -49,18 +49,13 @@ ROLE_ORDER: tuple[RewardRole, ...] = (
 )
 
 
-def epoch_seconds() -> int:
-    """Length of an epoch in seconds, from the settings (LORALEDGER_EPOCH_SECONDS)."""
-    return load_settings().epoch_seconds
-
-
-def epoch_of(timestamp: datetime, seconds: int | None = None) -> int:
-    """Epoch number of a UTC timestamp: whole epochs since the Unix epoch (epoch 0 starts at
-    1970-01-01T00:00Z), so every component derives the same epoch from an event's timestamp."""
-    length = epoch_seconds() if seconds is None else seconds
-    if length <= 0:
-        raise ValueError(f"epoch length must be positive, got {length}")
-    return int(timestamp.timestamp()) // length
+def epoch_of(timestamp: datetime, seconds: int) -> int:
+    """Epoch number of a UTC timestamp for epochs of `seconds` (the settings'
+    `epoch_seconds`): whole epochs since the Unix epoch (epoch 0 starts at 1970-01-01T00:00Z),
+    so every component derives the same epoch from an event's timestamp."""
+    if seconds <= 0:
+        raise ValueError(f"epoch length must be positive, got {seconds}")
+    return int(timestamp.timestamp()) // seconds
 
 
 def price_per_token(parameters: Parameters, adapter_id: str) -> int:
@@ -74,32 +69,6 @@ def fee_for(result: InferenceResult, parameters: Parameters) -> int:
     return result.usage.total_tokens * price_per_token(parameters, result.adapter_id)
 
 
-def largest_remainder(total: int, weights: Sequence[int], keys: Sequence[Hashable]) -> list[int]:
-    """Split `total` in proportion to `weights` so the parts sum to `total` exactly.
-
-    Each part is floored; the leftover units go one each to the largest remainders, ties broken
-    by ascending `keys`. Every part is within one unit of its exact share.
-    """
-    if total < 0:
-        raise ValueError(f"cannot split a negative total {total}")
-    if len(weights) != len(keys):
-        raise ValueError("weights and keys differ in length")
-    if any(weight < 0 for weight in weights):
-        raise ValueError("weights must be non-negative")
-    weight_sum = sum(weights)
-    if weight_sum == 0:
-        if total:
-            raise ValueError(f"cannot split {total} over weights that sum to zero")
-        return [0] * len(weights)
-    parts = [total * weight // weight_sum for weight in weights]
-    remainders = [total * weight % weight_sum for weight in weights]
-    leftover = total - sum(parts)
-    order = sorted(range(len(weights)), key=lambda i: (-remainders[i], keys[i]))
-    for index in order[:leftover]:
-        parts[index] += 1
-    return parts
-
-
 def role_shares(fee: int, parameters: Parameters) -> dict[RewardRole, int]:
     split = parameters.fee_split
     bps = {
@@ -108,11 +77,11 @@ def role_shares(fee: int, parameters: Parameters) -> dict[RewardRole, int]:
         RewardRole.COMPUTE_OPERATOR: split.compute_operator,
         RewardRole.TREASURY: split.treasury,
     }
-    weights = [bps[role] for role in ROLE_ORDER]
-    if sum(weights) != BPS_TOTAL:
-        raise ValueError(f"fee split sums to {sum(weights)} bps, not {BPS_TOTAL}")
-    parts = largest_remainder(fee, weights, list(range(len(ROLE_ORDER))))
-    return dict(zip(ROLE_ORDER, parts, strict=True))
+    if sum(bps.values()) != BPS_TOTAL:
+        raise ValueError(f"fee split sums to {sum(bps.values())} bps, not {BPS_TOTAL}")
+    # Keyed by rank in ROLE_ORDER, so that ties go to the earlier role.
+    parts = largest_remainder(fee, {rank: bps[role] for rank, role in enumerate(ROLE_ORDER)})
+    return {role: parts[rank] for rank, role in enumerate(ROLE_ORDER)}
 
 
 def contributor_ppm(attribution: AttributionRecord) -> dict[tuple[str, str], int]:
@@ -168,12 +137,9 @@ def split_fee(
 
     treasury = RewardRole.TREASURY
     if weights and sum(weights.values()) == PPM_TOTAL:
-        pairs = sorted(weights)
-        parts = largest_remainder(
-            shares[RewardRole.CONTRIBUTOR], [weights[pair] for pair in pairs], pairs
-        )
+        parts = largest_remainder(shares[RewardRole.CONTRIBUTOR], weights)
         method = attribution.method.name
-        for (contributor, datanet), part in zip(pairs, parts, strict=True):
+        for (contributor, datanet), part in sorted(parts.items()):
             credit(
                 contributor,
                 RewardRole.CONTRIBUTOR,

@@ -6,9 +6,10 @@ the three topics, committed data only), then checks in order, stopping at the fi
 2. the sketch: recomputed on the CPU from the stored adapter for (prompt, output text) with the
    index's projection, it must agree with the result's sketch up to float rounding (relative L2
    error <= SKETCH_RTOL: the worker may batch or run on another device);
-3. the record: recomputed from the result with the parameters the record names and the stored
-   index, every field must be equal (scores up to SCORE_RTOL; ids, ppm weights, hashes and the
-   evidence hash exactly). An error result must have no record.
+3. the record: recomputed from the result with the method version and parameters the record
+   names and the stored index, every field must be equal (scores up to SCORE_RTOL; ids, method
+   name, ppm weights, hashes and the evidence hash exactly). A record of an older method
+   version is recomputed as that version computed it. An error result must have no record.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from inference.adapter_store import AdapterStore
 from infra.kafka.events import read_topic
 from infra.settings import Settings
 from pipeline.attribution.artifacts import ArtifactCache
-from pipeline.attribution.attributor import METHOD_NAME, METHOD_VERSION, attribute
+from pipeline.attribution.attributor import MethodVersion, attribute
 from pipeline.attribution.spans import DEFAULT_MIN_SPAN_TOKENS
 from schemas.events import AttributionRecord, InferenceRequest, InferenceResult, Parameters
 
@@ -174,10 +175,9 @@ def verify_events(
             return differ("sketch (relative L2 error)", f"<= {SKETCH_RTOL}", error)
         report.checked.append("sketch recomputed")
     method = record.method
-    if (method.name, method.version) != (METHOD_NAME, METHOD_VERSION):
-        return differ(
-            "method", f"{METHOD_NAME}/{METHOD_VERSION}", f"{method.name}/{method.version}"
-        )
+    known = [version.value for version in MethodVersion]
+    if method.version not in known:
+        return differ("method.version", " or ".join(known), method.version)
     if method.params.get("min_span_tokens") != DEFAULT_MIN_SPAN_TOKENS:
         return differ(
             "method.params.min_span_tokens",
@@ -185,7 +185,10 @@ def verify_events(
             method.params.get("min_span_tokens"),
         )
     recomputed_record = attribute(
-        result, parameters_of(record), ArtifactCache(settings.adapters_dir)
+        result,
+        parameters_of(record),
+        ArtifactCache(settings.adapters_dir),
+        MethodVersion(method.version),
     )
     assert recomputed_record is not None
     difference = first_difference(_record_fields(recomputed_record), _record_fields(record))

@@ -100,13 +100,14 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             first_line = str(exc).splitlines()
             raise typer.BadParameter(" ".join(first_line[:3])) from None
+        settings = load_settings()
         proposal = Proposal(
             proposer_id=_id(proposer, "proposer id"),
-            epoch=epoch_of(datetime.now(UTC)) if epoch is None else epoch,
+            epoch=epoch_of(datetime.now(UTC), settings.epoch_seconds) if epoch is None else epoch,
             changes=changes,
             description=description,
         )
-        publish_sync(load_settings(), [proposal])
+        publish_sync(settings, [proposal])
         typer.echo(f"proposal {proposal.proposal_id} for epoch {proposal.epoch}")
 
     @group.command("vote")
@@ -137,8 +138,9 @@ def register(app: typer.Typer) -> None:
     @group.command("show")
     def show() -> None:
         """The active parameters and the proposals, read from the governance log."""
-        view = fold_log(asyncio.run(_governance_events(load_settings())))
-        epoch = epoch_of(datetime.now(UTC))
+        settings = load_settings()
+        view = fold_log(asyncio.run(_governance_events(settings)))
+        epoch = epoch_of(datetime.now(UTC), settings.epoch_seconds)
         active = active_parameters(view.history, epoch)
         console = Console()
         console.print(f"epoch {epoch}: parameters version {active.version} "

@@ -1,8 +1,8 @@
 """The attribution processor: `results` -> `attributions`, `rewards` (and `dead-letters`),
 exactly once.
 
-It runs inside the pipeline's Faust worker as a task, but delivers through its own
-transactional consume -> produce loop (`pipeline.attribution.loop` says why Faust's
+It runs inside the pipeline's Faust worker as a task (`register`), but delivers through its
+own transactional consume -> produce loop (`pipeline.attribution.loop` says why Faust's
 exactly-once mode cannot cover it). A result's attribution record and its reward entries are
 computed together (`pipeline.attribution.processing`) and committed in one transaction with
 the result's offset, so every attributed request is paid exactly once, with no join between
@@ -10,9 +10,9 @@ topics and no table to recover. Consumer group `<prefix>loraledger-attribution`;
 transactional id `<prefix>loraledger-attribution-<worker id>`, so run one attribution worker
 per LORALEDGER_WORKER_ID.
 
-When the governance agent runs in the same worker, fees are priced with its parameter history
-(a Faust table), so the processor starts only once Faust has recovered its tables: a result
-priced before that would be paid with the defaults.
+Parameters come from the `ParameterSource` it is given. When that is governance's (a Faust
+table), the processor starts only once the source is ready, that is once Faust has recovered
+its tables: a result priced before that would be paid with the defaults.
 """
 
 from __future__ import annotations
@@ -26,17 +26,15 @@ from aiokafka.errors import ProducerFenced
 
 from infra.kafka.events import Outgoing
 from infra.settings import Settings
-from pipeline.app import app, settings
+from pipeline.app import PipelineApp
 from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.loop import LoopConfig, run_transactional_loop
-from pipeline.attribution.parameters import (
-    current_parameters,
-    governance_in_worker,
-    parameters_for_epoch,
-)
+from pipeline.attribution.parameters import ParameterSource
 from pipeline.attribution.processing import process_result
 
 log = logging.getLogger(__name__)
+
+RESTART_DELAY_S = 5.0
 
 
 def loop_config(settings: Settings) -> LoopConfig:
@@ -46,7 +44,9 @@ def loop_config(settings: Settings) -> LoopConfig:
     )
 
 
-async def run_attribution(settings: Settings, stop: asyncio.Event | None = None) -> None:
+async def run_attribution(
+    settings: Settings, parameters: ParameterSource, stop: asyncio.Event | None = None
+) -> None:
     """Attribute results until `stop` is set (or the task is cancelled)."""
     cache = ArtifactCache(settings.adapters_dir)
 
@@ -56,70 +56,79 @@ async def run_attribution(settings: Settings, stop: asyncio.Event | None = None)
             source_topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            parameters=current_parameters(),
+            parameters=parameters.current_parameters(),
             cache=cache,
-            pricing=parameters_for_epoch,
+            pricing=parameters.parameters_for_epoch,
             epoch_seconds=settings.epoch_seconds,
         )
 
     await run_transactional_loop(settings, loop_config(settings), handle, stop=stop)
 
 
-RESTART_DELAY_S = 5.0
+class AttributionTask:
+    """The processor as a task of the Faust worker, and the stop hook that ends it first."""
 
-# Set when the worker stops; the processor then finishes its open transaction and returns.
-_stop_requested = asyncio.Event()
-_started = asyncio.Event()
-_stopped = asyncio.Event()
+    def __init__(self, settings: Settings, parameters: ParameterSource) -> None:
+        self.settings = settings
+        self.parameters = parameters
+        # Set when the worker stops; the processor then finishes its open transaction and
+        # returns.
+        self._stop_requested = asyncio.Event()
+        self._started = asyncio.Event()
+        self._stopped = asyncio.Event()
 
+    async def _parameters_ready(self) -> bool:
+        """Wait until the parameter source is ready; False when the worker stops first."""
+        ready = asyncio.ensure_future(self.parameters.ready())
+        stopping = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            stopping.cancel()
+        return not self._stop_requested.is_set()
 
-async def _tables_recovered() -> bool:
-    """Wait for Faust's first table recovery when governance's tables price the fees; False
-    when the worker stops first."""
-    if not governance_in_worker():
-        return True
-    recovered = asyncio.ensure_future(app.tables.recovery.completed.wait())
-    stopping = asyncio.ensure_future(_stop_requested.wait())
-    try:
-        await asyncio.wait({recovered, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        recovered.cancel()
-        stopping.cancel()
-    return not _stop_requested.is_set()
-
-
-@app.task
-async def attribution_processor() -> None:
-    """Keep the processor running through broker outages; stop for good when the worker stops
-    or when a newer worker with the same worker id has fenced this one (two would fight over
-    one transactional id)."""
-    _started.set()
-    try:
-        if not await _tables_recovered():
-            return
-        while not _stop_requested.is_set():
-            try:
-                await run_attribution(settings, stop=_stop_requested)
+    async def run(self) -> None:
+        """Keep the processor running through broker outages; stop for good when the worker
+        stops or when a newer worker with the same worker id has fenced this one (two would
+        fight over one transactional id)."""
+        self._started.set()
+        try:
+            if not await self._parameters_ready():
                 return
-            except ProducerFenced:
-                log.error(
-                    "attribution stopped: another worker with id %s took over", settings.worker_id
-                )
-                return
-            except Exception:
-                log.exception(
-                    "attribution processor failed; restarting in %.0f s", RESTART_DELAY_S
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_stop_requested.wait(), RESTART_DELAY_S)
-    finally:
-        _stopped.set()
+            while not self._stop_requested.is_set():
+                try:
+                    await run_attribution(self.settings, self.parameters, self._stop_requested)
+                    return
+                except ProducerFenced:
+                    log.error(
+                        "attribution stopped: another worker with id %s took over",
+                        self.settings.worker_id,
+                    )
+                    return
+                except Exception:
+                    log.exception(
+                        "attribution processor failed; restarting in %.0f s", RESTART_DELAY_S
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop_requested.wait(), RESTART_DELAY_S)
+        finally:
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Runs before Faust stops its consumer: the open transaction commits, then the loop's
+        consumer and producer close."""
+        self._stop_requested.set()
+        if self._started.is_set():
+            await self._stopped.wait()
 
 
-@app.stop_first
-async def stop_attribution() -> None:
-    """Runs before Faust stops its consumer: the open transaction commits, then the loop's
-    consumer and producer close."""
-    _stop_requested.set()
-    if _started.is_set():
-        await _stopped.wait()
+def register(app: PipelineApp, settings: Settings, parameters: ParameterSource) -> None:
+    """Run the processor as a task of `app`'s worker, priced and computed with `parameters`."""
+    task = AttributionTask(settings, parameters)
+
+    @app.task
+    async def attribution_processor() -> None:
+        await task.run()
+
+    app.stop_first(task.stop)

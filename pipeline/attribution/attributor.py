@@ -1,11 +1,24 @@
 """One result in, one attribution record out: a pure function of the result, the parameters
 and the adapter's hashed artifacts, so `loraledger verify` can recompute it exactly.
 
+The record's method is what ran (`MethodVersion.V2`): its name is the methods the weights came
+from, the gradient method named by the index's estimator that scored it (`ekfac-projected+span`
+for a mix, `ekfac-projected` or `span` alone, `example-counts` for the fallback, `none` for a
+failed record), and its params hold the governance parameters, `min_span_tokens`, and for an ok
+record the basis and the estimator with its version.
+
 Evidence hash: sha256 of a canonical JSON document (sorted keys, no spaces) holding everything
-the computation read: request and adapter ids, the result's adapter hash, the sketch's sha256
-over its raw float32 bytes plus its k, seed and projection, the adapter hash and index hash of
-the artifacts used, the method parameters, the prompt and the output text. A field that was
-never read (for instance the index of an adapter that failed to load) is null.
+the computation read and everything the record says about how it was computed: request and
+adapter ids, the result's adapter hash, the sketch's sha256 over its raw float32 bytes plus its
+k, seed and projection, the adapter hash and index hash of the artifacts used, the prompt, the
+output text, and the method (name, version and every parameter). A field that was never read
+(for instance the index of an adapter that failed to load) is null. What the computation found
+(scores, weights, a failure's reason) is not hashed but recomputed by `loraledger verify`:
+scores agree across machines only up to float rounding.
+
+Records of version 1 (`MethodVersion.V1`) named every method `trak+span` and hashed only the
+governance parameters and `min_span_tokens`; `attribute(..., version=MethodVersion.V1)` still
+computes them, so that they still verify.
 """
 
 from __future__ import annotations
@@ -13,12 +26,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from enum import StrEnum
 from typing import Any
 
 from pipeline.attribution.artifacts import AdapterArtifacts, ArtifactCache
 from pipeline.attribution.failures import AttributionFailure, FailureCode
 from pipeline.attribution.methods import (
+    NO_METHOD,
+    Basis,
     gradient_influence,
+    method_name,
     mix_weights,
     span_influence,
     top_examples,
@@ -33,17 +50,52 @@ from schemas.events import (
     Parameters,
 )
 
-METHOD_NAME = "trak+span"
-METHOD_VERSION = "1"
+
+class MethodVersion(StrEnum):
+    V1 = "1"  # every record named V1_METHOD_NAME; the evidence hashed the parameters given only
+    V2 = "2"  # named by what ran; the evidence hashes the whole method
+
+
+METHOD_VERSION = MethodVersion.V2
+V1_METHOD_NAME = "trak+span"
+# What version 1 reported about its own computation, and left out of the evidence hash.
+V1_UNHASHED_PARAMS = ("basis", "estimator")
 
 
 def method_params(parameters: Parameters) -> dict[str, float | int | str]:
+    """The parameters given to the computation: governance's and the span length."""
     return {
         "gradient_weight_ppm": parameters.gradient_weight_ppm,
         "min_span_tokens": DEFAULT_MIN_SPAN_TOKENS,
         "min_weight_ppm": parameters.min_weight_ppm,
         "top_k": parameters.top_k,
     }
+
+
+def method_info(
+    version: MethodVersion,
+    parameters: Parameters,
+    ran: tuple[Basis, tuple[str, str]] | None = None,
+) -> MethodInfo:
+    """The method of a record of `version`: `ran` is the basis of the weights and the index's
+    estimator (name, version), None for a failed record."""
+    params = method_params(parameters)
+    name = NO_METHOD
+    if ran is not None:
+        basis, (estimator, estimator_version) = ran
+        name = method_name(basis, estimator)
+        params = {**params, "basis": basis.value, "estimator": f"{estimator}/{estimator_version}"}
+    if version == MethodVersion.V1:
+        name = V1_METHOD_NAME
+    return MethodInfo(name=name, version=version.value, params=params)
+
+
+def method_evidence(method: MethodInfo) -> dict[str, Any]:
+    """The part of the evidence document that a record's method contributes."""
+    if method.version == MethodVersion.V1:
+        hashed = {k: v for k, v in method.params.items() if k not in V1_UNHASHED_PARAMS}
+        return {"params": hashed}
+    return {"method": method.model_dump(mode="json")}
 
 
 def evidence_hash(
@@ -54,7 +106,7 @@ def evidence_hash(
     sketch: dict[str, Any] | None,
     adapter_hash: str | None,
     index_hash: str | None,
-    params: dict[str, float | int | str],
+    method: MethodInfo,
     output_text: str,
     prompt: str,
 ) -> str:
@@ -63,11 +115,11 @@ def evidence_hash(
         "adapter_id": adapter_id,
         "index_hash": index_hash,
         "output_text": output_text,
-        "params": params,
         "prompt": prompt,
         "request_id": request_id,
         "result_adapter_hash": result_adapter_hash,
         "sketch": sketch,
+        **method_evidence(method),
     }
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -112,8 +164,9 @@ def failed_record(
     *,
     sketch: dict[str, Any] | None = None,
     artifacts: AdapterArtifacts | None = None,
+    version: MethodVersion = METHOD_VERSION,
 ) -> AttributionRecord:
-    params = method_params(parameters)
+    method = method_info(version, parameters)
     adapter_hash = artifacts.adapter_hash if artifacts else None
     index_hash = artifacts.index_hash if artifacts else None
     return AttributionRecord(
@@ -122,7 +175,7 @@ def failed_record(
         adapter_hash=adapter_hash or result.adapter_hash,
         status="failed",
         failure_reason=failure.reason,
-        method=MethodInfo(name=METHOD_NAME, version=METHOD_VERSION, params=params),
+        method=method,
         index_hash=index_hash,
         evidence_hash=evidence_hash(
             request_id=result.request_id,
@@ -131,7 +184,7 @@ def failed_record(
             sketch=sketch,
             adapter_hash=adapter_hash,
             index_hash=index_hash,
-            params=params,
+            method=method,
             output_text=result.output_text,
             prompt=result.prompt,
         ),
@@ -140,7 +193,7 @@ def failed_record(
 
 def attribute_with(
     result: InferenceResult, parameters: Parameters, artifacts: AdapterArtifacts
-) -> tuple[list[ExampleScore], dict[tuple[str, str], int], str]:
+) -> tuple[list[ExampleScore], dict[tuple[str, str], int], Basis]:
     """The computation proper: top examples, ppm weights per (contributor, datanet), basis."""
     assert result.sketch is not None
     examples = top_examples(artifacts, result.sketch.to_array(), parameters.top_k)
@@ -151,39 +204,45 @@ def attribute_with(
         gradient_weight_ppm=parameters.gradient_weight_ppm,
         min_weight_ppm=parameters.min_weight_ppm,
     )
-    return examples, weights, basis.value
+    return examples, weights, basis
 
 
 def attribute(
-    result: InferenceResult, parameters: Parameters, cache: ArtifactCache
+    result: InferenceResult,
+    parameters: Parameters,
+    cache: ArtifactCache,
+    version: MethodVersion = METHOD_VERSION,
 ) -> AttributionRecord | None:
     """The attribution record of an ok result (status `failed` with a reason when it cannot be
-    computed); None for an error result, which served nothing and so pays nobody."""
+    computed); None for an error result, which served nothing and so pays nobody. `version`
+    is the record format: the current one, or an older one to recompute an older record."""
     if result.status != "ok":
         return None
     sketch = sketch_evidence(result)
     if result.sketch is None:
         failure = AttributionFailure(FailureCode.NO_SKETCH, "the ok result carries no sketch")
-        return failed_record(result, parameters, failure)
+        return failed_record(result, parameters, failure, version=version)
     artifacts: AdapterArtifacts | None = None
     try:
         artifacts = cache.get(result.adapter_id, result.adapter_hash)
         _check_compatible(result, artifacts)
         examples, weights, basis = attribute_with(result, parameters, artifacts)
     except AttributionFailure as failure:
-        return failed_record(result, parameters, failure, sketch=sketch, artifacts=artifacts)
+        return failed_record(
+            result, parameters, failure, sketch=sketch, artifacts=artifacts, version=version
+        )
     except Exception as exc:  # noqa: BLE001 - see FailureCode.INTERNAL
         failure = AttributionFailure(FailureCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        return failed_record(result, parameters, failure, sketch=sketch, artifacts=artifacts)
-    name, version = artifacts.index.estimator
-    # The gradient method's estimator is the index's (pinned by index_hash): named for readers.
-    params = {**method_params(parameters), "basis": basis, "estimator": f"{name}/{version}"}
+        return failed_record(
+            result, parameters, failure, sketch=sketch, artifacts=artifacts, version=version
+        )
+    method = method_info(version, parameters, (basis, artifacts.index.estimator))
     return AttributionRecord(
         request_id=result.request_id,
         adapter_id=result.adapter_id,
         adapter_hash=artifacts.adapter_hash,
         status="ok",
-        method=MethodInfo(name=METHOD_NAME, version=METHOD_VERSION, params=params),
+        method=method,
         index_hash=artifacts.index_hash,
         top_examples=examples,
         contributor_weights=[
@@ -197,7 +256,7 @@ def attribute(
             sketch=sketch,
             adapter_hash=artifacts.adapter_hash,
             index_hash=artifacts.index_hash,
-            params=method_params(parameters),
+            method=method,
             output_text=result.output_text,
             prompt=result.prompt,
         ),

@@ -19,8 +19,9 @@ Mixing and the fallback when there is no signal:
    number of examples in the index: every one of them shaped the adapter, and the fee share
    meant for contributors is neither lost nor handed to nobody.
 The record's method params say which of these happened (`basis`: mix, gradient, span,
-example_counts). Then keys below `min_weight_ppm` are dropped (`ppm.apply_minimum`) and the
-rest is rounded to ppm summing to exactly 1,000,000 (`ppm.largest_remainder_ppm`).
+example_counts), and its name says it too, from what ran (`method_name`). Then keys below
+`min_weight_ppm` are dropped (`ppm.apply_minimum`) and the rest is rounded to ppm summing to
+exactly 1,000,000 (`ppm.largest_remainder_ppm`).
 """
 
 from __future__ import annotations
@@ -36,10 +37,29 @@ from schemas.events import PPM_TOTAL, ExampleScore
 
 
 class Basis(StrEnum):
+    """What the weights were computed from."""
+
     MIX = "mix"
     GRADIENT = "gradient"
     SPAN = "span"
     EXAMPLE_COUNTS = "example_counts"
+
+
+SPAN_METHOD = "span"
+EXAMPLE_COUNTS_METHOD = "example-counts"
+NO_METHOD = "none"  # a failed attribution: no method produced weights
+
+
+def method_name(basis: Basis, estimator: str) -> str:
+    """The name of the methods the weights came from; the gradient method is named by the
+    estimator that scored the examples (the index's), e.g. `ekfac-projected+span` for a mix."""
+    names = {
+        Basis.MIX: f"{estimator}+{SPAN_METHOD}",
+        Basis.GRADIENT: estimator,
+        Basis.SPAN: SPAN_METHOD,
+        Basis.EXAMPLE_COUNTS: EXAMPLE_COUNTS_METHOD,
+    }
+    return names[basis]
 
 
 def top_examples(artifacts: AdapterArtifacts, query: np.ndarray, top_k: int) -> list[ExampleScore]:

@@ -1,41 +1,43 @@
-"""The parameters attribution and rewards run with. Every caller goes through this module so
-that it is the one place that decides: governance's when its agent runs in this worker (it
-keeps the activation history in a Faust table), else the schema's defaults as version 0. The
-agent module is looked up, not imported: importing it would register its tables and agents on
-a worker that runs attribution alone."""
+"""Where attribution and rewards take their parameters from: a `ParameterSource`, passed in
+when the pipeline is built (`pipeline.agents.build_pipeline`). Governance's when its agent runs
+in the same worker (it keeps the activation history in a Faust table), else `DEFAULTS`: the
+schema's defaults as version 0."""
 
 from __future__ import annotations
 
-import sys
-from types import ModuleType
+from typing import Protocol
 
 from pipeline.governance import GENESIS
 from schemas.events import Parameters, ParametersActivated
 
-GOVERNANCE_MODULE = "pipeline.governance_agent"
+
+class ParameterSource(Protocol):
+    def current_parameters(self) -> Parameters:
+        """The parameters in force now: what attribution computes with."""
+        ...
+
+    def parameters_for_epoch(self, epoch: int) -> ParametersActivated:
+        """The activation (version and parameters) in force at `epoch`: what a fee is priced
+        and split with."""
+        ...
+
+    async def ready(self) -> None:
+        """Return once the answers are complete: a parameter computed before would be a
+        default standing in for a version not read yet."""
+        ...
 
 
-def _governance() -> ModuleType | None:
-    return sys.modules.get(GOVERNANCE_MODULE)
+class DefaultParameters:
+    """Version 0 with the schema's defaults, at every epoch."""
 
+    def current_parameters(self) -> Parameters:
+        return GENESIS.parameters
 
-def governance_in_worker() -> bool:
-    """Whether the governance agent (and its parameter history table) runs in this worker."""
-    return _governance() is not None
-
-
-def current_parameters() -> Parameters:
-    """The parameters in force now: what attribution computes with."""
-    governance = _governance()
-    if governance is None:
-        return Parameters()
-    return governance.current_parameters()
-
-
-def parameters_for_epoch(epoch: int) -> ParametersActivated:
-    """The activation (version and parameters) in force at `epoch`: what a fee is priced and
-    split with. Version 0 with the defaults when governance does not run here."""
-    governance = _governance()
-    if governance is None:
+    def parameters_for_epoch(self, epoch: int) -> ParametersActivated:
         return GENESIS
-    return governance.parameters_for_epoch(epoch)
+
+    async def ready(self) -> None:
+        return None
+
+
+DEFAULTS = DefaultParameters()

@@ -30,7 +30,6 @@ from infra.kafka.events import Outgoing
 from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.attributor import attribute, failed_record
 from pipeline.attribution.failures import AttributionFailure, FailureCode
-from pipeline.attribution.parameters import parameters_for_epoch
 from pipeline.rewards import epoch_of, split_fee
 from schemas.codec import DecodeError, decode
 from schemas.events import (
@@ -69,8 +68,8 @@ def reward_entries(
     record: AttributionRecord,
     *,
     cache: ArtifactCache,
-    pricing: Pricing = parameters_for_epoch,
-    epoch_seconds: int | None = None,
+    pricing: Pricing,
+    epoch_seconds: int,
 ) -> list[RewardEntry]:
     """The entries paying for `result`, attributed by `record` (a failed record sends the
     contributors' share to the treasury, an adapter with no known owner the owner's share)."""
@@ -91,7 +90,7 @@ def _attributed(
     record: AttributionRecord,
     cache: ArtifactCache,
     pricing: Pricing,
-    epoch_seconds: int | None,
+    epoch_seconds: int,
 ) -> list[Outgoing]:
     entries = reward_entries(
         result, record, cache=cache, pricing=pricing, epoch_seconds=epoch_seconds
@@ -107,12 +106,11 @@ def process_result(
     offset: int,
     parameters: Parameters,
     cache: ArtifactCache,
-    pricing: Pricing = parameters_for_epoch,
-    epoch_seconds: int | None = None,
+    pricing: Pricing,
+    epoch_seconds: int,
 ) -> list[Outgoing]:
     """`parameters` are those attribution computes with (the current ones); `pricing` gives
-    those the fee is priced with (the result's epoch's). `epoch_seconds` defaults to the
-    settings'."""
+    those the fee is priced with (the result's epoch's, epochs of `epoch_seconds`)."""
     try:
         result = decode("results", raw)
     except DecodeError as exc:

@@ -11,7 +11,7 @@ import numpy as np
 from adapter_manifests import write_manifest
 
 from inference.adapter_store import AdapterStore
-from inference.attribution_index import IndexExample, write_index
+from inference.attribution_index import TRAK, IndexExample, write_index
 from infra.settings import Settings
 from schemas.events import InferenceResult, Sketch
 from schemas.text import row_id_for
@@ -60,6 +60,7 @@ def make_adapter(
         loss="test-loss",
         param_layout_hash="0" * 64,
         max_length=64,
+        estimator=TRAK,
     )
     manifest = write_manifest(adapter.path, owner_id=owner_id, index_hash=index_hash)
     return {

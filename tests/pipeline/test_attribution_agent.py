@@ -42,12 +42,9 @@ def _env(settings: Settings) -> dict[str, str]:
 
 
 def _start_worker(settings: Settings, log: Path) -> subprocess.Popen:
-    code = (
-        "from loraledger.commands.pipeline_run import run_pipeline; "
-        "run_pipeline('info', 'pipeline.attribution.agent')"
-    )
     return subprocess.Popen(
-        [sys.executable, "-c", code],
+        [sys.executable, "-m", "loraledger.cli", "pipeline", "-l", "info",
+         "--processor", "attribution"],
         cwd=settings.home,
         env=_env(settings),
         stdout=log.open("ab"),

@@ -5,12 +5,15 @@ import numpy as np
 import pytest
 from attribution_support import make_adapter, make_result
 
+from infra.settings import load_settings
 from pipeline.attribution.artifacts import ArtifactCache
-from pipeline.attribution.attributor import attribute
+from pipeline.attribution.attributor import MethodVersion, attribute, evidence_hash, sketch_evidence
 from pipeline.attribution.methods import Basis, mix_weights
+from pipeline.attribution.parameters import DEFAULTS
 from pipeline.attribution.processing import process_result
+from pipeline.verify import LoggedEvents, verify_events
 from schemas.codec import encode
-from schemas.events import PPM_TOTAL, Parameters
+from schemas.events import PPM_TOTAL, AttributionRecord, MethodInfo, Parameters
 
 
 @pytest.fixture
@@ -45,6 +48,8 @@ def test_ok_record_ranks_examples_by_trak_score_and_weights_sum_exactly(adapter,
         assert abs(weight.ppm - positive[weight.contributor_id] / total * PPM_TOTAL) <= 1
     assert record.method.params["basis"] == Basis.GRADIENT
     assert record.method.params["estimator"] == "trak/1"  # the index's estimator
+    # Named by what ran: the gradient method alone, scored by the index's estimator.
+    assert (record.method.name, record.method.version) == ("trak", "2")
     assert record.index_hash == adapter["index_hash"]
     assert record.adapter_hash == adapter["weights_hash"]
 
@@ -64,9 +69,72 @@ def test_span_method_credits_the_row_the_output_repeats(adapter, cache):
     result = make_result(adapter, output_text=f"Sure. {row.text}", sketch=np.zeros(16))
     record = attribute(result, Parameters(gradient_weight_ppm=0), cache)
     assert record.method.params["basis"] == Basis.SPAN
+    assert record.method.name == "span"
     assert [(w.contributor_id, w.ppm) for w in record.contributor_weights] == [
         (row.contributor_id, PPM_TOTAL)
     ]
+
+
+def test_a_mix_is_named_by_both_methods(adapter, cache):
+    row = adapter["examples"][7]
+    record = attribute(make_result(adapter, output_text=f"Sure. {row.text}"), Parameters(), cache)
+    assert record.method.params["basis"] == Basis.MIX
+    assert record.method.name == "trak+span"
+
+
+def _evidence_with(record: AttributionRecord, result, method: MethodInfo) -> str:
+    return evidence_hash(
+        request_id=record.request_id, adapter_id=record.adapter_id,
+        result_adapter_hash=result.adapter_hash, sketch=sketch_evidence(result),
+        adapter_hash=record.adapter_hash, index_hash=record.index_hash, method=method,
+        output_text=result.output_text, prompt=result.prompt,
+    )
+
+
+def test_the_evidence_hash_covers_everything_the_method_reports(adapter, cache):
+    result = make_result(adapter)
+    record = attribute(result, Parameters(), cache)
+    assert _evidence_with(record, result, record.method) == record.evidence_hash
+    params = record.method.params
+    for altered in (
+        record.method.model_copy(update={"name": "ekfac-projected"}),
+        record.method.model_copy(update={"params": {**params, "estimator": "ekfac-projected/1"}}),
+        record.method.model_copy(update={"params": {**params, "basis": "span"}}),
+    ):
+        assert _evidence_with(record, result, altered) != record.evidence_hash
+
+
+def test_version_1_records_keep_their_name_and_their_evidence(adapter, cache):
+    result = make_result(adapter)
+    old = attribute(result, Parameters(), cache, MethodVersion.V1)
+    assert (old.method.name, old.method.version) == ("trak+span", "1")
+    assert old.method.params["estimator"] == "trak/1"
+    # Version 1 hashed the parameters given, not what the record reports about its method.
+    relabelled = old.method.model_copy(update={"params": {**old.method.params, "basis": "span"}})
+    assert _evidence_with(old, result, relabelled) == old.evidence_hash
+    current = attribute(result, Parameters(), cache)
+    assert old.contributor_weights == current.contributor_weights
+    assert old.evidence_hash != current.evidence_hash
+
+
+def test_verify_recomputes_each_record_with_its_own_method_version(tmp_path):
+    settings = load_settings({"LORALEDGER_HOME": str(tmp_path)})
+    adapter = make_adapter(settings.adapters_dir)
+    cache = ArtifactCache(settings.adapters_dir)
+    result = make_result(adapter)
+
+    def verified(record: AttributionRecord):
+        events = LoggedEvents(results=[result], records=[record])
+        return verify_events(settings, result.request_id, events, check_sketch=False)
+
+    for version in MethodVersion:
+        record = attribute(result, Parameters(top_k=4), cache, version)
+        assert verified(record).ok, version
+    old = attribute(result, Parameters(top_k=4), cache, MethodVersion.V1)
+    renamed = old.model_copy(update={"method": old.method.model_copy(update={"name": "trak"})})
+    assert verified(renamed).difference.field == "method.name"
+    unknown = old.model_copy(update={"method": old.method.model_copy(update={"version": "9"})})
+    assert verified(unknown).difference.field == "method.version"
 
 
 def test_mix_follows_gradient_weight():
@@ -97,6 +165,7 @@ def test_all_negative_scores_and_no_span_end_in_example_counts(adapter, cache):
     record = attribute(result, Parameters(), cache)
     assert record.status == "ok"
     assert record.method.params["basis"] == Basis.EXAMPLE_COUNTS
+    assert record.method.name == "example-counts"
     assert [w.ppm for w in record.contributor_weights] == [250_000] * 4
 
 
@@ -129,6 +198,7 @@ def test_broken_artifacts_give_a_failed_record_with_the_reason(adapter, cache, d
     assert record.status == "failed"
     assert record.failure_reason.startswith(f"{code}: ")
     assert record.contributor_weights == []
+    assert record.method.name == "none"  # no method produced weights
 
 
 def test_result_from_another_adapter_version_fails(adapter, cache):
@@ -156,7 +226,8 @@ def test_unknown_adapter_fails(adapter, cache):
 
 def _process(raw, cache):
     return process_result(
-        raw, source_topic="t.results", partition=3, offset=42, parameters=Parameters(), cache=cache
+        raw, source_topic="t.results", partition=3, offset=42, parameters=Parameters(),
+        cache=cache, pricing=DEFAULTS.parameters_for_epoch, epoch_seconds=3600,
     )
 
 

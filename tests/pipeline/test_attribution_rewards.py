@@ -5,15 +5,14 @@ parameters in force at the result's epoch and paying the owner the adapter's man
 from __future__ import annotations
 
 import json
-import sys
 from datetime import UTC, datetime
 
 import pytest
 from attribution_support import make_adapter, make_result
 
 from inference.adapter_store import AdapterDir
-from pipeline.attribution import parameters as attribution_parameters
 from pipeline.attribution.artifacts import ArtifactCache
+from pipeline.attribution.parameters import DEFAULTS
 from pipeline.attribution.processing import process_result
 from pipeline.governance import GENESIS
 from pipeline.rewards import TREASURY_ID
@@ -65,11 +64,10 @@ def with_usage(result: InferenceResult, prompt: int = 20, completion: int = 13):
     })
 
 
-def run(raw: bytes, cache: ArtifactCache, pricing=None) -> list:
-    extra = {} if pricing is None else {"pricing": pricing}
+def run(raw: bytes, cache: ArtifactCache, pricing=DEFAULTS.parameters_for_epoch) -> list:
     return process_result(raw, source_topic="t.results", partition=1, offset=9,
-                          parameters=Parameters(), cache=cache, epoch_seconds=EPOCH_SECONDS,
-                          **extra)
+                          parameters=Parameters(), cache=cache, pricing=pricing,
+                          epoch_seconds=EPOCH_SECONDS)
 
 
 def decoded(out: list, topic: str) -> list:
@@ -119,7 +117,7 @@ def test_a_failed_attribution_pays_the_contributors_share_to_the_treasury(adapte
 def test_an_unknown_adapter_pays_owner_and_contributors_shares_to_the_treasury(adapter, cache):
     result = with_usage(make_result(adapter, adapter_id="nobody"))
     entries = decoded(run(encode(result), cache), "rewards")
-    # No pricing given and no governance agent loaded: version 0, the defaults.
+    # Priced without governance: version 0, the defaults.
     defaults = Parameters()
     assert sum(e.amount for e in entries) == 33 * defaults.default_price_per_token
     assert {e.parameters_version for e in entries} == {0}
@@ -168,7 +166,6 @@ def test_owner_comes_from_a_valid_manifest_owner_only(adapter, cache, tmp_path):
     assert ArtifactCache(tmp_path).owner_of("adapter-a") is None
 
 
-def test_pricing_without_governance_is_version_zero_defaults(monkeypatch):
-    monkeypatch.delitem(sys.modules, attribution_parameters.GOVERNANCE_MODULE, raising=False)
-    assert attribution_parameters.parameters_for_epoch(12) == GENESIS
-    assert attribution_parameters.current_parameters() == Parameters()
+def test_pricing_without_governance_is_version_zero_defaults():
+    assert DEFAULTS.parameters_for_epoch(12) == GENESIS
+    assert DEFAULTS.current_parameters() == Parameters()

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import ledger_probe
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -23,6 +24,7 @@ from attribution_support import make_adapter, make_result
 from infra.kafka.clients import ensure_topics
 from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
+from pipeline.app import consumer_group
 from schemas.events import Parameters, Usage
 
 pytestmark = pytest.mark.integration
@@ -30,24 +32,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 ADAPTERS = ("adapter-a", "adapter-b")  # two keys: results on two partitions
 STOP_BOUND_S = 30.0  # liveness bound with a wide margin; a hang would run into it
-APPLY_DDL = (
-    "from infra.clickhouse_client import DEFAULT_DATABASE, apply_ddl, get_client; "
-    "from infra.settings import load_settings; "
-    "apply_ddl(get_client(load_settings()), DEFAULT_DATABASE)"
-)
-LEDGER_COUNTS = """
-import json
-from infra.clickhouse_client import DEFAULT_DATABASE, get_client
-from infra.settings import load_settings
-client = get_client(load_settings())
-counts = {}
-for table, column in (("inference_results", "request_id"), ("attributions", "request_id"),
-                      ("reward_entries", "entry_id")):
-    rows, distinct = client.query(
-        f"SELECT count(), uniqExact({column}) FROM {DEFAULT_DATABASE}.{table}").result_rows[0]
-    counts[table] = [int(rows), int(distinct)]
-print(json.dumps(counts))
-"""
 
 
 @pytest.fixture
@@ -55,11 +39,12 @@ def pipeline_env(stack_env, tmp_path) -> dict[str, str]:
     return {**stack_env, "LORALEDGER_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
 
 
-def run_python(env: dict[str, str], code: str, cwd: Path) -> str:
-    """Run `code` in its own process: the embedded ClickHouse opens in one process at a time."""
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, check=True,
+def probe_ledger(env: dict[str, str], what: str, cwd: Path) -> dict:
+    """Run a ledger probe in its own process: the embedded ClickHouse opens in one process at
+    a time."""
+    done = subprocess.run(ledger_probe.command(what), env=env, cwd=cwd, check=True,
                           capture_output=True, text=True, timeout=120)
-    return done.stdout
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def start_pipeline(env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -108,7 +93,7 @@ async def wait_for_commits(settings: Settings, items: list, timeout_s: float = 6
     await admin.start()
     try:
         deadline = time.monotonic() + timeout_s
-        group = f"{settings.topic_prefix}loraledger-pipeline"
+        group = consumer_group(settings)
         while True:
             committed = await admin.list_consumer_group_offsets(group, partitions=list(last))
             if all(tp in committed and committed[tp].offset > offset
@@ -140,7 +125,7 @@ def test_sigterm_mid_run_exits_zero_and_a_restart_loses_and_repeats_nothing(
     settings = load_settings(env)
     asyncio.run(ensure_topics(settings))
     settings.home.mkdir(parents=True)
-    run_python(env, APPLY_DDL, settings.home)
+    probe_ledger(env, "apply-ddl", settings.home)
     adapters = {
         adapter_id: make_adapter(settings.adapters_dir, adapter_id, seed=i)
         for i, adapter_id in enumerate(ADAPTERS)
@@ -195,8 +180,7 @@ def test_sigterm_mid_run_exits_zero_and_a_restart_loses_and_repeats_nothing(
     }, "a request paid twice, partly, or not at all"
     assert {e.parameters_version for e in entries} == {0}
 
-    ledger = json.loads(run_python(env, LEDGER_COUNTS, settings.home).strip().splitlines()[-1])
-    assert ledger == {
+    assert probe_ledger(env, "counts", settings.home) == {
         "inference_results": [len(everything)] * 2,
         "attributions": [len(everything)] * 2,
         "reward_entries": [len(entries)] * 2,

@@ -1,20 +1,18 @@
-"""Fee and split maths: exact sums, largest-remainder rounding, deterministic ties."""
+"""Fee and split maths: exact sums, deterministic ties."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.largest_remainder import largest_remainder
 from pipeline.rewards import (
     TREASURY_ID,
     epoch_of,
-    epoch_seconds,
     fee_for,
-    largest_remainder,
     role_shares,
     split_fee,
 )
@@ -76,44 +74,6 @@ def test_fee_is_tokens_times_adapter_price_else_default():
 def test_error_results_cost_nothing():
     failed = make_result().model_copy(update={"status": "error", "error_code": "internal_error"})
     assert fee_for(failed, Parameters()) == 0
-
-
-def test_largest_remainder_gives_leftover_to_largest_remainders_then_keys():
-    assert largest_remainder(10, [1, 1, 1], ["c", "a", "b"]) == [3, 4, 3]
-    assert largest_remainder(100, [333_333, 333_333, 333_334], ["x", "y", "z"]) == [33, 33, 34]
-    assert largest_remainder(0, [0, 0], ["a", "b"]) == [0, 0]
-
-
-def test_largest_remainder_refuses_bad_input():
-    with pytest.raises(ValueError, match="negative"):
-        largest_remainder(-1, [1], ["a"])
-    with pytest.raises(ValueError, match="sum to zero"):
-        largest_remainder(5, [0, 0], ["a", "b"])
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    total=st.integers(min_value=0, max_value=10**12),
-    weights=st.lists(st.integers(min_value=0, max_value=10**6), min_size=1, max_size=20),
-)
-def test_largest_remainder_is_exact_and_within_one_unit(total, weights):
-    if sum(weights) == 0:
-        weights = [1, *weights[1:]]
-    keys = [f"k{i:03d}" for i in range(len(weights))]
-    parts = largest_remainder(total, weights, keys)
-    assert sum(parts) == total
-    for part, weight in zip(parts, weights, strict=True):
-        exact = Fraction(total * weight, sum(weights))
-        assert abs(part - exact) < 1
-
-
-def test_largest_remainder_does_not_depend_on_input_order():
-    weights = {"b": 1, "a": 1, "c": 1}
-    keys = list(weights)
-    forward = dict(zip(keys, largest_remainder(2, [1, 1, 1], keys), strict=True))
-    reversed_keys = list(reversed(keys))
-    backward = dict(zip(reversed_keys, largest_remainder(2, [1, 1, 1], reversed_keys), strict=True))
-    assert forward == backward == {"a": 1, "b": 1, "c": 0}
 
 
 def test_role_shares_follow_basis_points():
@@ -261,8 +221,8 @@ def test_entries_of_a_request_always_sum_to_its_fee(tokens, price, raw_weights, 
         compute_operator=third - second,
         treasury=10_000 - third,
     )
-    ppm = largest_remainder(1_000_000, raw_weights, list(range(len(raw_weights))))
-    weights = {f"c{i}": p for i, p in enumerate(ppm) if p}
+    ppm = largest_remainder(1_000_000, dict(enumerate(raw_weights)))
+    weights = {f"c{i}": p for i, p in ppm.items() if p}
     parameters = Parameters(fee_split=split, default_price_per_token=price)
     entries = split_fee(
         make_result(tokens, 0),
@@ -276,13 +236,8 @@ def test_entries_of_a_request_always_sum_to_its_fee(tokens, price, raw_weights, 
     assert len({e.entry_id for e in entries}) == len(entries)
 
 
-def test_epoch_numbers(monkeypatch):
+def test_epoch_numbers():
     assert epoch_of(WHEN, 3600) == int(WHEN.timestamp()) // 3600
-    monkeypatch.setenv("LORALEDGER_EPOCH_SECONDS", "60")
-    assert epoch_seconds() == 60
-    assert epoch_of(WHEN) == int(WHEN.timestamp()) // 60
-    monkeypatch.setenv("LORALEDGER_EPOCH_SECONDS", "soon")
-    with pytest.raises(ValueError, match="LORALEDGER_EPOCH_SECONDS"):
-        epoch_seconds()
+    assert epoch_of(WHEN, 60) == int(WHEN.timestamp()) // 60
     with pytest.raises(ValueError, match="positive"):
         epoch_of(WHEN, 0)

@@ -16,6 +16,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import ledger_probe
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -23,6 +24,7 @@ from attribution_support import make_adapter, make_result
 
 from infra.kafka.events import publish, read_topic
 from infra.settings import load_settings
+from pipeline.app import consumer_group
 from pipeline.rewards import TREASURY_ID
 from schemas.events import (
     AttributionRecord,
@@ -44,29 +46,6 @@ EPOCH_SECONDS = 100
 ADAPTER = "ad-1"
 OWNER = "olga"  # a quarter of every fee: enough vote weight to pass a proposal alone
 OPERATOR = "gpu-0"
-AGENTS = "pipeline.governance_agent, pipeline.attribution.agent, pipeline.sink"
-WORKER = (
-    f"import sys, {AGENTS}; from pipeline.app import app; "
-    "sys.argv = ['worker', 'worker', '-l', 'warn', '--without-web']; app.main()"
-)
-
-CHECK_LEDGER = """
-import json
-from infra.clickhouse_client import get_client
-from infra.settings import load_settings
-from pipeline import queries
-from pipeline.ledger import TABLES
-from pipeline.replay import ROLLUP_TABLES, table_fingerprint
-client = get_client(load_settings())
-tables = [*TABLES, *ROLLUP_TABLES]
-print(json.dumps({
-    "equal": {t: table_fingerprint(client, "loraledger", t)
-                 == table_fingerprint(client, "rebuilt", t) for t in tables},
-    "rows": {t: len(table_fingerprint(client, "loraledger", t)) for t in tables},
-    "proposals": queries.proposals(client, "loraledger").records(),
-}, default=str))
-"""
-
 
 def at_epoch(epoch: int, second: int = 0) -> datetime:
     return datetime.fromtimestamp(epoch * EPOCH_SECONDS + second, UTC)
@@ -97,8 +76,9 @@ def owned_adapter(adapters_dir: Path) -> dict:
 
 def start_worker(env: dict[str, str], cwd: Path) -> subprocess.Popen:
     log = (cwd / "worker.log").open("ab")
-    return subprocess.Popen([sys.executable, "-c", WORKER], env=env, cwd=cwd,
-                            stdout=log, stderr=subprocess.STDOUT)
+    # Every processor: governance, attribution (which pays) and the sink.
+    return subprocess.Popen([sys.executable, "-m", "loraledger.cli", "pipeline", "-l", "warning"],
+                            env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
 async def read_all(settings, topic: str) -> list:
@@ -127,7 +107,7 @@ async def consumed_by_pipeline(settings, topic: str) -> bool:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        group = f"{settings.topic_prefix}loraledger-pipeline"
+        group = consumer_group(settings)
         committed = await admin.list_consumer_group_offsets(group, partitions=list(last))
     finally:
         await admin.close()
@@ -242,7 +222,7 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
 
     subprocess.run([sys.executable, "-m", "loraledger.cli", "replay", "--into", "rebuilt"],
                    env=env, cwd=tmp_path, check=True, capture_output=True, timeout=180)
-    checked = subprocess.run([sys.executable, "-c", CHECK_LEDGER], env=env, cwd=tmp_path,
+    checked = subprocess.run(ledger_probe.command("compare", "rebuilt"), env=env, cwd=tmp_path,
                              check=True, capture_output=True, text=True, timeout=120)
     report = json.loads(checked.stdout.strip().splitlines()[-1])
     assert all(report["equal"].values()), report["equal"]

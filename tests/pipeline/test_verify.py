@@ -14,6 +14,7 @@ from infra.kafka.clients import ensure_topics
 from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
 from pipeline.attribution.agent import run_attribution
+from pipeline.attribution.parameters import DEFAULTS
 from pipeline.verify import fetch_events, verify_events, verify_request
 from schemas.events import InferenceRequest, InferenceResult, Sketch
 
@@ -44,7 +45,7 @@ def _result(request: InferenceRequest, output: str, sketch: Sketch | None, weigh
 
 async def _attribute_until(settings: Settings, count: int) -> list:
     stop = asyncio.Event()
-    task = asyncio.create_task(run_attribution(settings, stop))
+    task = asyncio.create_task(run_attribution(settings, DEFAULTS, stop))
     try:
         for _ in range(120):
             records = [

@@ -13,7 +13,7 @@ import torch
 
 from inference.adapter_store import AdapterStore
 from inference.adapters import save_peft_adapter
-from inference.attribution_index import IndexExample, write_index
+from inference.attribution_index import TRAK, IndexExample, write_index
 from inference.config import ModelConfig
 from inference.sketch import LOSS_DEFINITION, PROJECTION_KIND, layout_hash
 from schemas.text import row_id_for
@@ -78,6 +78,7 @@ def write_random_adapter(
             loss=LOSS_DEFINITION,
             param_layout_hash=layout_hash(lora_layout(config, rank, targets)),
             max_length=max_length,
+            estimator=TRAK,
         )
     return directory.path
 

@@ -14,6 +14,7 @@ from infra.kafka.clients import make_admin
 from infra.settings import Settings
 from loraledger.demo.errors import DemoError
 from loraledger.demo.steps.collection import Collected, Partition
+from pipeline.app import consumer_group
 from pipeline.ledger import LedgerWriter
 
 
@@ -23,15 +24,13 @@ async def wait_for_pipeline_commits(
     """Wait until the pipeline's consumer group has committed past every event of this run.
     Faust commits an offset once every agent reading the topic is done with the event, the
     ledger sink included, so this is the sink catching up; False if it did not in time."""
-    from pipeline.app import app  # builds the Faust app on import
-
     admin = make_admin(settings)
     await admin.start()
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             committed = await admin.list_consumer_group_offsets(
-                app.conf.id, partitions=list(last_offsets)
+                consumer_group(settings), partitions=list(last_offsets)
             )
             if all(
                 partition in committed and committed[partition].offset > offset

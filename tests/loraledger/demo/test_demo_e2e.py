@@ -3,22 +3,18 @@ adapters, twenty requests; then again, to see every slow step skipped."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import ledger_probe
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SMALL_DEMO = ["--requests", "20", "--adapters", "2", "--base-preset", "test",
               "--train-steps", "20", "--timeout", "300"]
-
-COUNT_RESULTS = (
-    "from infra.clickhouse_client import get_client; from infra.settings import load_settings; "
-    "print(get_client(load_settings()).query("
-    "'SELECT count() FROM loraledger.inference_results FINAL').result_rows[0][0])"
-)
 
 
 def _demo(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
@@ -56,8 +52,8 @@ def test_demo_runs_end_to_end_then_skips_cached_steps(kafka_settings, stack_env,
     # The children are gone: nothing holds the embedded ClickHouse directory any more. Read it
     # from a fresh process (this one may already hold another embedded directory).
     count = subprocess.run(
-        [sys.executable, "-c", COUNT_RESULTS], cwd=REPO_ROOT, env=env,
+        ledger_probe.command("counts"), cwd=REPO_ROOT, env=env,
         capture_output=True, text=True, timeout=120,
     )
     assert count.returncode == 0, count.stderr[-2000:]
-    assert int(count.stdout.strip()) == 40
+    assert json.loads(count.stdout.strip().splitlines()[-1])["inference_results"][1] == 40

@@ -1,0 +1,85 @@
+"""Reads of the ledger for integration tests, in a process of their own: the embedded ClickHouse
+engine serves one directory per process, and the pipeline under test holds it while it runs.
+
+    python tests/support/ledger_probe.py apply-ddl
+    python tests/support/ledger_probe.py counts
+    python tests/support/ledger_probe.py compare DATABASE
+
+Settings come from the environment, as the pipeline's do; each command prints one JSON line.
+`command(...)` gives the argument list to run one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from infra.clickhouse_client import DEFAULT_DATABASE, apply_ddl, get_client
+from infra.settings import load_settings
+
+# table -> the column that identifies a row
+IDENTIFIED_BY = {
+    "inference_results": "request_id",
+    "attributions": "request_id",
+    "reward_entries": "entry_id",
+}
+
+
+def command(*args: str) -> list[str]:
+    """The command line that runs this probe with `args`."""
+    return [sys.executable, str(Path(__file__).resolve()), *args]
+
+
+def counts() -> dict[str, list[int]]:
+    """Rows and distinct ids per ledger table: equal when no row is stored twice."""
+    client = get_client(load_settings())
+    found = {}
+    for table, column in IDENTIFIED_BY.items():
+        rows, distinct = client.query(
+            f"SELECT count(), uniqExact({column}) FROM {DEFAULT_DATABASE}.{table}"
+        ).result_rows[0]
+        found[table] = [int(rows), int(distinct)]
+    return found
+
+
+def compare(other: str) -> dict:
+    """Whether every table of `other` equals the live ledger's, row counts, and the proposals."""
+    from pipeline import queries
+    from pipeline.ledger import TABLES
+    from pipeline.replay import ROLLUP_TABLES, table_fingerprint
+
+    client = get_client(load_settings())
+    tables = [*TABLES, *ROLLUP_TABLES]
+    return {
+        "equal": {
+            table: table_fingerprint(client, DEFAULT_DATABASE, table)
+            == table_fingerprint(client, other, table)
+            for table in tables
+        },
+        "rows": {
+            table: len(table_fingerprint(client, DEFAULT_DATABASE, table)) for table in tables
+        },
+        "proposals": queries.proposals(client, DEFAULT_DATABASE).records(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("apply-ddl", help="create the ledger's tables")
+    commands.add_parser("counts", help="rows and distinct ids per table")
+    compared = commands.add_parser("compare", help="compare a rebuilt ledger with the live one")
+    compared.add_argument("database")
+    args = parser.parse_args(argv)
+    if args.command == "apply-ddl":
+        apply_ddl(get_client(load_settings()), DEFAULT_DATABASE)
+        print(json.dumps({"applied": DEFAULT_DATABASE}))
+    elif args.command == "counts":
+        print(json.dumps(counts()))
+    else:
+        print(json.dumps(compare(args.database), default=str))
+
+
+if __name__ == "__main__":
+    main()
