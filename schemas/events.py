@@ -58,7 +58,10 @@ class Event(BaseModel):
     @field_validator("created_at")
     @classmethod
     def _in_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
+            raise ValueError("created_at is out of range in UTC") from None
 
 
 class Part(BaseModel):
