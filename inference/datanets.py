@@ -1,8 +1,10 @@
 """Datanets: named, versioned datasets of rows contributed by many people.
 
-A row is identified by the sha256 of its normalized text (NFC, trimmed, every run of
-whitespace collapsed to one space; see `schemas.text.normalize_text`), so the same content is
-one row whoever sends it, and it is credited to whoever sent it first.
+A row is identified by the sha256 of its identity text (format characters such as zero-width
+spaces dropped, NFKC, trimmed, every run of whitespace collapsed to one space; see
+`schemas.text.identity_text`), so the same content is one row whoever sends it and however it
+is typed, and it is credited to whoever sent it first. The row keeps its text in NFC
+(`schemas.text.normalize_text`).
 
 The store is a fold over `DatanetContribution` events: `apply(event)` in log order gives the
 same state whether the events come from the CLI, from Python (`add`) or from replaying the
@@ -35,9 +37,8 @@ from pydantic import ValidationError
 from schemas import DatanetContribution
 from schemas.events import MAX_CONTRIBUTION_CHARS
 from schemas.ids import check_id, is_valid_id
-from schemas.text import normalize_text, row_id_for
+from schemas.text import ROW_ID_NORMALIZATION, normalize_text, row_id_for
 
-NORMALIZATION = "nfc+strip+collapse-whitespace"
 DEFAULT_LICENSE = "CC-BY-4.0"
 _LICENSE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$")
 _VERSION_DIR_RE = re.compile(r"^v([1-9][0-9]*)$")
@@ -88,7 +89,7 @@ class SnapshotManifest:
     rows: int
     contributors: list[str]  # sorted
     snapshot_hash: str  # see `snapshot_hash`
-    normalization: str = NORMALIZATION
+    normalization: str = ROW_ID_NORMALIZATION
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -230,8 +231,8 @@ class DatanetStore:
             return refuse("invalid contribution id")
         if not self.exists(datanet):
             return refuse("unknown datanet")
-        if not _LICENSE_RE.match(license):
-            return refuse("invalid license identifier")
+        if not (isinstance(license, str) and _LICENSE_RE.fullmatch(license)):
+            return refuse(f"invalid license identifier {repr(license)[:70]}")
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")

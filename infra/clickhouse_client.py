@@ -51,7 +51,7 @@ class Migration:
 
 
 def check_database(name: str) -> str:
-    if not _DATABASE_NAME.match(name):
+    if not _DATABASE_NAME.fullmatch(name):
         raise ClickHouseConfigError(
             f"invalid ClickHouse database name {name!r}: use letters, digits and '_', "
             "starting with a letter or '_'"

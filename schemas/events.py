@@ -29,7 +29,7 @@ from schemas.ids import (
     WorkerId,
     new_id,
 )
-from schemas.text import row_id_for
+from schemas.text import identity_text, row_id_for
 
 SCHEMA_VERSION = 1
 MAX_PROMPT_CHARS = 8192
@@ -58,7 +58,10 @@ class Event(BaseModel):
     @field_validator("created_at")
     @classmethod
     def _in_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
+            raise ValueError("created_at is out of range in UTC") from None
 
 
 class Part(BaseModel):
@@ -302,8 +305,8 @@ class DatanetContribution(Event):
 
     @model_validator(mode="after")
     def _row_id_matches_text(self) -> DatanetContribution:
-        if not self.text.strip():
-            raise ValueError("text is empty after trimming whitespace")
+        if not identity_text(self.text):
+            raise ValueError("text is empty once whitespace and invisible characters are removed")
         if self.row_id != row_id_for(self.text):
             raise ValueError("row_id is not the sha256 of the normalized text")
         return self

@@ -13,6 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from infra.settings import Settings
+from schemas.codec import MAX_VALUE_BYTES
 from schemas.topics import TOPICS, topic_name
 
 
@@ -26,7 +27,7 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> AI
         enable_idempotence=True,
         acks="all",
         transactional_id=transactional_id,
-        max_request_size=4 * 1024 * 1024,
+        max_request_size=MAX_VALUE_BYTES,
     )
 
 

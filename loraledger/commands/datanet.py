@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from inference.datanets import (
@@ -19,6 +20,7 @@ from inference.datanets import (
 )
 from infra.settings import load_settings
 from schemas import DatanetContribution
+from schemas.codec import DecodeError, parse_object
 
 console = Console()
 err_console = Console(stderr=True)
@@ -59,18 +61,20 @@ def read_rows_file(
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw)
+            raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             prepared.append(
                 _rejection(datanet, contributor, f"line {number}: invalid UTF-8 ({exc})")
             )
             continue
-        except json.JSONDecodeError as exc:
-            prepared.append(
-                _rejection(datanet, contributor, f"line {number}: not JSON ({exc.msg})")
-            )
+        try:
+            # The codec's parser: its limits keep a hostile line (deep nesting, a huge
+            # number) a rejection like any other.
+            record = parse_object(raw)
+        except DecodeError as exc:
+            prepared.append(_rejection(datanet, contributor, f"line {number}: {exc.reason}"))
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if not isinstance(record.get("text"), str):
             prepared.append(
                 _rejection(datanet, contributor, f'line {number}: needs a "text" string')
             )
@@ -136,7 +140,7 @@ def add(
             accepted += 1
         else:
             rejected += 1
-            err_console.print(f"[yellow]rejected[/yellow] {outcome.reason}")
+            err_console.print(f"[yellow]rejected[/yellow] {escape(outcome.reason or '')}")
     console.print(f"{name}: {accepted} accepted, {rejected} rejected")
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from infra.kafka.events import publish_sync, read_topic
@@ -22,15 +24,19 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def parse_request_lines(lines: list[str]) -> tuple[list[InferenceRequest], list[str]]:
-    """Parse JSONL requests; returns the valid ones and one message per invalid line."""
+def parse_request_lines(
+    lines: Sequence[bytes | str],
+) -> tuple[list[InferenceRequest], list[str]]:
+    """Parse JSONL requests; returns the valid ones and one message per invalid line (a line
+    that is not UTF-8 included: lines are decoded one by one)."""
     requests: list[InferenceRequest] = []
     problems: list[str] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        raw = line if isinstance(line, bytes) else line.encode("utf-8")
         try:
-            requests.append(decode("requests", line.encode("utf-8")))
+            requests.append(decode("requests", raw))
         except DecodeError as exc:
             problems.append(f"line {number}: {exc.reason}")
     return requests, problems
@@ -52,9 +58,9 @@ def produce(
     if file is not None:
         if adapter or prompt:
             raise typer.BadParameter("give either --file or --adapter/--prompt, not both")
-        requests, problems = parse_request_lines(file.read_text(encoding="utf-8").splitlines())
+        requests, problems = parse_request_lines(file.read_bytes().splitlines())
         for problem in problems:
-            err_console.print(f"[yellow]skipped[/yellow] {file}:{problem}")
+            err_console.print(f"[yellow]skipped[/yellow] {escape(f'{file}:{problem}')}")
     else:
         if not adapter or not prompt:
             raise typer.BadParameter("give --adapter and --prompt (or --file requests.jsonl)")
@@ -106,12 +112,13 @@ def tail(
     for column in ("partition", "offset", "key", "event"):
         table.add_column(column, overflow="fold")
     for item in items:
+        # Event text is anyone's: escaped, so that brackets in it are not read as markup.
         summary = (
-            item.event.model_dump_json(exclude_defaults=True)[:160]
+            escape(item.event.model_dump_json(exclude_defaults=True)[:160])
             if item.event is not None
-            else f"[red]invalid:[/red] {item.error}"
+            else f"[red]invalid:[/red] {escape(item.error or '')}"
         )
-        key = (item.record.key or b"").decode("utf-8", "replace")
+        key = escape((item.record.key or b"").decode("utf-8", "replace"))
         table.add_row(str(item.record.partition), str(item.record.offset), key, summary)
     console.print(table)
 

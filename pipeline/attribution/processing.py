@@ -31,7 +31,7 @@ from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.attributor import attribute, failed_record
 from pipeline.attribution.failures import AttributionFailure, FailureCode
 from pipeline.rewards import epoch_of, split_fee
-from schemas.codec import DecodeError, decode
+from schemas.codec import DecodeError, decode, parse_object
 from schemas.events import (
     AttributionRecord,
     InferenceResult,
@@ -50,10 +50,10 @@ def _salvage(raw: bytes) -> tuple[InferenceResult, str] | None:
     """The result without its sketch, and the sha256 of the sketch's JSON as sent, when the
     sketch is the only thing wrong with the message."""
     try:
-        payload = json.loads(raw)
-    except ValueError:
+        payload = parse_object(raw)
+    except DecodeError:
         return None
-    if not isinstance(payload, dict) or "sketch" not in payload:
+    if "sketch" not in payload:
         return None
     sketch_json = json.dumps(payload.pop("sketch"), sort_keys=True, separators=(",", ":"))
     try:

@@ -75,3 +75,26 @@ def test_cli_errors_are_one_line(env: dict[str, str]) -> None:
     assert result.exit_code == 1 and "unknown datanet" in result.output
     result = CliRunner().invoke(app, ["adapters", "show", "nope"], env=env)
     assert result.exit_code == 1 and "unknown adapter" in result.output
+
+
+def test_hostile_rows_are_refused_one_by_one_and_the_others_kept(tmp_path: Path) -> None:
+    env = {"LORALEDGER_HOME": str(tmp_path / "home")}
+    run(env, "datanet", "create", "market")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b"\n".join([
+        b'{"text": "Salt costs two coins.", "license": 5}',
+        b"[" * 100_000,
+        b'{"text": "Rice costs one coin.", "count": ' + b"9" * 5000 + b"}",
+        b'{"text": "[/red] is not markup"}',
+        b'{"text": "Beans cost three coins.", "license": "MIT"}',
+    ]) + b"\n")  # fmt: skip
+    output = run(env, "datanet", "add", "market", "--contributor", "cy", "--file", str(rows),
+                 "--no-publish")  # fmt: skip
+    assert "invalid license identifier 5" in output
+    assert "line 2: value nests 100000 levels deep" in output
+    assert "line 3: value holds an integer of more than 4300 digits" in output
+    assert "2 accepted, 3 rejected" in output
+    store = DatanetStore(Path(env["LORALEDGER_HOME"]) / "datanets")
+    assert sorted(row.text for row in store.rows("market")) == [
+        "Beans cost three coins.", "[/red] is not markup"
+    ]

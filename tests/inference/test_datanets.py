@@ -149,3 +149,17 @@ def test_parse_ref() -> None:
     for bad in ("health@0", "health@x", "../x@1"):
         with pytest.raises(ValueError):
             parse_ref(bad)
+
+
+@pytest.mark.parametrize("license", [5, None, "MIT\n", "", "../etc"])
+def test_an_invalid_license_refuses_the_row_with_a_reason(store: DatanetStore, license) -> None:
+    outcome = store.add("health", "alice", "Wash hands before meals.", license)
+    assert not outcome.accepted
+    assert outcome.reason.startswith("invalid license identifier")
+    assert store.add("health", "alice", "Wash hands before meals.", "MIT").accepted
+
+
+def test_zero_width_characters_make_no_new_row(store: DatanetStore) -> None:
+    assert store.add("health", "alice", "Wash hands before meals.").accepted
+    again = store.add("health", "bob", "Wash\u200b hands before\u00ad meals\uff0e")
+    assert again.reason == "duplicate of a row already credited to alice"

@@ -77,3 +77,5 @@ def test_bad_settings_are_one_line_errors():
         get_client(load_settings({"CLICKHOUSE_URL": "mysql://host"}))
     with pytest.raises(ClickHouseConfigError, match="invalid ClickHouse database name"):
         check_database("ledger; DROP TABLE x")
+    with pytest.raises(ClickHouseConfigError, match="invalid ClickHouse database name"):
+        check_database("ledger\n")

@@ -70,3 +70,17 @@ def test_produce_then_tail_through_the_broker(kafka_settings, stack_env, monkeyp
     status = runner.invoke(app, ["stack", "status"])
     assert status.exit_code == 0, status.output
     assert f"{stack_env['LORALEDGER_TOPIC_PREFIX']}requests" in status.output
+
+
+def test_request_lines_that_are_not_utf8_or_hostile_are_reported_and_skipped(tmp_path):
+    requests_file = tmp_path / "requests.jsonl"
+    requests_file.write_bytes(b"\n".join([
+        b'{"adapter_id": "legal-eu", "prompt": "caf\xe9"}',
+        b"[" * 100_000,
+        b'{"adapter_id": "legal-eu", "prompt": "ok", "seed": ' + b"9" * 5000 + b"}",
+        b'{"adapter_id": "legal-eu", "prompt": "fine"}',
+    ]))  # fmt: skip
+    requests, problems = parse_request_lines(requests_file.read_bytes().splitlines())
+    assert [request.prompt for request in requests] == ["fine"]
+    assert [problem.split(":")[0] for problem in problems] == ["line 1", "line 2", "line 3"]
+    assert "not UTF-8" in problems[0] and "nests" in problems[1] and "4300 digits" in problems[2]
