@@ -18,6 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import ledger_probe
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -26,8 +27,9 @@ from random_adapters import write_random_adapters
 
 from inference.base_model import build_base_model
 from inference.config import ModelConfig
-from infra.kafka.clients import read_topic
+from infra.kafka.events import read_topic
 from infra.settings import Settings, load_settings
+from pipeline.app import consumer_group
 from pipeline.rewards import epoch_of
 from schemas.events import (
     EpochTick,
@@ -153,19 +155,6 @@ def test_poison_requests_are_dead_lettered_and_the_worker_serves_the_next(worker
 
 # --- results and governance: the pipeline ------------------------------------------------------
 
-APPLY_DDL = (
-    "from infra.clickhouse_client import DEFAULT_DATABASE, apply_ddl, get_client; "
-    "from infra.settings import load_settings; "
-    "apply_ddl(get_client(load_settings()), DEFAULT_DATABASE)"
-)
-LEDGER_RESULTS = (
-    "from infra.clickhouse_client import DEFAULT_DATABASE, get_client; "
-    "from infra.settings import load_settings; "
-    "print(get_client(load_settings()).query("
-    "f'SELECT groupArray(request_id) FROM {DEFAULT_DATABASE}.inference_results'"
-    ").result_rows[0][0])"
-)
-
 
 async def wait_for_commit(
     settings: Settings, topic: str, process: subprocess.Popen, log: Path
@@ -179,7 +168,7 @@ async def wait_for_commit(
     await admin.start()
     try:
         deadline = time.monotonic() + WAIT_S
-        group = f"{settings.topic_prefix}loraledger-pipeline"
+        group = consumer_group(settings)
         while True:
             committed = await admin.list_consumer_group_offsets(group, partitions=list(last))
             if all(tp in committed and committed[tp].offset > offset
@@ -192,19 +181,14 @@ async def wait_for_commit(
         await admin.close()
 
 
-def run_python(env: dict[str, str], code: str, cwd: Path) -> str:
-    """In its own process: the embedded ClickHouse opens in one process at a time."""
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, check=True,
-                          capture_output=True, text=True, timeout=120).stdout
-
-
 def test_poison_results_and_governance_are_dead_lettered_and_the_pipeline_goes_on(
     stack_env, kafka_settings, tmp_path
 ):
     env = {**stack_env, "LORALEDGER_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
     settings = load_settings(env)
     settings.home.mkdir(parents=True)
-    run_python(env, APPLY_DDL, settings.home)
+    subprocess.run(ledger_probe.command("apply-ddl"), env=env, cwd=settings.home, check=True,
+                   capture_output=True, timeout=120)
 
     adapter = make_adapter(settings.adapters_dir, "adapter-a")
     good_result = make_result(adapter, request_id="req-good", adapter_id="adapter-a")
@@ -251,4 +235,7 @@ def test_poison_results_and_governance_are_dead_lettered_and_the_pipeline_goes_o
     assert tallied.proposal_id == proposal.proposal_id
     assert_poison_letters(letters_from(settings, "results", letters), "attribution")
     assert_poison_letters(letters_from(settings, "governance", letters), "governance")
-    assert "req-good" in run_python(env, LEDGER_RESULTS, settings.home)
+    stored = subprocess.run(ledger_probe.command("ids", "inference_results"), env=env,
+                            cwd=settings.home, check=True, capture_output=True, text=True,
+                            timeout=120).stdout
+    assert "req-good" in json.loads(stored)

@@ -3,6 +3,7 @@ engine serves one directory per process, and the pipeline under test holds it wh
 
     python tests/support/ledger_probe.py apply-ddl
     python tests/support/ledger_probe.py counts
+    python tests/support/ledger_probe.py ids TABLE
     python tests/support/ledger_probe.py compare DATABASE
 
 Settings come from the environment, as the pipeline's do; each command prints one JSON line.
@@ -43,6 +44,15 @@ def counts() -> dict[str, list[int]]:
     return found
 
 
+def ids(table: str) -> list[str]:
+    """The identifying column of every row of one ledger table, sorted."""
+    column = IDENTIFIED_BY[table]
+    rows = get_client(load_settings()).query(
+        f"SELECT {column} FROM {DEFAULT_DATABASE}.{table} ORDER BY {column}"
+    ).result_rows
+    return [row[0] for row in rows]
+
+
 def compare(other: str) -> dict:
     """Whether every table of `other` equals the live ledger's, row counts, and the proposals."""
     from pipeline import queries
@@ -69,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("apply-ddl", help="create the ledger's tables")
     commands.add_parser("counts", help="rows and distinct ids per table")
+    listed = commands.add_parser("ids", help="the identifying column of one table's rows")
+    listed.add_argument("table", choices=sorted(IDENTIFIED_BY))
     compared = commands.add_parser("compare", help="compare a rebuilt ledger with the live one")
     compared.add_argument("database")
     args = parser.parse_args(argv)
@@ -77,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"applied": DEFAULT_DATABASE}))
     elif args.command == "counts":
         print(json.dumps(counts()))
+    elif args.command == "ids":
+        print(json.dumps(ids(args.table)))
     else:
         print(json.dumps(compare(args.database), default=str))
 
