@@ -1,22 +1,30 @@
 """ClickHouse access: one client per process and the versioned DDL in `infra/clickhouse/`.
 
-`CLICKHOUSE_URL` is `chdb://DIR` for the embedded engine (ClickHouse in-process through
-clickhouse-connect's chdb backend) or `http(s)://host:8123` for a server; the same DDL and
-queries run on both. The embedded engine allows one data directory per process, so clients are
-shared per process and a second directory is refused with a clear error.
+`CLICKHOUSE_URL` is `http(s)://host:port` for a server: by default the local ledger server
+(`infra/ledger_server`), which owns the embedded engine's directory and serves every process at
+once; or `chdb://DIR` for the embedded engine inside this process (ClickHouse in-process
+through clickhouse-connect's chdb backend), which then holds the directory alone. The same DDL
+and queries run on both. The embedded engine allows one data directory per process, so clients
+are shared per process, and a second directory, or one another process holds, is refused with
+a clear error.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import OperationalError
 
+from infra.ledger_server.ownership import DirectoryClaim, DirectoryInUse, claim_directory
 from infra.settings import Settings
 
 DEFAULT_DATABASE = "loraledger"
@@ -25,11 +33,16 @@ _DDL_NAME = re.compile(r"^V(\d{3})__([a-z0-9_]+)\.sql$")
 _DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 _clients: dict[str, Client] = {}
+_claims: list[DirectoryClaim] = []  # the embedded directory this process holds, if any
 _lock = threading.Lock()
 
 
 class ClickHouseConfigError(ValueError):
     """A ClickHouse setting or DDL file that cannot be used; the message says what to fix."""
+
+
+class LedgerUnavailableError(ClickHouseConfigError):
+    """No server answers at CLICKHOUSE_URL; the message says what to start."""
 
 
 @dataclass(frozen=True)
@@ -80,16 +93,53 @@ def get_client(settings: Settings) -> Client:
                     "embedded engine serves one directory per process"
                 )
             path = _chdb_path(url)
-            path.mkdir(parents=True, exist_ok=True)
+            try:
+                claim = claim_directory(path, f"process {os.getpid()} (CLICKHOUSE_URL={url})")
+            except DirectoryInUse as exc:
+                raise ClickHouseConfigError(str(exc)) from None
+            _claims.append(claim)
             client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
         elif url.startswith(("http://", "https://")):
-            client = clickhouse_connect.get_client(dsn=url)
+            client = _server_client(settings)
         else:
             raise ClickHouseConfigError(
                 f"CLICKHOUSE_URL {url!r} is neither chdb://DIR nor http(s)://host:port"
             )
         _clients[url] = client
         return client
+
+
+def _server_client(settings: Settings) -> Client:
+    url = settings.clickhouse_url
+    local_ledger = url == settings.ledger_url
+    options: dict[str, object] = {
+        # One client serves every thread of the process; a session would serialize them.
+        "autogenerate_session_id": False,
+    }
+    if local_ledger and settings.ledger_password:
+        options["password"] = settings.ledger_password
+    error: Exception | None = None
+    if _listens(url):
+        try:
+            return clickhouse_connect.get_client(dsn=url, **options)
+        except OperationalError as exc:
+            error = exc
+    if local_ledger:
+        raise LedgerUnavailableError(f"no ledger at {url}: run `loraledger stack up`")
+    raise LedgerUnavailableError(f"no ClickHouse server answers at {url}"
+                                 + (f": {error}" if error else ""))
+
+
+def _listens(url: str) -> bool:
+    """Whether anything accepts connections at the URL (checked first, so that a server that
+    is simply not running is one line, not a client's transport warning)."""
+    parsed = urlsplit(url)
+    port = parsed.port or (8443 if parsed.scheme == "https" else 8123)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", port), timeout=5):
+            return True
+    except OSError:
+        return False
 
 
 def migrations(ddl_dir: Path = DDL_DIR) -> list[Migration]:

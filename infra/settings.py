@@ -14,14 +14,25 @@ ENV_VARS: dict[str, str] = {
     "LORALEDGER_HOME": "directory for local state (broker data, ClickHouse, adapters, datanets)",
     "KAFKA_BOOTSTRAP": "Kafka bootstrap servers, host:port[,host:port]",
     "LORALEDGER_TOPIC_PREFIX": "prefix for every topic name, so several stacks share a cluster",
-    "CLICKHOUSE_URL": "chdb://DIR for the embedded engine, or http(s)://host:8123 for a server",
+    "CLICKHOUSE_URL": "the ledger: http(s)://host:port of a ClickHouse server (default: the local "
+                      "ledger server), or chdb://DIR for the embedded engine in this process",
     "LORALEDGER_DEVICE": "torch device for the worker and generation: cpu or cuda",
     "LORALEDGER_WORKER_ID": "identity of a GPU worker, credited as compute operator",
     "LORALEDGER_BASE_MODEL": "directory of the Hugging Face base model checkpoint",
     "LORALEDGER_METRICS_PORT": "port of the worker's Prometheus endpoint (0 disables it)",
     "LORALEDGER_CACHE": "cache for slow-to-build artifacts shared by checkouts (base model, jars)",
     "LORALEDGER_EPOCH_SECONDS": "length of a reward and governance epoch in seconds",
+    "LORALEDGER_LEDGER_PORT": "port of the local ledger server (ClickHouse's HTTP interface on "
+                              "127.0.0.1 over $LORALEDGER_HOME/clickhouse)",
+    "LORALEDGER_LEDGER_PASSWORD": "password of the local ledger server's `default` user "
+                                  "(empty: no authentication)",
 }
+
+LEDGER_HOST = "127.0.0.1"
+
+
+def _ledger_url(port: int) -> str:
+    return f"http://{LEDGER_HOST}:{port}"
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,8 @@ class Settings:
     metrics_port: int
     cache_dir: Path
     epoch_seconds: int
+    ledger_port: int
+    ledger_password: str
 
     @property
     def adapters_dir(self) -> Path:
@@ -49,6 +62,15 @@ class Settings:
     def kafka_dir(self) -> Path:
         return self.home / "kafka"
 
+    @property
+    def ledger_dir(self) -> Path:
+        """The embedded ClickHouse directory the local ledger server owns."""
+        return self.home / "clickhouse"
+
+    @property
+    def ledger_url(self) -> str:
+        return _ledger_url(self.ledger_port)
+
 
 def _positive_int(env: dict[str, str], name: str, default: int) -> int:
     raw = env.get(name, str(default))
@@ -61,19 +83,29 @@ def _positive_int(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
+def _port(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name, str(default))
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"{name}={raw!r} is not a TCP port (1-65535)")
+    return int(raw)
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Read settings from `env` (default: the process environment), with local defaults."""
     env = dict(os.environ if env is None else env)
     home = Path(env.get("LORALEDGER_HOME", ".loraledger")).expanduser().resolve()
+    ledger_port = _port(env, "LORALEDGER_LEDGER_PORT", 8123)
     return Settings(
         home=home,
         kafka_bootstrap=env.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
         topic_prefix=env.get("LORALEDGER_TOPIC_PREFIX", ""),
-        clickhouse_url=env.get("CLICKHOUSE_URL", f"chdb://{home / 'clickhouse'}"),
+        clickhouse_url=env.get("CLICKHOUSE_URL", _ledger_url(ledger_port)),
         device=env.get("LORALEDGER_DEVICE", "cpu"),
         worker_id=env.get("LORALEDGER_WORKER_ID", "worker-local"),
         base_model_dir=Path(env.get("LORALEDGER_BASE_MODEL", str(home / "base-model"))),
         metrics_port=int(env.get("LORALEDGER_METRICS_PORT", "0")),
         cache_dir=Path(env.get("LORALEDGER_CACHE", "~/.cache/loraledger")).expanduser(),
         epoch_seconds=_positive_int(env, "LORALEDGER_EPOCH_SECONDS", 3600),
+        ledger_port=ledger_port,
+        ledger_password=env.get("LORALEDGER_LEDGER_PASSWORD", ""),
     )

@@ -1,8 +1,9 @@
 """`loraledger stack up | down | status`: the local stack, with no Docker.
 
-Kafka runs as one KRaft node from jars fetched with Maven; ClickHouse is the embedded engine
-(chdb) unless CLICKHOUSE_URL names a server, so `up` only has to start the broker, create the
-topics from the registry and apply the ClickHouse DDL.
+Kafka runs as one KRaft node from jars fetched with Maven; the ledger is the local ledger server
+(ClickHouse's HTTP interface over the embedded engine) unless CLICKHOUSE_URL names another
+server or a chdb:// directory, so `up` only has to start the broker and the ledger server,
+create the topics from the registry and apply the ClickHouse DDL.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 from infra.kafka.broker import StackError, broker_paths, port_open, running_pid, start_broker
 from infra.kafka.clients import ensure_topics, make_admin
+from infra.ledger_server.process import ledger_answers, ledger_paths, start_ledger
+from infra.ledger_server.process import running_pid as ledger_pid
 from infra.settings import Settings
 
 
@@ -23,6 +26,9 @@ class StackStatus:
     topics: list[str]
     bootstrap: str
     clickhouse_url: str
+    local_ledger: bool  # CLICKHOUSE_URL is this stack's ledger server, so `up` starts it
+    ledger_pid: int | None
+    ledger_answers: bool
 
 
 async def _list_topics(settings: Settings) -> list[str]:
@@ -56,8 +62,15 @@ def stack_up(settings: Settings, *, start_local_broker: bool = True) -> list[str
         start_broker(settings)
     wait_for_broker(settings)
     created = asyncio.run(ensure_topics(settings))
+    if uses_local_ledger(settings):
+        start_ledger(settings)
     apply_ddl(get_client(settings))
     return created
+
+
+def uses_local_ledger(settings: Settings) -> bool:
+    """Whether the ledger is this stack's own ledger server (CLICKHOUSE_URL unset or its URL)."""
+    return settings.clickhouse_url == settings.ledger_url
 
 
 def stack_status(settings: Settings) -> StackStatus:
@@ -74,4 +87,7 @@ def stack_status(settings: Settings) -> StackStatus:
         topics=topics,
         bootstrap=settings.kafka_bootstrap,
         clickhouse_url=settings.clickhouse_url,
+        local_ledger=uses_local_ledger(settings),
+        ledger_pid=ledger_pid(ledger_paths(settings)),
+        ledger_answers=uses_local_ledger(settings) and ledger_answers(settings),
     )

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import typer
+
+from infra.clickhouse_client import ClickHouseConfigError
 
 # Each module under loraledger/commands exposes `register(app)`.
 COMMAND_MODULES: tuple[str, ...] = (
     "stack",
+    "ledger",
     "events",
     "generate",
     "governance",
@@ -22,7 +26,20 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo",
 )
 
-app = typer.Typer(
+
+class _Cli(typer.Typer):
+    """Ends an unusable ledger setting (no ledger server, a directory another process holds)
+    in its one-line message rather than a traceback, whichever command met it."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ClickHouseConfigError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise SystemExit(1) from None
+
+
+app = _Cli(
     name="loraledger",
     help="Serve many LoRA adapters on one base model and pay the contributors behind each answer.",
     no_args_is_help=True,

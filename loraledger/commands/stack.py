@@ -6,11 +6,14 @@ import typer
 from rich.console import Console
 
 from infra.kafka.broker import StackError, stop_broker
+from infra.ledger_server.process import stop_ledger
 from infra.settings import load_settings
 from infra.stack import stack_status, stack_up
 
 console = Console()
-stack_app = typer.Typer(help="Start, stop and inspect the local stack (Kafka broker, ClickHouse).")
+stack_app = typer.Typer(
+    help="Start, stop and inspect the local stack (Kafka broker, ledger server)."
+)
 
 
 @stack_app.command("up")
@@ -19,7 +22,8 @@ def up(
         False, "--external", help="Use the broker at KAFKA_BOOTSTRAP; start none locally."
     ),
 ) -> None:
-    """Start the local Kafka broker, create the topics and apply the ClickHouse DDL."""
+    """Start the local Kafka broker and ledger server, create the topics and apply the
+    ClickHouse DDL."""
     settings = load_settings()
     try:
         with console.status("starting the stack"):
@@ -35,9 +39,12 @@ def up(
 
 @stack_app.command("down")
 def down() -> None:
-    """Stop the local Kafka broker (its data stays under LORALEDGER_HOME)."""
-    stopped = stop_broker(load_settings())
+    """Stop the local Kafka broker and ledger server (their data stays under LORALEDGER_HOME)."""
+    settings = load_settings()
+    stopped = stop_broker(settings)
     console.print("broker stopped" if stopped else "no local broker was running")
+    if stop_ledger(settings):
+        console.print("ledger server stopped")
 
 
 @stack_app.command("status")
@@ -48,8 +55,14 @@ def status() -> None:
     answers = "[green]answers[/green]" if state.broker_answers else "[red]does not answer[/red]"
     console.print(f"broker {state.bootstrap}: pid {pid}, {answers}")
     console.print(f"topics: {', '.join(state.topics) or '-'}")
-    console.print(f"clickhouse: {state.clickhouse_url}")
-    if not state.broker_answers:
+    if state.local_ledger:
+        pid = state.ledger_pid if state.ledger_pid is not None else "-"
+        answers = ("[green]answers[/green]" if state.ledger_answers
+                   else "[red]does not answer[/red]")
+        console.print(f"ledger server {state.clickhouse_url}: pid {pid}, {answers}")
+    else:
+        console.print(f"clickhouse: {state.clickhouse_url}")
+    if not state.broker_answers or (state.local_ledger and not state.ledger_answers):
         raise typer.Exit(1)
 
 

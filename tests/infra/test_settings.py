@@ -17,6 +17,8 @@ SAMPLE_VALUES = {
     "LORALEDGER_METRICS_PORT": "9400",
     "LORALEDGER_CACHE": "/var/cache/ll",
     "LORALEDGER_EPOCH_SECONDS": "60",
+    "LORALEDGER_LEDGER_PORT": "18123",
+    "LORALEDGER_LEDGER_PASSWORD": "s3cret",
 }
 
 
@@ -31,8 +33,19 @@ def test_every_documented_variable_changes_a_setting():
 def test_defaults_point_at_the_local_stack():
     settings = load_settings({"LORALEDGER_HOME": "/srv/ll"})
     assert settings.kafka_bootstrap == "127.0.0.1:9092"
-    assert settings.clickhouse_url == "chdb:///srv/ll/clickhouse"
+    assert settings.clickhouse_url == settings.ledger_url == "http://127.0.0.1:8123"
+    assert settings.ledger_dir.as_posix() == "/srv/ll/clickhouse"
     assert settings.adapters_dir.as_posix() == "/srv/ll/adapters"
+
+
+def test_the_ledger_port_moves_the_default_url_but_not_an_explicit_one():
+    assert load_settings({"LORALEDGER_LEDGER_PORT": "18123"}).clickhouse_url == (
+        "http://127.0.0.1:18123"
+    )
+    explicit = load_settings({"LORALEDGER_LEDGER_PORT": "18123", "CLICKHOUSE_URL": "chdb:///d"})
+    assert explicit.clickhouse_url == "chdb:///d"
+    with pytest.raises(ValueError, match="LORALEDGER_LEDGER_PORT"):
+        load_settings({"LORALEDGER_LEDGER_PORT": "70000"})
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon"])
