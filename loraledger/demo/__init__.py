@@ -3,7 +3,7 @@ local stack.
 
 Steps (`steps/`), each cached where its inputs did not change:
 1. the stack (`loraledger stack up` in a child process): the Kafka broker, reused when one
-   already answers, the topics and the ClickHouse DDL;
+   already answers, the ledger server, the topics and the ClickHouse DDL;
 2. the tiny base model (built once into the shared cache);
 3. synthetic datanets, one per domain, with many contributors and planted facts: their rows are
    published as `DatanetContribution` events, folded into the store and snapshotted;
@@ -11,8 +11,8 @@ Steps (`steps/`), each cached where its inputs did not change:
 5. the GPU worker and the Faust pipeline as subprocesses (`processes`);
 6. requests across the adapters (planted-fact prompts and general ones), then a wait until every
    request has its result, attribution and reward entries on Kafka;
-7. the pipeline stops (the embedded ClickHouse opens in one process at a time), the ledger is
-   checked against the log, and one request is traced and verified.
+7. the pipeline stops, so the ledger holds everything it will write, the ledger is checked
+   against the log, and one request is traced and verified.
 
 `run.run_demo` runs them in order; `ui` draws the terminal output. Every step raises
 `DemoError` with a one-line message when a piece is missing or broken.

@@ -14,7 +14,10 @@ from inference.datanets import DatanetStore
 from infra.clickhouse_client import get_client
 from infra.kafka.broker import stop_broker
 from infra.kafka.events import publish_sync
+from infra.ledger_server.process import ledger_paths, stop_ledger
+from infra.ledger_server.process import running_pid as ledger_pid
 from infra.settings import Settings
+from infra.stack import uses_local_ledger
 from loraledger.demo.errors import DemoError
 from loraledger.demo.options import DATANETS, DemoOptions
 from loraledger.demo.processes import Service, child_env, running_services
@@ -54,6 +57,9 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> Demo
         reset_demo_state(settings)
     steps = StepLog(console)
     plan = plan_broker(settings)
+    # The ledger server, like the broker, is stopped at the end only if this run starts it.
+    ledger_started_here = (uses_local_ledger(settings)
+                           and ledger_pid(ledger_paths(settings)) is None)
     env = child_env(settings)
     try:
         with steps.step("stack") as outcome:
@@ -121,3 +127,5 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> Demo
     finally:
         if plan.started_here and not options.keep_running:
             stop_broker(settings)
+        if ledger_started_here and not options.keep_running:
+            stop_ledger(settings)

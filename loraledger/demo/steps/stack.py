@@ -43,8 +43,7 @@ def broker_note(plan: BrokerPlan, settings: Settings, keep_running: bool) -> str
 def stack_up_in_subprocess(
     plan: BrokerPlan, log_dir: Path, env: dict[str, str]
 ) -> None:
-    """`stack_up` in a child process: it opens the embedded ClickHouse to apply the DDL, and
-    that engine serves a directory to one process at a time, which must be the pipeline's."""
+    """`stack_up` in a child process, its output in a log: a failure shows as one line."""
     args = ["stack", "up"] if plan.start_local else ["stack", "up", "--external"]
     log_path = log_dir / "stack-up.log"
     with log_path.open("w") as log:
