@@ -273,12 +273,13 @@ class _OpenDir:
                 "in its directory"
             ) from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise self._refused(
-                    f"{what} is a symbolic link; the store serves only real files and "
-                    "directories inside it"
-                ) from None
-            if exc.errno == errno.ENOTDIR:
+            # O_NOFOLLOW fails on a link with ELOOP, or ENOTDIR when a directory was asked.
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                if _is_link(name, dir_fd):
+                    raise self._refused(
+                        f"{what} is a symbolic link; the store serves only real files and "
+                        "directories inside it"
+                    ) from None
                 raise self._refused(f"{what} is not a directory") from None
             raise self._refused(f"cannot open {name}: {exc.strerror or exc}") from None
 
@@ -341,3 +342,10 @@ class AdapterStore:
         if not self.root.is_dir():
             return []
         return [child for child in sorted(self.root.iterdir()) if is_valid_id(child.name)]
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
