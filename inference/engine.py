@@ -223,7 +223,7 @@ class Engine:
                 return True
         for seq in self._running:
             if seq.request.request_id == request_id:
-                self._release(seq)
+                self._release(seq, clear=True)
                 return True
         return False
 
@@ -467,10 +467,15 @@ class Engine:
 
     # --- results -----------------------------------------------------------------------------
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: _Sequence, *, clear: bool = False) -> None:
+        """Free the sequence's KV row and adapter reference. `clear` zeroes the row first: a
+        sequence that failed or was dropped may have left non-finite keys and values there
+        (see `KVCache.clear`)."""
         if seq in self._running:
             self._running.remove(seq)
         if seq.kv_row >= 0:
+            if clear:
+                self.cache.clear(seq.kv_row)
             self.cache.free(seq.kv_row)
             seq.kv_row = -1
         adapter_id = seq.request.adapter_id
@@ -512,7 +517,7 @@ class Engine:
         )
 
     def _finish_error(self, seq: _Sequence, code: ErrorCode, message: str) -> None:
-        self._release(seq)
+        self._release(seq, clear=True)
         self._done.append(self._error_for(seq, code, message))
 
     def _error_for(self, seq: _Sequence, code: ErrorCode, message: str) -> GenerationResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -292,3 +293,35 @@ def test_non_finite_logits_end_only_their_request_with_an_unpaid_error(
     assert split_fee(
         result, attribution, Parameters(), parameters_version=1, adapter_owner="o", epoch=0
     ) == []
+
+
+def test_a_non_finite_sequence_leaves_nothing_in_its_kv_row(model_dir: Path, tmp_path) -> None:
+    """Decoding reads every row of the batch up to its longest sequence (masked): NaN keys
+    left by a failed sequence would poison the next sequence of its row (0 * NaN)."""
+    torch.set_num_threads(1)
+    for seed in range(3):
+        _save(tmp_path / f"good-{seed}", seed=seed)
+    _save(tmp_path / "overflows", scale=1e20)
+    model = load_model(model_dir)
+    cache = AdapterCache(
+        AdapterStore(tmp_path), model.config, LoraServingConfig(slots_per_class=(4, 1, 1, 1))
+    )
+    engine = Engine(model, cache, EngineConfig(max_batch_size=4, max_seq_len=64))
+    rng = random.Random(0)
+    try:
+        for _ in range(12):
+            adapters = ["good-0", "good-1", "good-2"] * 3 + ["overflows"] * 2
+            rng.shuffle(adapters)
+            requests = [
+                GenerationRequest(
+                    [rng.randrange(3, 200) for _ in range(rng.randint(3, 24))],
+                    adapter_id=adapter,
+                    max_new_tokens=rng.randint(2, 12),
+                    stop_token_ids=[],
+                )
+                for adapter in adapters
+            ]
+            for result in engine.generate(requests):
+                assert (result.status == "ok") == (result.adapter_id != "overflows"), result
+    finally:
+        engine.close()
