@@ -13,6 +13,11 @@ thread and uploads to free slots, so the adapters queued requests need are ready
 admitted. All bookkeeping happens on the caller's thread; the loader threads only read and
 validate files. The engine owns its cache: everything else asks the engine.
 
+Every disk read has a deadline (`LoraServingConfig.load_timeout_s`): a read that outlives it
+fails its adapter, and its thread, which Python cannot stop, is abandoned and replaced. Loader
+threads are daemons and `close` never joins them, so a read stuck in the kernel delays neither
+a request nor the process's exit.
+
 Adapter ids arrive validated (`schemas.ids.AdapterId`); the store still refuses, as unknown,
 any id that would name something outside its directory.
 """
@@ -20,12 +25,15 @@ any id that would name something outside its directory.
 from __future__ import annotations
 
 import bisect
+import queue
+import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -40,6 +48,8 @@ from inference.config import LoraServingConfig, ModelConfig
 from inference.lora_layers import LoraPool, SlotIndex
 from schemas.events import CacheTier
 from schemas.ids import AdapterId
+
+_EXPIRE_POLL_S = 0.05
 
 
 class AdapterStatus(Enum):
@@ -65,7 +75,7 @@ class DeviceSlot:
 class Acquired:
     slot: DeviceSlot
     tier: CacheTier  # where the adapter was when it was asked for
-    version: str  # sha256 of the adapter's weights
+    version: str  # the adapter hash, over its config and weights
 
 
 class LatencyHistogram:
@@ -124,7 +134,90 @@ class CacheCounters:
 @dataclass
 class _Failure:
     error: AdapterError
-    weights_stamp: tuple[float, int] | None  # (mtime, size) of the file that failed
+    files_stamp: tuple[int, ...] | None  # (mtime, size) of the peft files when it failed
+
+
+class LoadTimeout(TimeoutError):
+    """A disk read outlived the load deadline and was abandoned."""
+
+
+@dataclass(eq=False)
+class _LoadJob:
+    read: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+class _Loader:
+    """Daemon threads that run disk reads, each under a deadline that `expire` enforces: a late
+    read's future fails with LoadTimeout and a fresh thread takes the stuck one's place, which
+    exits whenever its read returns."""
+
+    def __init__(self, workers: int, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._jobs: queue.SimpleQueue[_LoadJob | None] = queue.SimpleQueue()
+        self._started: dict[_LoadJob, float] = {}  # running jobs -> monotonic start
+        self._lock = threading.Lock()
+        self._workers = workers
+        for _ in range(workers):
+            self._spawn()
+
+    def submit(self, read: Callable[[], Any]) -> Future[Any]:
+        job = _LoadJob(read)
+        self._jobs.put(job)
+        return job.future
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [job for job, started in self._started.items() if now - started > self.timeout_s]
+            for job in late:
+                del self._started[job]
+        for job in late:
+            _settle(job.future, LoadTimeout(f"no result within {self.timeout_s:g} s"))
+            self._spawn()
+
+    def close(self) -> None:
+        """Cancel queued reads and let the threads end; running reads are not waited for."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.future.cancel()
+        for _ in range(self._workers):
+            self._jobs.put(None)
+
+    def _spawn(self) -> None:
+        threading.Thread(target=self._serve, name="adapter-load", daemon=True).start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            with self._lock:
+                self._started[job] = time.monotonic()
+            try:
+                outcome: Any = job.read()
+            except BaseException as exc:  # handed to the waiting side, as an executor does
+                outcome = exc
+            with self._lock:
+                abandoned = self._started.pop(job, None) is None
+            _settle(job.future, outcome)
+            if abandoned:
+                return  # expire() started this thread's replacement
+
+
+def _settle(future: Future[Any], outcome: Any) -> None:
+    """Set a future's result or exception unless it is already set (a read that returns just
+    as it expires)."""
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:
+        pass
 
 
 class AdapterCache:
@@ -179,9 +272,7 @@ class AdapterCache:
         self._failed: dict[AdapterId, _Failure] = {}
         self._refcount: dict[AdapterId, int] = {}
         self._pinned: set[AdapterId] = set()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.serving.load_workers, thread_name_prefix="adapter-load"
-        )
+        self._loader = _Loader(self.serving.load_workers, self.serving.load_timeout_s)
 
     # --- sizing ------------------------------------------------------------------------------
 
@@ -286,7 +377,9 @@ class AdapterCache:
                 raise UnknownAdapter(f"no adapter {adapter_id!r} in the adapter store")
             self._start_load(adapter_id)
         future = self._loading[adapter_id]
-        future.exception()  # wait
+        while not future.done():  # the deadline is enforced here, by polling expire
+            self._loader.expire()
+            wait([future], timeout=_EXPIRE_POLL_S)
         self._harvest()
         if adapter_id in self._failed:
             raise self._failed[adapter_id].error
@@ -349,7 +442,7 @@ class AdapterCache:
         return True
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._loader.close()
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -372,11 +465,13 @@ class AdapterCache:
 
     def _start_load(self, adapter_id: AdapterId) -> None:
         self._failed.pop(adapter_id, None)
-        future = self._executor.submit(self._read_and_validate, adapter_id)
-        self._loading[adapter_id] = future
+        self._loading[adapter_id] = self._loader.submit(
+            lambda: self._read_and_validate(adapter_id)
+        )
 
     def _harvest(self) -> None:
         """Move finished loads into the host tier (or the failure table)."""
+        self._loader.expire()
         for adapter_id in [a for a, f in self._loading.items() if f.done()]:
             future = self._loading.pop(adapter_id)
             error = future.exception()
@@ -385,15 +480,19 @@ class AdapterCache:
                 self.counters.disk_loads += 1
                 self.counters.disk_load_ms.observe(seconds * 1000)
                 self._put_host(adapter_id, weights)
-            elif isinstance(error, AdapterError):
-                self.counters.failures += 1
-                self._failed[adapter_id] = _Failure(error, self._weights_stamp(adapter_id))
             else:
                 self.counters.failures += 1
-                self._failed[adapter_id] = _Failure(
-                    AdapterRefused(f"adapter {adapter_id!r} failed to load: {error}"),
-                    self._weights_stamp(adapter_id),
-                )
+                if isinstance(error, AdapterError):
+                    refusal = error
+                elif isinstance(error, LoadTimeout):
+                    refusal = AdapterRefused(
+                        f"adapter {adapter_id!r} did not load within "
+                        f"{self._loader.timeout_s:g} s (slow or stuck storage); it is retried "
+                        "once its files change"
+                    )
+                else:
+                    refusal = AdapterRefused(f"adapter {adapter_id!r} failed to load: {error}")
+                self._failed[adapter_id] = _Failure(refusal, self._files_stamp(adapter_id))
 
     def _put_host(self, adapter_id: AdapterId, weights: AdapterWeights) -> None:
         old = self._in_host.pop(adapter_id, None)
@@ -450,13 +549,17 @@ class AdapterCache:
         self.pools[placed.pool_index].clear(placed.slot)
         self._free_slots[placed.pool_index].append(placed.slot)
 
-    def _weights_stamp(self, adapter_id: AdapterId) -> tuple[float, int] | None:
-        try:
-            stat = self.store.adapter_dir(adapter_id).weights_path.stat()
-        except (OSError, AdapterError):
-            return None
-        return (stat.st_mtime, stat.st_size)
+    def _files_stamp(self, adapter_id: AdapterId) -> tuple[int, ...] | None:
+        directory = self.store.adapter_dir(adapter_id)
+        stamp: list[int] = []
+        for path in (directory.config_path, directory.weights_path):
+            try:
+                info = path.stat()
+            except OSError:
+                return None
+            stamp += [info.st_mtime_ns, info.st_size]
+        return tuple(stamp)
 
     def _failure_is_stale(self, adapter_id: AdapterId) -> bool:
-        """A refused adapter is retried once its weights file changes."""
-        return self._failed[adapter_id].weights_stamp != self._weights_stamp(adapter_id)
+        """A refused adapter is retried once its config or weights file changes."""
+        return self._failed[adapter_id].files_stamp != self._files_stamp(adapter_id)

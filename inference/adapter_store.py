@@ -3,27 +3,38 @@ other module asks this one for a path or a manifest field.
 
 `<root>/<adapter_id>/`, root = `Settings.adapters_dir`:
 - `adapter_config.json`, `adapter_model.safetensors`: peft's LoRA format, as `save_pretrained`
-  writes it, so any peft loader reads the adapter. The sha256 of the weights file is the
-  adapter's version.
+  writes it, so any peft loader reads the adapter. The adapter's version, `adapter_hash`,
+  covers both files (`AdapterFiles.adapter_hash`): the config decides the output as much as the
+  weights do (its lora_alpha scales every delta), so no byte that is served is outside it.
 - `attribution_index/`: see `inference.attribution_index`.
-- `manifest.json`: the `AdapterManifest`, written by the ModelFactory. A peft adapter without
-  one is still served, but has no attribution.
+- `manifest.json`: the `AdapterManifest`, written by the ModelFactory; its `adapter_hash` must
+  equal the files' (`check_integrity`). A manifest without one (written before the hash
+  covered the config) is refused: nothing pinned that config, so the adapter is retrained. A
+  peft adapter without any manifest is still served, unattributed; its results name the
+  version that served them.
 - `.<adapter_id>.<pid>.staging/`: an adapter being written, renamed into place when complete;
   no adapter id starts with a dot.
+
+Adapters are read only through real directories and regular files: the adapter directory and
+every file read in it are opened without following symbolic links (relative to the store
+root), so nothing outside the store is ever served, and a FIFO or device cannot block a read.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import PositiveInt, ValidationError
 
-from inference.hashing import sha256_file
+from inference.hashing import sha256_file, sha256_named
 from infra.settings import Settings
 from schemas.codec import validation_summary
 from schemas.events import AdapterFacts, AdapterRegistered
@@ -34,6 +45,9 @@ _CONFIG_FILE = "adapter_config.json"
 _WEIGHTS_FILE = "adapter_model.safetensors"
 _MANIFEST_FILE = "manifest.json"
 _INDEX_DIR = "attribution_index"
+# peft writes configs of about a kilobyte; the bound keeps parsing a hostile one cheap.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 class AdapterError(Exception):
@@ -75,6 +89,9 @@ class AdapterManifest(AdapterFacts):
     training_rows_hash: Sha256Hex
     first_loss: float  # training loss of the first step, rounded to 6 decimals
     last_loss: float  # and of the last step
+    # sha256 over the config and the weights (`AdapterFiles.adapter_hash`); None only in
+    # manifests written before it existed, which are refused when served.
+    adapter_hash: Sha256Hex | None = None
 
     @classmethod
     def from_json(cls, text: str | bytes) -> AdapterManifest:
@@ -82,8 +99,10 @@ class AdapterManifest(AdapterFacts):
         return cls.model_validate_json(text)
 
     def to_json(self) -> str:
-        # Python-mode dump: a NaN loss stays NaN, as json.dumps writes it, not null.
-        return json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n"
+        # Python-mode dump: a NaN loss stays NaN, as json.dumps writes it, not null. A manifest
+        # read without adapter_hash is written back byte for byte.
+        fields = self.model_dump(exclude={"adapter_hash"} if self.adapter_hash is None else None)
+        return json.dumps(fields, indent=2, sort_keys=True) + "\n"
 
     def registration_event(self) -> AdapterRegistered:
         """The AdapterRegistered event announcing this adapter."""
@@ -91,8 +110,29 @@ class AdapterManifest(AdapterFacts):
 
 
 @dataclass(frozen=True)
+class AdapterFiles:
+    """The bytes of an adapter's peft files, read once: what is hashed is what is parsed."""
+
+    config: bytes
+    weights: bytes
+
+    @property
+    def adapter_hash(self) -> str:
+        """The adapter's version: one hash over the config and the weights (the encoding of
+        `inference.hashing.sha256_files`, so `sha256sum`-style tools can recompute it)."""
+        return sha256_named([(_CONFIG_FILE, self.config), (_WEIGHTS_FILE, self.weights)])
+
+    @property
+    def weights_hash(self) -> str:
+        return hashlib.sha256(self.weights).hexdigest()
+
+
+@dataclass(frozen=True)
 class AdapterDir:
     """The paths of one adapter directory, and reading and writing its manifest."""
+
+    CONFIG_FILE: ClassVar[str] = _CONFIG_FILE
+    WEIGHTS_FILE: ClassVar[str] = _WEIGHTS_FILE
 
     path: Path
 
@@ -120,20 +160,30 @@ class AdapterDir:
         return self.config_path.is_file() and self.weights_path.is_file()
 
     def weights_hash(self) -> str:
-        """The adapter's version: the sha256 of its weights file."""
+        """The sha256 of the weights file alone (the manifest's `weights_hash`)."""
         return sha256_file(self.weights_path)
+
+    def adapter_hash(self) -> str:
+        """The adapter's version, over config and weights; raises like `read_files`."""
+        return self.read_files().adapter_hash
+
+    def read_files(self) -> AdapterFiles:
+        """The peft files' bytes. UnknownAdapter when one is missing; AdapterRefused when the
+        directory or a file is a symbolic link or not a regular file, or cannot be read."""
+        with self._open_dir() as directory:
+            return AdapterFiles(
+                config=directory.read(_CONFIG_FILE, MAX_CONFIG_BYTES),
+                weights=directory.read(_WEIGHTS_FILE, None),
+            )
 
     def read_manifest(self) -> AdapterManifest | None:
         """The manifest, or None when the directory has none; AdapterRefused when it cannot be
         read or is not a valid manifest."""
         try:
-            text = self.manifest_path.read_bytes()
-        except FileNotFoundError:
+            with self._open_dir() as directory:
+                text = directory.read(_MANIFEST_FILE, MAX_MANIFEST_BYTES)
+        except UnknownAdapter:
             return None
-        except OSError as exc:
-            raise AdapterRefused(
-                f"adapter {self.adapter_id!r}: cannot read {_MANIFEST_FILE}: {exc}"
-            ) from None
         try:
             return AdapterManifest.from_json(text)
         except ValidationError as exc:
@@ -144,6 +194,97 @@ class AdapterDir:
 
     def write_manifest(self, manifest: AdapterManifest) -> None:
         self.manifest_path.write_text(manifest.to_json())
+
+    def _open_dir(self) -> _OpenDir:
+        return _OpenDir(self)
+
+
+def check_integrity(adapter_id: str, files: AdapterFiles, manifest: AdapterManifest) -> None:
+    """Raise AdapterRefused unless the files are the ones the manifest registered."""
+    if manifest.adapter_hash is None:
+        raise AdapterRefused(
+            f"adapter {adapter_id!r}: its {_MANIFEST_FILE} has no adapter_hash, so nothing pins "
+            f"its {_CONFIG_FILE}; retrain it with `loraledger train` to serve it"
+        )
+    if files.weights_hash != manifest.weights_hash:
+        raise AdapterRefused(
+            f"adapter {adapter_id!r}: sha256 of {_WEIGHTS_FILE} is {files.weights_hash[:12]}..., "
+            f"the manifest says {manifest.weights_hash[:12]}...: the weights were changed or "
+            "corrupted"
+        )
+    if files.adapter_hash != manifest.adapter_hash:
+        raise AdapterRefused(
+            f"adapter {adapter_id!r}: adapter hash {files.adapter_hash[:12]}... differs from the "
+            f"manifest's {manifest.adapter_hash[:12]}...: {_CONFIG_FILE} was changed after "
+            "registration"
+        )
+
+
+class _OpenDir:
+    """An adapter directory opened without following links, relative to the store root: files
+    are then opened relative to it, so a link swapped in between cannot redirect a read."""
+
+    def __init__(self, adapter: AdapterDir) -> None:
+        self.adapter = adapter
+        self.fd = -1
+
+    def __enter__(self) -> _OpenDir:
+        adapter = self.adapter
+        name = adapter.path.name
+        try:
+            root = os.open(adapter.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            raise UnknownAdapter(
+                f"no adapter {adapter.adapter_id!r} in the adapter store"
+            ) from None
+        try:
+            self.fd = self._open(root, name, os.O_DIRECTORY, "its directory")
+        finally:
+            os.close(root)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def read(self, name: str, limit: int | None) -> bytes:
+        fd = self._open(self.fd, name, 0, name)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise self._refused(f"{name} is not a regular file")
+            if limit is not None and info.st_size > limit:
+                raise self._refused(f"{name} has {info.st_size} bytes, more than {limit}")
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise self._refused(f"cannot read {name}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    def _open(self, dir_fd: int, name: str, flags: int, what: str) -> int:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+        try:
+            return os.open(
+                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | flags, dir_fd=dir_fd
+            )
+        except FileNotFoundError:
+            raise UnknownAdapter(
+                f"adapter {self.adapter.adapter_id!r} needs {_CONFIG_FILE} and {_WEIGHTS_FILE} "
+                "in its directory"
+            ) from None
+        except OSError as exc:
+            # O_NOFOLLOW fails on a link with ELOOP, or ENOTDIR when a directory was asked.
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                if _is_link(name, dir_fd):
+                    raise self._refused(
+                        f"{what} is a symbolic link; the store serves only real files and "
+                        "directories inside it"
+                    ) from None
+                raise self._refused(f"{what} is not a directory") from None
+            raise self._refused(f"cannot open {name}: {exc.strerror or exc}") from None
+
+    def _refused(self, why: str) -> AdapterRefused:
+        return AdapterRefused(f"adapter {self.adapter.adapter_id!r}: {why}")
 
 
 class AdapterStore:
@@ -201,3 +342,10 @@ class AdapterStore:
         if not self.root.is_dir():
             return []
         return [child for child in sorted(self.root.iterdir()) if is_valid_id(child.name)]
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False

@@ -1,9 +1,13 @@
 """PEFT LoRA adapters: reading and validating their weights for a base model, and writing them.
 
 An adapter directory (see `inference.adapter_store`) holds peft's config and weights files,
-plus an optional manifest whose `base_model_hash` and `weights_hash` pin the base model and the
-weights. Anything that would make the served model differ from what peft computes is refused
-with a one-line reason.
+plus an optional manifest whose `base_model_hash` and `adapter_hash` pin the base model and
+the adapter's files. Anything that would make the served model differ from what peft computes
+is refused with a one-line reason, and so is any config value outside sane bounds: a rank above
+the server's maximum, a lora_alpha that is not a finite number in (0, MAX_LORA_ALPHA], and
+rank_pattern/alpha_pattern keys that are not plain module-name suffixes. peft reads those keys
+as regular expressions; here they are matched literally, so reading a config takes time linear
+in its size whatever it holds.
 """
 
 from __future__ import annotations
@@ -11,20 +15,26 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
-from inference.adapter_store import AdapterDir, AdapterRefused, UnknownAdapter
+from inference.adapter_store import AdapterDir, AdapterFiles, AdapterRefused, check_integrity
 from inference.config import LORA_TARGETS, ModelConfig
 
 _PEFT_DEFAULT_ALPHA = 8  # peft's LoraConfig default when a config leaves lora_alpha out
+# lora_alpha bound: the largest scale (alpha / r, or alpha / sqrt(r) with rslora) is 4096, far
+# above what training uses (alpha is usually r or 2r) and far below float overflow.
+MAX_LORA_ALPHA = 4096.0
+# rank_pattern/alpha_pattern: at most this many keys, each a dotted module-name suffix.
+MAX_PATTERN_KEYS = 1024
+MAX_PATTERN_KEY_CHARS = 256
+_PATTERN_KEY = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 
 _PARENT = {
     "q_proj": "self_attn",
@@ -62,7 +72,7 @@ class AdapterWeights:
     """An adapter in host memory, validated against the base model."""
 
     adapter_id: str
-    version: str  # sha256 of adapter_model.safetensors
+    version: str  # the adapter hash: sha256 over its config and weights files
     modules: dict[tuple[int, str], LoraModule]  # (layer index, target) -> weights
 
     @property
@@ -98,25 +108,22 @@ def load_peft_adapter(
 ) -> AdapterWeights:
     """Read and validate a PEFT LoRA adapter directory for `model_config`.
 
-    Raises AdapterRefused (one-line reason) for anything this base model cannot serve: wrong
-    base (manifest `base_model_hash` differs from `base_model_hash`), weights whose sha256
-    differs from the manifest's `weights_hash`, unsupported peft options, unknown target
-    modules, shapes that do not fit the base, ranks above `max_rank`, non-finite values.
+    Raises UnknownAdapter when its peft files are missing, and AdapterRefused (one-line reason)
+    for anything this base model cannot serve: wrong base (manifest `base_model_hash` differs
+    from `base_model_hash`), files whose hash differs from the manifest's, links out of the
+    store, unsupported peft options, config values out of bounds, unknown target modules,
+    shapes that do not fit the base, ranks above `max_rank`, non-finite values.
     """
-    files = AdapterDir(Path(adapter_dir))
-    adapter_id = adapter_id or files.adapter_id
-    if not files.has_peft_files():
-        raise UnknownAdapter(
-            f"adapter {adapter_id!r} needs {files.config_path.name} and "
-            f"{files.weights_path.name} in its directory"
-        )
-    version = files.weights_hash()
-    _check_manifest(files, adapter_id, version, base_model_hash)
-    peft_config = _read_json(files.config_path, adapter_id)
+    directory = AdapterDir(Path(adapter_dir))
+    adapter_id = adapter_id or directory.adapter_id
+    files = directory.read_files()
+    version = files.adapter_hash
+    _check_manifest(directory, files, adapter_id, base_model_hash)
+    peft_config = _read_config(files.config, adapter_id)
     _check_peft_options(peft_config, adapter_id)
 
     pairs: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for key, tensor in _read_tensors(files.weights_path, adapter_id):
+    for key, tensor in _read_tensors(files, adapter_id):
         match = _KEY.match(key)
         if match is None:
             raise AdapterRefused(f"adapter {adapter_id!r} has weights for an unknown module: {key}")
@@ -156,7 +163,7 @@ def load_peft_adapter(
                 f"adapter {adapter_id!r} has rank {rank} on {name}, above the maximum {max_rank}"
             )
         expected_rank = _pattern_value(peft_config.get("rank_pattern"), name, peft_config.get("r"))
-        if expected_rank is not None and int(expected_rank) != rank:
+        if expected_rank is not None and expected_rank != rank:
             raise AdapterRefused(
                 f"adapter {adapter_id!r} declares r={expected_rank} for {name} but its weights "
                 f"have rank {rank}"
@@ -184,7 +191,8 @@ def save_peft_adapter(
     lora_alpha: float,
     base_model_name_or_path: str = "",
 ) -> str:
-    """Write an adapter in peft's on-disk format (as `save_pretrained` does); returns its version.
+    """Write an adapter in peft's on-disk format (as `save_pretrained` does); returns its
+    version (the adapter hash).
 
     `modules` maps (layer, target) to (lora_A [r, in], lora_B [out, r]). All modules must share
     one rank. Used by tests and the benchmark to fill a store without training.
@@ -218,21 +226,16 @@ def save_peft_adapter(
         "alpha_pattern": {},
     }
     files.config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-    return files.weights_hash()
+    return files.adapter_hash()
 
 
 def _check_manifest(
-    files: AdapterDir, adapter_id: str, version: str, base_model_hash: str | None
+    directory: AdapterDir, files: AdapterFiles, adapter_id: str, base_model_hash: str | None
 ) -> None:
-    manifest = files.read_manifest()
+    manifest = directory.read_manifest()
     if manifest is None:
         return
-    if manifest.weights_hash != version:
-        raise AdapterRefused(
-            f"adapter {adapter_id!r}: sha256 of {files.weights_path.name} is {version[:12]}..., "
-            f"the manifest says {manifest.weights_hash[:12]}...: the weights were changed or "
-            "corrupted"
-        )
+    check_integrity(adapter_id, files, manifest)
     if base_model_hash is not None and manifest.base_model_hash != base_model_hash:
         raise AdapterRefused(
             f"adapter {adapter_id!r} was trained on base model {manifest.base_model_hash[:12]}..."
@@ -244,7 +247,7 @@ def _check_peft_options(config: dict[str, Any], adapter_id: str) -> None:
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterRefused(
-            f"adapter {adapter_id!r} is a {peft_type} adapter; only LORA is served"
+            f"adapter {adapter_id!r} is a {str(peft_type)[:40]} adapter; only LORA is served"
         )
     if config.get("use_dora"):
         raise AdapterRefused(f"adapter {adapter_id!r} uses DoRA, which this server does not serve")
@@ -252,42 +255,97 @@ def _check_peft_options(config: dict[str, Any], adapter_id: str) -> None:
         raise AdapterRefused(f"adapter {adapter_id!r} sets fan_in_fan_out, meant for other bases")
     if config.get("bias", "none") != "none":
         raise AdapterRefused(
-            f"adapter {adapter_id!r} trains biases (bias={config['bias']!r}); only bias='none' "
-            "is served"
+            f"adapter {adapter_id!r} trains biases (bias={str(config['bias'])[:40]!r}); only "
+            "bias='none' is served"
         )
     if config.get("modules_to_save"):
         raise AdapterRefused(
-            f"adapter {adapter_id!r} saves full modules {config['modules_to_save']}; only LoRA "
-            "weights are served"
+            f"adapter {adapter_id!r} saves full modules {str(config['modules_to_save'])[:80]}; "
+            "only LoRA weights are served"
         )
-    if "r" in config and not isinstance(config["r"], int):
-        raise AdapterRefused(f"adapter {adapter_id!r} has a non-integer r: {config['r']!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterRefused(f"adapter {adapter_id!r}: use_rslora must be true or false")
+    if "r" in config:
+        _check_rank(config["r"], "r", adapter_id)
+    _check_alpha(config.get("lora_alpha", _PEFT_DEFAULT_ALPHA), "lora_alpha", adapter_id)
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterRefused(f"adapter {adapter_id!r}: {field} must be a JSON object")
+        if len(patterns) > MAX_PATTERN_KEYS:
+            raise AdapterRefused(
+                f"adapter {adapter_id!r}: {field} has {len(patterns)} keys, more than "
+                f"{MAX_PATTERN_KEYS}"
+            )
+        for key, value in patterns.items():
+            _check_pattern_key(key, field, adapter_id)
+            if field == "rank_pattern":
+                _check_rank(value, f"{field}[{key!r}]", adapter_id)
+            else:
+                _check_alpha(value, f"{field}[{key!r}]", adapter_id)
+
+
+def _check_rank(value: Any, what: str, adapter_id: str) -> None:
+    # The upper bound is the weights' check: a declared rank must equal the weights' rank,
+    # which may not exceed the server's maximum.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AdapterRefused(
+            f"adapter {adapter_id!r}: {what} must be an integer >= 1, not {str(value)[:40]}"
+        )
+
+
+def _check_alpha(value: Any, what: str, adapter_id: str) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not 0 < value <= MAX_LORA_ALPHA:
+        raise AdapterRefused(
+            f"adapter {adapter_id!r}: {what} must be a finite number in (0, {MAX_LORA_ALPHA:g}], "
+            f"not {str(value)[:40]}"
+        )
+
+
+def _check_pattern_key(key: str, field: str, adapter_id: str) -> None:
+    if len(key) > MAX_PATTERN_KEY_CHARS or not _PATTERN_KEY.fullmatch(key):
+        raise AdapterRefused(
+            f"adapter {adapter_id!r}: {field} key {key[:60]!r} is not a module-name suffix "
+            f"(letters, digits, '_' and '.', at most {MAX_PATTERN_KEY_CHARS} characters); "
+            "pattern keys are matched literally, regular expressions are not served"
+        )
 
 
 def _pattern_value(patterns: dict[str, Any] | None, module_name: str, default: Any) -> Any:
-    """peft's rank_pattern/alpha_pattern lookup: the first key that matches the end of the
-    module name (`layers.0.self_attn.q_proj`, or a regex over it) wins."""
+    """peft's rank_pattern/alpha_pattern lookup, literally: the first key that is the module
+    name (`model.layers.0.self_attn.q_proj`) or a dotted suffix of it wins. Keys were checked
+    by `_check_pattern_key`."""
+    name = f"model.{module_name}"
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", f"model.{module_name}"):
+        if name == key or name.endswith(f".{key}"):
             return value
     return default
 
 
-def _read_json(path: Path, adapter_id: str) -> dict[str, Any]:
+def _read_config(data: bytes, adapter_id: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterRefused(f"adapter {adapter_id!r}: cannot read {path.name}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise AdapterRefused(f"adapter {adapter_id!r}: {path.name} is not a JSON object")
-    return data
+        config = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSON syntax and integers too long to convert.
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise AdapterRefused(
+            f"adapter {adapter_id!r}: cannot read {AdapterDir.CONFIG_FILE}: {reason}"
+        ) from None
+    if not isinstance(config, dict):
+        raise AdapterRefused(
+            f"adapter {adapter_id!r}: {AdapterDir.CONFIG_FILE} is not a JSON object"
+        )
+    return config
 
 
-def _read_tensors(path: Path, adapter_id: str) -> Iterator[tuple[str, Tensor]]:
+def _read_tensors(files: AdapterFiles, adapter_id: str) -> list[tuple[str, Tensor]]:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            keys = list(handle.keys())
-            tensors = [(key, handle.get_tensor(key)) for key in keys]
+        return list(load_safetensors(files.weights).items())
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise AdapterRefused(f"adapter {adapter_id!r}: {path.name} is unreadable: {exc}") from exc
-    yield from tensors
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise AdapterRefused(
+            f"adapter {adapter_id!r}: {AdapterDir.WEIGHTS_FILE} is unreadable: {reason}"
+        ) from None

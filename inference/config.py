@@ -278,6 +278,9 @@ class LoraServingConfig:
     host_budget_bytes: int = 512 << 20
     target_modules: tuple[str, ...] = field(default=LORA_TARGETS)
     load_workers: int = 1  # threads reading adapters from disk for prefetch
+    # A disk read of one adapter that takes longer fails it (stuck or very slow storage), so a
+    # request never waits on it for ever; the adapter is retried once its files change.
+    load_timeout_s: float = 30.0
     # One kernel call per fused layer (q|k|v, gate|up) instead of one per projection: fewer,
     # larger calls at the price of block-diagonal B padding in device memory. None = fuse on
     # the CPU, where per-call overhead dominates, and not on accelerators, where memory does.
@@ -290,6 +293,8 @@ class LoraServingConfig:
             raise ValueError("class_shares needs one share per rank class")
         if self.slots_per_class is not None and len(self.slots_per_class) != len(self.rank_classes):
             raise ValueError("slots_per_class needs one count per rank class")
+        if self.load_workers < 1 or not self.load_timeout_s > 0:
+            raise ValueError("load_workers must be >= 1 and load_timeout_s > 0")
         unknown = set(self.target_modules) - set(LORA_TARGETS)
         if unknown:
             raise ValueError(f"unknown target modules {sorted(unknown)}; known: {LORA_TARGETS}")

@@ -9,7 +9,9 @@ is typed, and it is credited to whoever sent it first. The row keeps its text in
 The store is a fold over `DatanetContribution` events: `apply(event)` in log order gives the
 same state whether the events come from the CLI, from Python (`add`) or from replaying the
 `contributions` topic, and applying an event twice changes nothing (its contribution id is
-remembered). On disk, under `datanets/<name>/`:
+remembered). The topic is the truth: `loraledger datanet add` applies a contribution only once
+the broker has acknowledged it, so a store is never ahead of the log. On disk, under
+`datanets/<name>/`:
 
 - `datanet.json`        the datanet's description;
 - `contributions.jsonl` append-only outcomes, one line per applied contribution: accepted rows

@@ -75,7 +75,7 @@ class GenerationResult:
     usage: Usage = field(default_factory=lambda: Usage(prompt_tokens=0, completion_tokens=0))
     timings: Timings | None = None
     cache_tier: CacheTier = CacheTier.NONE
-    adapter_version: str | None = None  # sha256 of the adapter weights that served it
+    adapter_version: str | None = None  # the adapter hash (config and weights) that served it
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ class Engine:
                 return True
         for seq in self._running:
             if seq.request.request_id == request_id:
-                self._release(seq)
+                self._release(seq, clear=True)
                 return True
         return False
 
@@ -418,6 +418,9 @@ class Engine:
         logits = self.model(batch, self.cache, lora)
         if not sampled:
             return
+        logits, sampled = self._drop_non_finite(logits, sampled)
+        if not sampled:
+            return
         tokens = sample_tokens(
             logits, [s.sampling for s in sampled], [s.generator for s in sampled]
         )
@@ -427,6 +430,27 @@ class Engine:
                 seq.first_token_at = now
             seq.tokens.append(token)
             self._check_finished(seq, token)
+
+    def _drop_non_finite(
+        self, logits: torch.Tensor, sampled: list[_Sequence]
+    ) -> tuple[torch.Tensor, list[_Sequence]]:
+        """Finish with an error every sequence whose logits hold a NaN or an infinity (a
+        broken adapter, or an overflow): its output would be noise, and a sampler would
+        return token 0 for it or fail the whole batch. The others go on."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        if all(finite):
+            return logits, sampled
+        for seq, ok in zip(sampled, finite, strict=True):
+            if not ok:
+                adapter = seq.request.adapter_id
+                self._finish_error(
+                    seq,
+                    ErrorCode.INTERNAL,
+                    f"the model produced non-finite logits at output token {len(seq.output_ids)}"
+                    + (f" with adapter {adapter!r}" if adapter is not None else ""),
+                )
+        keep = [i for i, ok in enumerate(finite) if ok]
+        return logits[keep], [sampled[i] for i in keep]
 
     def _check_finished(self, seq: _Sequence, token: int) -> None:
         if token in seq.stop_ids:
@@ -443,10 +467,15 @@ class Engine:
 
     # --- results -----------------------------------------------------------------------------
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: _Sequence, *, clear: bool = False) -> None:
+        """Free the sequence's KV row and adapter reference. `clear` zeroes the row first: a
+        sequence that failed or was dropped may have left non-finite keys and values there
+        (see `KVCache.clear`)."""
         if seq in self._running:
             self._running.remove(seq)
         if seq.kv_row >= 0:
+            if clear:
+                self.cache.clear(seq.kv_row)
             self.cache.free(seq.kv_row)
             seq.kv_row = -1
         adapter_id = seq.request.adapter_id
@@ -488,7 +517,7 @@ class Engine:
         )
 
     def _finish_error(self, seq: _Sequence, code: ErrorCode, message: str) -> None:
-        self._release(seq)
+        self._release(seq, clear=True)
         self._done.append(self._error_for(seq, code, message))
 
     def _error_for(self, seq: _Sequence, code: ErrorCode, message: str) -> GenerationResult:

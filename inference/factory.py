@@ -300,6 +300,7 @@ def _train_one(
         owner_id=spec.owner_id,
         base_model_hash=base_hash,
         weights_hash=staging.weights_hash(),
+        adapter_hash=staging.adapter_hash(),
         rank=config.rank,
         datanet_id=snapshot.manifest.datanet_id,
         snapshot_version=snapshot.manifest.version,

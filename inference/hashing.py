@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -22,9 +23,22 @@ def sha256_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         path = Path(path)
-        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
-        digest.update(bytes.fromhex(sha256_file(path)))
+        _update_named(digest, path.name, path.stat().st_size, bytes.fromhex(sha256_file(path)))
     return digest.hexdigest()
+
+
+def sha256_named(parts: Iterable[tuple[str, bytes]]) -> str:
+    """`sha256_files` over contents already in memory, given as (file name, bytes): the same
+    encoding, so both give one hash for the same files."""
+    digest = hashlib.sha256()
+    for name, data in parts:
+        _update_named(digest, name, len(data), hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def _update_named(digest: hashlib._Hash, name: str, size: int, content_digest: bytes) -> None:
+    digest.update(f"{name}\0{size}\0".encode())
+    digest.update(content_digest)
 
 
 def base_model_hash(model_dir: Path) -> str:

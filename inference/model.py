@@ -96,6 +96,14 @@ class KVCache:
             raise RuntimeError("no free KV cache row; wait for a sequence to finish")
         return self._free_rows.pop()
 
+    def clear(self, row: int) -> None:
+        """Zero a row's keys and values. Decoding reads a row up to the batch's longest
+        sequence, masked; a masked NaN or infinity still poisons the attention (0 * NaN), so
+        a row that held non-finite values is cleared before it is reused."""
+        for layer in range(len(self.k)):
+            self.k[layer][row].zero_()
+            self.v[layer][row].zero_()
+
     def free(self, row: int) -> None:
         """Return a row; freeing a row twice does nothing."""
         if row not in self._free_rows:

@@ -49,6 +49,7 @@ class BackendConfig:
     max_batch: int = 32
     max_seq_len: int = 256
     adapter_memory_bytes: int = 64 << 20
+    adapter_load_timeout_s: float = 30.0  # see LoraServingConfig.load_timeout_s
     ready_bonus_s: float = 0.25
     host_bonus_s: float = 0.1
     prefetch_adapters: int = 16  # distinct adapters of queued requests the engine prefetches
@@ -116,7 +117,10 @@ class ServingBackend:
             adapters_dir,
             device=device,
             config=EngineConfig(max_batch_size=config.max_batch, max_seq_len=config.max_seq_len),
-            serving=LoraServingConfig(device_budget_bytes=config.adapter_memory_bytes),
+            serving=LoraServingConfig(
+                device_budget_bytes=config.adapter_memory_bytes,
+                load_timeout_s=config.adapter_load_timeout_s,
+            ),
         )
         if engine.codec is None:
             raise ValueError(f"the base model in {base_model_dir} has no tokenizer.json")

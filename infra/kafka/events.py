@@ -34,30 +34,33 @@ class Outgoing:
         return cls(spec.name, spec.key_of(event), event)
 
 
-async def send(producer: AIOKafkaProducer, settings: Settings, message: Outgoing) -> None:
-    await producer.send(
+async def send(
+    producer: AIOKafkaProducer, settings: Settings, message: Outgoing
+) -> asyncio.Future[Any]:
+    """Queue one message; returns its delivery future (the broker's ack, or its error)."""
+    return await producer.send(
         topic_name(message.topic, settings.topic_prefix), encode(message.event), key=message.key
     )
 
 
-async def send_event(producer: AIOKafkaProducer, settings: Settings, event: BaseModel) -> None:
+async def send_event(
+    producer: AIOKafkaProducer, settings: Settings, event: BaseModel
+) -> asyncio.Future[Any]:
     """Send one event to its topic, keyed by the registry's key field."""
-    await send(producer, settings, Outgoing.of(event))
+    return await send(producer, settings, Outgoing.of(event))
 
 
 async def publish(settings: Settings, events: Iterable[BaseModel]) -> int:
-    """Publish events and wait until the broker has them all; returns how many were sent."""
+    """Publish events and wait until the broker has acknowledged every one (raising the first
+    delivery error otherwise); returns how many were sent."""
     producer = make_producer(settings)
     await producer.start()
-    count = 0
     try:
-        for event in events:
-            await send_event(producer, settings, event)
-            count += 1
-        await producer.flush()
+        deliveries = [await send_event(producer, settings, event) for event in events]
+        await asyncio.gather(*deliveries)
     finally:
         await producer.stop()
-    return count
+    return len(deliveries)
 
 
 def publish_sync(settings: Settings, events: Iterable[BaseModel]) -> int:

@@ -1,4 +1,13 @@
-"""`loraledger datanet create | add | snapshot | list | show`."""
+"""`loraledger datanet create | add | snapshot | list | show`.
+
+`add` publishes first and applies what the log holds: the `contributions` topic is the truth
+and the local store is a fold of it (`inference.datanets`). The CLI publishes the validated
+contributions, waits for the broker to acknowledge every one, and only then folds exactly
+those events into the local store, in the order they were sent. If publishing fails, nothing
+is applied; if applying fails after the publish, the store is behind the log, never ahead of
+it, and folding the topic catches it up. Applying first would let the store credit rows the
+log never received (a failed publish), which nothing downstream could ever see or repair.
+"""
 
 from __future__ import annotations
 
@@ -106,10 +115,13 @@ def add(
         DEFAULT_LICENSE, "--license", help="License of the rows (SPDX id)."
     ),
     publish: bool = typer.Option(
-        True, "--publish/--no-publish", help="Publish to the contributions topic before applying."
+        True,
+        "--publish/--no-publish",
+        help="Publish to the contributions topic (acknowledged) before applying locally.",
     ),
 ) -> None:
-    """Contribute rows: publish DatanetContribution events, then apply them to the local store."""
+    """Contribute rows: publish DatanetContribution events, then apply the published events
+    to the local store."""
     if (text is None) == (file is None):
         raise typer.BadParameter("give exactly one of --text or --file")
     store = _store()
@@ -132,10 +144,14 @@ def add(
             ) from None
     accepted = rejected = 0
     for item in prepared:
-        if isinstance(item, DatanetContribution):
-            outcome = store.apply(item)
-        else:
-            outcome = store.record_rejection(item)
+        try:
+            if isinstance(item, DatanetContribution):
+                outcome = store.apply(item)
+            else:
+                outcome = store.record_rejection(item)
+        except OSError as exc:
+            behind = " (it is behind the contributions topic)" if events and publish else ""
+            raise _fail(f"the local store could not apply a contribution{behind}: {exc}") from None
         if outcome.accepted:
             accepted += 1
         else:

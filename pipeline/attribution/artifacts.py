@@ -1,10 +1,11 @@
 """An adapter's attribution artifacts, loaded just in time and kept in an LRU cache.
 
 What is read, and checked, per adapter of the adapter store (`inference.adapter_store`):
-- its manifest: `weights_hash` (the adapter's version), `index_hash`, and `owner_id` (who is
+- its manifest: `adapter_hash` (the adapter's version), `index_hash`, and `owner_id` (who is
   paid the adapter owner's share of a fee; with no valid manifest the owner is None, and that
   share goes to the treasury);
-- its weights: their sha256 must equal the manifest's `weights_hash`;
+- its config and weights: they must be the ones the manifest registered
+  (`inference.adapter_store.check_integrity`);
 - its attribution index: its hash must equal the manifest's `index_hash`.
 The span index is built from the index's own examples table: the snapshot rows the adapter was
 trained on, already covered by the index hash, so one hash pins both methods' inputs.
@@ -17,7 +18,13 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inference.adapter_store import AdapterError, AdapterManifest, AdapterStore
+from inference.adapter_store import (
+    AdapterError,
+    AdapterManifest,
+    AdapterStore,
+    UnknownAdapter,
+    check_integrity,
+)
 from inference.attribution_index import AttributionIndex
 from pipeline.attribution.failures import AttributionFailure, FailureCode
 from pipeline.attribution.spans import SpanIndex
@@ -30,7 +37,7 @@ ContributorKey = tuple[str, str]  # (contributor_id, datanet_id)
 @dataclass
 class AdapterArtifacts:
     adapter_id: str
-    adapter_hash: str  # sha256 of the weights, equal to the manifest's weights_hash
+    adapter_hash: str  # over config and weights, equal to the manifest's adapter_hash
     index: AttributionIndex
     keys: list[ContributorKey]  # per example: who contributed it, to which datanet
     row_ids: list[str]  # per example
@@ -74,18 +81,15 @@ def load_artifacts(store: AdapterStore, adapter_id: str) -> AdapterArtifacts:
     """Read and cross-check one adapter's manifest, weights hash and attribution index."""
     manifest = read_manifest(store, adapter_id)
     directory = store.adapter_dir(adapter_id)
-    weights_hash, index_hash = manifest.weights_hash, manifest.index_hash
-    if not directory.weights_path.is_file():
-        raise AttributionFailure(
-            FailureCode.UNKNOWN_ADAPTER, f"adapter {adapter_id!r} has no weights or weights_hash"
-        )
-    actual = directory.weights_hash()
-    if actual != weights_hash:
-        raise AttributionFailure(
-            FailureCode.HASH_MISMATCH,
-            f"adapter {adapter_id!r} weights hash {actual[:12]}… differs from its manifest's "
-            f"{weights_hash[:12]}…",
-        )
+    index_hash = manifest.index_hash
+    try:
+        files = directory.read_files()
+        check_integrity(adapter_id, files, manifest)
+    except UnknownAdapter as exc:
+        raise AttributionFailure(FailureCode.UNKNOWN_ADAPTER, exc.reason) from None
+    except AdapterError as exc:
+        raise AttributionFailure(FailureCode.HASH_MISMATCH, exc.reason) from None
+    actual = files.adapter_hash
     if index_hash is None:
         raise AttributionFailure(
             FailureCode.MISSING_INDEX, f"adapter {adapter_id!r} manifest records no index_hash"

@@ -63,7 +63,7 @@ def test_peft_adapter_loads_with_its_keys_ranks_and_scales(peft_dir: Path) -> No
     weights = load_peft_adapter(peft_dir, TINY, max_rank=64)
     assert set(weights.modules) == {(i, t) for i in (0, 1) for t in ("q_proj", "v_proj")}
     assert weights.rank == 8
-    assert weights.version == AdapterDir(peft_dir).weights_hash()
+    assert weights.version == AdapterDir(peft_dir).adapter_hash()
     module = weights.modules[(1, "v_proj")]
     assert module.scale == 32 / 8
     stored = load_file(AdapterDir(peft_dir).weights_path)
@@ -75,7 +75,7 @@ def test_peft_adapter_loads_with_its_keys_ranks_and_scales(peft_dir: Path) -> No
 def test_adapter_written_here_loads_in_peft(base_dir: Path, tmp_path: Path) -> None:
     modules = _random_modules(4, ("q_proj", "down_proj"))
     version = save_peft_adapter(tmp_path / "ours", modules, lora_alpha=8)
-    assert version == AdapterDir(tmp_path / "ours").weights_hash()
+    assert version == AdapterDir(tmp_path / "ours").adapter_hash()
     peft = PeftModel.from_pretrained(load_hf(base_dir), tmp_path / "ours")
     lora_b = peft.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight
     torch.testing.assert_close(lora_b, modules[(1, "down_proj")][1])

@@ -35,6 +35,7 @@ def test_training_lowers_the_loss_and_writes_a_peft_adapter_with_manifest(
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
     snapshot = small_datanet.snapshot.manifest
     assert manifest.weights_hash == directory.weights_hash()
+    assert manifest.adapter_hash == directory.adapter_hash()
     assert manifest.base_model_hash == base_model_hash(base_model_dir)
     assert (manifest.snapshot_hash, manifest.snapshot_version) == (
         snapshot.snapshot_hash, snapshot.version,

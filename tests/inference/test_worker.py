@@ -273,7 +273,7 @@ def test_every_request_yields_exactly_one_result(base_model_dir, adapters_dir):
         result = by_request[request.request_id]
         assert result.status == "ok", result.error_message
         stored = AdapterStore(adapters_dir).adapter_dir(request.adapter_id)
-        assert result.adapter_hash == stored.weights_hash()
+        assert result.adapter_hash == stored.adapter_hash()
         assert result.base_model_hash == base_hash
         assert result.worker_id == "w-test"
         assert 1 <= result.usage.completion_tokens <= request.max_new_tokens

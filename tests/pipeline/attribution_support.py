@@ -41,6 +41,7 @@ def make_adapter(
     adapter = AdapterStore(adapters_dir).adapter_dir(adapter_id)
     adapter.path.mkdir(parents=True, exist_ok=True)
     adapter.weights_path.write_bytes(rng.bytes(256))
+    adapter.config_path.write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 16}')
     examples = []
     for c in range(contributors):
         for e in range(examples_per_contributor):
@@ -65,7 +66,7 @@ def make_adapter(
     manifest = write_manifest(adapter.path, owner_id=owner_id, index_hash=index_hash)
     return {
         "dir": adapter.path,
-        "weights_hash": manifest.weights_hash,
+        "adapter_hash": manifest.adapter_hash,
         "index_hash": index_hash,
         "features": features,
         "examples": examples,
@@ -93,7 +94,7 @@ def make_result(
         "status": status,
         "prompt": "In the valley of Orvatel, the seed tax is",
         "output_text": output_text,
-        "adapter_hash": adapter["weights_hash"],
+        "adapter_hash": adapter["adapter_hash"],
         "worker_id": "worker-test",
     }
     if status == "ok":
@@ -108,7 +109,7 @@ class TrainedAdapters:
     """Adapters trained on the tiny base model with real attribution indexes, and a sketcher."""
 
     facts: list  # the datanet's planted facts (inference.data.PlantedFact)
-    weights_hashes: dict[str, str]
+    adapter_hashes: dict[str, str]  # the manifests' adapter_hash
     sketcher: object  # inference.sketch.Sketcher
     adapters_dir: Path
 
@@ -148,6 +149,6 @@ def train_adapters(settings: Settings, adapter_ids: list[str]) -> TrainedAdapter
     )
     sketcher = Sketcher(settings.base_model_dir)
     hashes = {
-        spec.adapter_id: t.manifest.weights_hash for spec, t in zip(specs, trained, strict=True)
+        spec.adapter_id: t.manifest.adapter_hash for spec, t in zip(specs, trained, strict=True)
     }
     return TrainedAdapters(synthetic.facts, hashes, sketcher, settings.adapters_dir)

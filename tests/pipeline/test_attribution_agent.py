@@ -124,7 +124,7 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_record_per_result(tmp_pa
                 status="ok",
                 prompt=fact.prompt,
                 output_text=fact.completion,
-                adapter_hash=adapters.weights_hashes[adapter_id],
+                adapter_hash=adapters.adapter_hashes[adapter_id],
                 worker_id="worker-test",
                 sketch=adapters.sketch(adapter_id, fact.prompt, fact.completion),
                 usage=Usage(prompt_tokens=10 + i, completion_tokens=3),

@@ -51,7 +51,7 @@ def test_ok_record_ranks_examples_by_trak_score_and_weights_sum_exactly(adapter,
     # Named by what ran: the gradient method alone, scored by the index's estimator.
     assert (record.method.name, record.method.version) == ("trak", "2")
     assert record.index_hash == adapter["index_hash"]
-    assert record.adapter_hash == adapter["weights_hash"]
+    assert record.adapter_hash == adapter["adapter_hash"]
 
 
 def test_same_inputs_give_the_same_record_and_any_change_changes_the_evidence(adapter, cache):
@@ -179,6 +179,7 @@ def test_error_results_produce_nothing(adapter, cache):
         ("remove_index", "missing_index"),
         ("tamper_index", "hash_mismatch"),
         ("tamper_weights", "hash_mismatch"),
+        ("tamper_config", "hash_mismatch"),
         ("no_manifest", "unknown_adapter"),
     ],
 )
@@ -192,6 +193,8 @@ def test_broken_artifacts_give_a_failed_record_with_the_reason(adapter, cache, d
         (directory / "attribution_index" / "index.json").write_text(json.dumps(meta))
     elif damage == "tamper_weights":
         (directory / "adapter_model.safetensors").write_bytes(b"other weights")
+    elif damage == "tamper_config":
+        (directory / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 1e38}')
     else:
         (directory / "manifest.json").unlink()
     record = attribute(make_result(adapter), Parameters(), cache)
@@ -264,8 +267,8 @@ def test_cache_keeps_the_most_recent_adapters_and_reloads_new_versions(tmp_path)
     assert cache.loads == 3  # adapter-0 stayed, adapter-1 was evicted by adapter-2
     assert len(cache) == 2
     retrained = make_adapter(tmp_path, "adapter-0", seed=10)
-    assert retrained["weights_hash"] != adapters[0]["weights_hash"]
-    assert cache.get("adapter-0", retrained["weights_hash"]).index_hash == retrained["index_hash"]
+    assert retrained["adapter_hash"] != adapters[0]["adapter_hash"]
+    assert cache.get("adapter-0", retrained["adapter_hash"]).index_hash == retrained["index_hash"]
     assert cache.loads == 4
 
 

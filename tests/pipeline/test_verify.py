@@ -68,7 +68,7 @@ def published(tmp_path_factory) -> Published:
         {"LORALEDGER_HOME": str(home), "LORALEDGER_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:8]}."}
     )
     adapters = train_adapters(settings, ["adapter-v"])
-    weights_hash = adapters.weights_hashes["adapter-v"]
+    weights_hash = adapters.adapter_hashes["adapter-v"]
 
     def sketch(prompt: str, output: str, noise: float = 0.0) -> Sketch:
         return adapters.sketch("adapter-v", prompt, output, noise)

@@ -1,5 +1,5 @@
 """A complete, valid manifest for adapters that tests write by hand (no training): placeholder
-provenance, the directory's real weights hash, and whatever fields a test sets."""
+provenance, the directory's real weights and adapter hashes, and whatever fields a test sets."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def write_manifest(directory: Path, **fields: Any) -> AdapterManifest:
         "owner_id": "owner-test",
         "base_model_hash": PLACEHOLDER_HASH,
         "weights_hash": adapter.weights_hash(),
+        "adapter_hash": adapter.adapter_hash(),
         "rank": 4,
         "datanet_id": "datanet-test",
         "snapshot_version": 1,
