@@ -28,9 +28,11 @@ def owner_id_for(spec: DemoDatanet) -> str:
 def adapter_is_current(
     manifest: AdapterManifest | None, snapshot: Snapshot, config: TrainConfig, base_hash: str
 ) -> bool:
-    """Training is deterministic: the same snapshot, config and base give the same adapter."""
+    """Training is deterministic: the same snapshot, config and base give the same adapter. A
+    manifest from before the adapter hash covered the config is retrained: it would be refused."""
     return (
         manifest is not None
+        and manifest.adapter_hash is not None
         and manifest.snapshot_hash == snapshot.manifest.snapshot_hash
         and manifest.training_config == config.to_record()
         and manifest.base_model_hash == base_hash
