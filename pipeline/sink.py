@@ -56,7 +56,7 @@ async def until_done(
         try:
             return await asyncio.to_thread(call)
         except Exception as exc:
-            log.warning("%s failed (attempt %d), retrying in %.1f s: %s",
+            log.warning("%s failed (attempt %d), retrying in %.3g s: %s",
                         what, attempt, delay, str(exc).splitlines()[0] if str(exc) else exc)
         await asyncio.sleep(delay)
         delay = min(delay * 2, max_delay_s)
