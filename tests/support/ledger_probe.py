@@ -4,6 +4,7 @@ engine serves one directory per process, and the pipeline under test holds it wh
     python tests/support/ledger_probe.py apply-ddl
     python tests/support/ledger_probe.py counts
     python tests/support/ledger_probe.py compare DATABASE
+    python tests/support/ledger_probe.py earnings
 
 Settings come from the environment, as the pipeline's do; each command prints one JSON line.
 `command(...)` gives the argument list to run one."""
@@ -43,6 +44,15 @@ def counts() -> dict[str, list[int]]:
     return found
 
 
+def earnings() -> list[list]:
+    """[beneficiary, epoch, micro-units] per beneficiary and epoch, each entry counted once."""
+    client = get_client(load_settings())
+    return [list(row) for row in client.query(
+        f"SELECT beneficiary_id, epoch, sum(amount) FROM {DEFAULT_DATABASE}.reward_entries "
+        "FINAL GROUP BY beneficiary_id, epoch ORDER BY beneficiary_id, epoch"
+    ).result_rows]
+
+
 def compare(other: str) -> dict:
     """Whether every table of `other` equals the live ledger's, row counts, and the proposals."""
     from pipeline import queries
@@ -69,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("apply-ddl", help="create the ledger's tables")
     commands.add_parser("counts", help="rows and distinct ids per table")
+    commands.add_parser("earnings", help="reward entry sums per beneficiary and epoch")
     compared = commands.add_parser("compare", help="compare a rebuilt ledger with the live one")
     compared.add_argument("database")
     args = parser.parse_args(argv)
@@ -77,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"applied": DEFAULT_DATABASE}))
     elif args.command == "counts":
         print(json.dumps(counts()))
+    elif args.command == "earnings":
+        print(json.dumps(earnings()))
     else:
         print(json.dumps(compare(args.database), default=str))
 
