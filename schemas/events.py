@@ -46,6 +46,10 @@ MAX_MICRO_UNITS = 2**63 - 1  # an amount or a fee: UInt64, and a signed 64-bit i
 MAX_PRICE_PER_TOKEN = MAX_MICRO_UNITS // (2 * MAX_TOKENS)
 MAX_EPOCH = 2**63 - 1  # UInt64
 MAX_VERSION = 2**32 - 1  # a parameters version: UInt32
+# Timestamps: the ledger's rollups count by day (ClickHouse's Date ends on 2149-06-06), and an
+# epoch counts from 1970 and is never negative.
+EARLIEST_CREATED_AT = datetime(1970, 1, 1, tzinfo=UTC)
+END_OF_CREATED_AT = datetime(2149, 6, 6, tzinfo=UTC)
 
 Ppm = Annotated[int, Field(ge=0, le=PPM_TOTAL)]
 Bps = Annotated[int, Field(ge=0, le=BPS_TOTAL)]
@@ -72,9 +76,13 @@ class Event(BaseModel):
     @classmethod
     def _in_utc(cls, value: datetime) -> datetime:
         try:
-            return value.astimezone(UTC)
+            value = value.astimezone(UTC)
         except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
             raise ValueError("created_at is out of range in UTC") from None
+        if not EARLIEST_CREATED_AT <= value < END_OF_CREATED_AT:
+            raise ValueError(f"created_at is out of range: from {EARLIEST_CREATED_AT:%Y-%m-%d} "
+                             f"to before {END_OF_CREATED_AT:%Y-%m-%d}")
+        return value
 
 
 class Part(BaseModel):

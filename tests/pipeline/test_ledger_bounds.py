@@ -1,6 +1,7 @@
 """The event schemas and the ledger's DDL agree: every integer field an event stores has a
-bound that its column's type holds, and events with every stored integer at its bound are
-written and read back exactly, the rollups summing them without overflow (embedded engine)."""
+bound that its column's type holds, and events with every stored integer or timestamp at its
+bound are written and read back exactly, the rollups summing them without overflow (embedded
+engine)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import shutil
 import tempfile
 import types
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -24,6 +25,8 @@ from infra.settings import load_settings
 from pipeline.ledger import LEDGER_EVENTS, LedgerWriter
 from pipeline.rewards import split_fee
 from schemas.events import (
+    EARLIEST_CREATED_AT,
+    END_OF_CREATED_AT,
     MAX_EPOCH,
     MAX_MICRO_UNITS,
     MAX_PRICE_PER_TOKEN,
@@ -237,6 +240,31 @@ def test_events_at_the_bounds_are_written_and_read_back_exactly(client, database
     assert one("SELECT sum(fees), sum(prompt_tokens) FROM {db}.usage_by_adapter_day") == (
         3 * MAX_MICRO_UNITS, 3 * MAX_TOKENS)
     assert one("SELECT sum(paid) FROM {db}.value_by_datanet_epoch") == (3 * MAX_MICRO_UNITS,)
+
+
+def test_results_at_the_first_and_last_moment_are_written_and_counted_on_their_day(
+    client, database
+):
+    last = END_OF_CREATED_AT - timedelta(milliseconds=1)
+    events = [InferenceResult(request_id=f"r{index}", adapter_id="ad-1", status="ok",
+                              worker_id="w", created_at=when)
+              for index, when in enumerate((EARLIEST_CREATED_AT, last))]
+    LedgerWriter(client, database).write(events)
+    assert client.query(
+        f"SELECT created_at FROM {database}.inference_results ORDER BY created_at"
+    ).result_rows == [(EARLIEST_CREATED_AT.replace(tzinfo=None),), (last.replace(tzinfo=None),)]
+    assert client.query(
+        f"SELECT day, sum(requests) FROM {database}.usage_by_adapter_day GROUP BY day "
+        "ORDER BY day"
+    ).result_rows == [(date(1970, 1, 1), 1), (last.date(), 1)]
+
+
+@pytest.mark.parametrize(
+    "when", [EARLIEST_CREATED_AT - timedelta(microseconds=1), END_OF_CREATED_AT])
+def test_timestamps_past_the_bounds_are_invalid(when):
+    with pytest.raises(ValueError, match="created_at is out of range"):
+        InferenceResult(request_id="r", adapter_id="a", status="ok", worker_id="w",
+                        created_at=when)
 
 
 @pytest.mark.parametrize(
