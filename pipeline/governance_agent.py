@@ -86,10 +86,7 @@ class GovernanceState:
     def earnings_snapshot(self) -> dict[str, dict[int, int]]:
         """Micro-units earned per beneficiary per epoch: the vote weights."""
         earnings: dict[str, dict[int, int]] = {}
-        for earned in self.earned_entries.values():
-            if earned is None:
-                continue
-            beneficiary, epoch, amount = earned
+        for beneficiary, epoch, amount in self.earned_entries.values():
             per_epoch = earnings.setdefault(beneficiary, {})
             per_epoch[epoch] = per_epoch.get(epoch, 0) + amount
         return earnings
