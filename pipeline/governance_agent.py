@@ -6,9 +6,10 @@ and the tables the other agents read the active parameters and vote weights from
 
 - `parameter_history` (global table, version -> ParametersActivated JSON): every worker holds
   all of it; `current_parameters()` and `parameters_for_epoch()` read it.
-- `earnings` (global table, beneficiary -> {epoch: micro-units}), fed by the `rewards` topic:
-  vote weights. The rewards topic is written exactly once (transactions), so summing it is
-  exact.
+- `earned-entries` (global table, reward entry id -> [beneficiary, epoch, micro-units]), fed
+  by the `rewards` topic: vote weights are sums over it. Keyed by entry id, an entry read
+  twice (redelivered after a SIGKILL, its offset not committed though its table update was, or
+  published again) is stored once, so the weights equal the ledger.
 - `open_proposals` (table, proposal id -> proposal and votes): the governance topic has one
   partition, so one agent instance sees every governance event in order.
 
@@ -59,7 +60,7 @@ class GovernanceState:
         self._app = app
         self._epoch_seconds = epoch_seconds
         self.parameter_history = app.GlobalTable("parameter-history", default=None, partitions=1)
-        self.earnings = app.GlobalTable("earnings", default=None)
+        self.earned_entries = app.GlobalTable("earned-entries", default=None)
         self.open_proposals = app.Table("open-proposals", default=None, partitions=1)
 
     def history(self) -> list[ParametersActivated]:
@@ -83,10 +84,12 @@ class GovernanceState:
         await self._app.tables.recovery.completed.wait()
 
     def earnings_snapshot(self) -> dict[str, dict[int, int]]:
-        return {
-            beneficiary: {int(epoch): amount for epoch, amount in (per_epoch or {}).items()}
-            for beneficiary, per_epoch in self.earnings.items()
-        }
+        """Micro-units earned per beneficiary per epoch: the vote weights."""
+        earnings: dict[str, dict[int, int]] = {}
+        for beneficiary, epoch, amount in self.earned_entries.values():
+            per_epoch = earnings.setdefault(beneficiary, {})
+            per_epoch[epoch] = per_epoch.get(epoch, 0) + amount
+        return earnings
 
     def open_snapshot(self) -> dict[str, OpenProposal]:
         return {
@@ -175,9 +178,8 @@ def register(app: faust.App, settings: Settings) -> GovernanceState:
             except DecodeError as exc:
                 await _dead_letter(event, exc.reason)
                 continue
-            per_epoch = dict(state.earnings.get(entry.beneficiary_id) or {})
-            key = str(entry.epoch)
-            per_epoch[key] = per_epoch.get(key, 0) + entry.amount
-            state.earnings[entry.beneficiary_id] = per_epoch
+            # A plain store, never a read-modify-write: storing an entry again changes nothing.
+            state.earned_entries[entry.entry_id] = [entry.beneficiary_id, entry.epoch,
+                                                    entry.amount]
 
     return state

@@ -47,8 +47,8 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("attributions", "request_id", (
             "request_id", "adapter_id", "status", "failure_reason", "method", "method_version",
             "index_hash", "evidence_hash", "contributors", "created_at")),
-        # Contributor rows are written together with their record's row in `attributions`,
-        # so they deduplicate on the request id through it.
+        # Several rows per request, written in one insert: a request id found here has all
+        # its contributor rows. They are written before the record's row in `attributions`.
         TableSpec("attribution_rows", "request_id", (
             "request_id", "contributor_id", "datanet_id", "adapter_id", "ppm", "method",
             "created_at")),
@@ -161,16 +161,25 @@ class LedgerWriter:
         self.database = check_database(database)
 
     def _existing(self, spec: TableSpec, rows: list[Row]) -> set[str]:
+        """The ids of `rows` that `spec`'s table holds already."""
         if not rows:
             return set()
         key = spec.columns.index(spec.id_column)
-        ids = sorted({str(row[key]) for row in rows})
+        prefix = {
+            (column, column_type): sorted({row[spec.columns.index(column)] for row in rows})
+            for column, column_type in spec.key_prefix
+        }
+        return self._stored_ids(spec, {str(row[key]) for row in rows}, prefix)
+
+    def _stored_ids(
+        self, spec: TableSpec, ids: set[str],
+        prefix: dict[tuple[str, str], list[Any]] | None = None,
+    ) -> set[str]:
         filters = [f"toString({spec.id_column}) IN {{ids:Array(String)}}"]
-        parameters: dict[str, object] = {"ids": ids}
-        for column, column_type in spec.key_prefix:
-            index = spec.columns.index(column)
+        parameters: dict[str, object] = {"ids": sorted(ids)}
+        for (column, column_type), values in (prefix or {}).items():
             filters.append(f"{column} IN {{{column}:Array({column_type})}}")
-            parameters[column] = sorted({row[index] for row in rows})
+            parameters[column] = values
         found = self.client.query(
             f"SELECT DISTINCT toString({spec.id_column}) FROM {self.database}.{spec.name} "
             f"WHERE {' AND '.join(filters)}",
@@ -179,23 +188,36 @@ class LedgerWriter:
         return {row[0] for row in found}
 
     def write(self, events: Iterable[BaseModel]) -> dict[str, int]:
-        """Insert the rows of `events` that are new; returns rows inserted per table."""
+        """Insert the rows of `events` that are new; returns rows inserted per table.
+
+        Each table's new rows go in one insert, and each table is checked against what it
+        holds, so writing the same events again after a failure part-way adds only what is
+        missing. A request's first attribution record wins: its contributor rows are written
+        before its row in `attributions`, and only while neither table has the request."""
         batches: dict[str, list[Row]] = {}
+        attributed: set[str] = set()
         for event in events:
             for table, rows in rows_for(event).items():
+                if table == "attribution_rows":
+                    if event.request_id in attributed:  # a later record of the same request
+                        continue
+                    attributed.add(event.request_id)
                 batches.setdefault(table, []).extend(rows)
-        fresh_requests: set[str] = set()
         inserted: dict[str, int] = {}
-        # `attributions` first: its new request ids decide which contributor rows are new.
-        for table in sorted(batches, key=lambda name: name != "attributions"):
+        for table in sorted(batches, key=lambda name: name != "attribution_rows"):
             spec = TABLES[table]
             key = spec.columns.index(spec.id_column)
             rows = batches[table]
+            if not rows:
+                inserted[table] = 0
+                continue
+            existing = self._existing(spec, rows)
             if table == "attribution_rows":
-                # A record redelivered within the batch repeats its rows: keep one of each.
-                new_rows = list(dict.fromkeys(row for row in rows if row[key] in fresh_requests))
+                existing |= self._stored_ids(TABLES["attributions"], {row[key] for row in rows})
+                # Several rows per request; a record redelivered within the batch repeats its
+                # rows: keep one of each.
+                new_rows = list(dict.fromkeys(row for row in rows if row[key] not in existing))
             else:
-                existing = self._existing(spec, rows)
                 seen: set[str] = set()
                 new_rows = []
                 for row in rows:
@@ -204,8 +226,6 @@ class LedgerWriter:
                         continue
                     seen.add(row_id)
                     new_rows.append(row)
-                if table == "attributions":
-                    fresh_requests = seen
             if new_rows:
                 self.client.insert(
                     table, new_rows, column_names=list(spec.columns), database=self.database

@@ -38,9 +38,26 @@ MAX_CONTRIBUTION_CHARS = 16384
 PPM_TOTAL = 1_000_000
 BPS_TOTAL = 10_000
 
+# Integer bounds match the ledger's column types (tests/pipeline/test_ledger_bounds.py checks
+# every stored field), so every valid event can be written and replayed.
+MAX_TOKENS = 2**32 - 1  # a token count: UInt32
+MAX_MICRO_UNITS = 2**63 - 1  # an amount or a fee: UInt64, and a signed 64-bit integer too
+# The highest price at which a fee, (prompt + completion tokens) x price, is still a valid amount.
+MAX_PRICE_PER_TOKEN = MAX_MICRO_UNITS // (2 * MAX_TOKENS)
+MAX_EPOCH = 2**63 - 1  # UInt64
+MAX_VERSION = 2**32 - 1  # a parameters version: UInt32
+# Timestamps: the ledger's rollups count by day (ClickHouse's Date ends on 2149-06-06), and an
+# epoch counts from 1970 and is never negative.
+EARLIEST_CREATED_AT = datetime(1970, 1, 1, tzinfo=UTC)
+END_OF_CREATED_AT = datetime(2149, 6, 6, tzinfo=UTC)
+
 Ppm = Annotated[int, Field(ge=0, le=PPM_TOTAL)]
 Bps = Annotated[int, Field(ge=0, le=BPS_TOTAL)]
-MicroUnits = NonNegativeInt
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+MicroUnits = Annotated[int, Field(ge=0, le=MAX_MICRO_UNITS)]
+PricePerToken = Annotated[int, Field(ge=0, le=MAX_PRICE_PER_TOKEN)]
+Epoch = Annotated[int, Field(ge=0, le=MAX_EPOCH)]
+Version = Annotated[int, Field(ge=0, le=MAX_VERSION)]
 
 
 def utc_now() -> datetime:
@@ -59,9 +76,13 @@ class Event(BaseModel):
     @classmethod
     def _in_utc(cls, value: datetime) -> datetime:
         try:
-            return value.astimezone(UTC)
+            value = value.astimezone(UTC)
         except OverflowError:  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
             raise ValueError("created_at is out of range in UTC") from None
+        if not EARLIEST_CREATED_AT <= value < END_OF_CREATED_AT:
+            raise ValueError(f"created_at is out of range: from {EARLIEST_CREATED_AT:%Y-%m-%d} "
+                             f"to before {END_OF_CREATED_AT:%Y-%m-%d}")
+        return value
 
 
 class Part(BaseModel):
@@ -103,8 +124,8 @@ class CacheTier(StrEnum):
 
 
 class Usage(Part):
-    prompt_tokens: NonNegativeInt
-    completion_tokens: NonNegativeInt
+    prompt_tokens: TokenCount
+    completion_tokens: TokenCount
 
     @property
     def total_tokens(self) -> int:
@@ -258,12 +279,12 @@ class RewardEntry(Event):
     entry_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
     request_id: EntityId
     adapter_id: AdapterId
-    epoch: NonNegativeInt
+    epoch: Epoch
     beneficiary_id: EntityId
     role: RewardRole
     amount: MicroUnits
     fee_total: MicroUnits
-    parameters_version: NonNegativeInt
+    parameters_version: Version
     reason: str = Field(default="", max_length=256)
     # The datanet a contributor entry pays for; None on other roles (and on contributor entries
     # recorded before datanets were, which still decode).
@@ -367,8 +388,8 @@ class Parameters(Part):
     gradient_weight_ppm: Ppm = 800_000  # the rest goes to the span-matching method
     top_k: int = Field(default=16, ge=1, le=1024)
     min_weight_ppm: Ppm = 0
-    default_price_per_token: MicroUnits = 10
-    adapter_prices: dict[AdapterId, MicroUnits] = Field(default_factory=dict)
+    default_price_per_token: PricePerToken = 10
+    adapter_prices: dict[AdapterId, PricePerToken] = Field(default_factory=dict)
 
 
 class ParameterChanges(Part):
@@ -378,8 +399,8 @@ class ParameterChanges(Part):
     gradient_weight_ppm: Ppm | None = None
     top_k: int | None = Field(default=None, ge=1, le=1024)
     min_weight_ppm: Ppm | None = None
-    default_price_per_token: MicroUnits | None = None
-    adapter_prices: dict[AdapterId, MicroUnits] | None = None
+    default_price_per_token: PricePerToken | None = None
+    adapter_prices: dict[AdapterId, PricePerToken] | None = None
 
     @model_validator(mode="after")
     def _changes_something(self) -> ParameterChanges:
@@ -398,7 +419,7 @@ class Proposal(Event):
     kind: Literal["proposal"] = "proposal"
     proposal_id: EntityId = Field(default_factory=new_id)
     proposer_id: EntityId
-    epoch: NonNegativeInt  # tallied at the end of this epoch; activates at epoch + 1 if passed
+    epoch: Epoch  # tallied at the end of this epoch; activates at epoch + 1 if passed
     changes: ParameterChanges
     description: str = Field(default="", max_length=2048)
 
@@ -414,7 +435,7 @@ class Vote(Event):
 class ProposalTallied(Event):
     kind: Literal["tallied"] = "tallied"
     proposal_id: EntityId
-    epoch: NonNegativeInt
+    epoch: Epoch
     yes_weight: MicroUnits
     no_weight: MicroUnits
     passed: bool
@@ -422,8 +443,8 @@ class ProposalTallied(Event):
 
 class ParametersActivated(Event):
     kind: Literal["activated"] = "activated"
-    version: NonNegativeInt
-    effective_epoch: NonNegativeInt
+    version: Version
+    effective_epoch: Epoch
     parameters: Parameters
     proposal_id: EntityId | None = None
 

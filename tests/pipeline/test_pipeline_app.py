@@ -10,7 +10,7 @@ from loraledger.cli import app as cli
 from pipeline.agents import Processor, build_pipeline
 from pipeline.app import consumer_group
 
-GOVERNANCE_TABLES = ["earnings", "open-proposals", "parameter-history"]
+GOVERNANCE_TABLES = ["earned-entries", "open-proposals", "parameter-history"]
 
 
 def _settings(tmp_path, prefix: str):

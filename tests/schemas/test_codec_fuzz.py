@@ -18,6 +18,7 @@ from schemas.codec import MAX_INT, MAX_NESTING, MAX_VALUE_BYTES, MIN_INT, Decode
 from schemas.events import (
     MAX_CONTRIBUTION_CHARS,
     MAX_PROMPT_CHARS,
+    MAX_TOKENS,
     AdapterRegistered,
     AttributionRecord,
     ContributorWeight,
@@ -286,16 +287,16 @@ def test_limits_refuse_with_a_specific_reason(raw, reason):
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
-        ("usage", {"prompt_tokens": MAX_INT + 1, "completion_tokens": 1},
-         "usage.prompt_tokens: integer outside the 64-bit range"),
+        ("usage", {"prompt_tokens": MAX_TOKENS + 1, "completion_tokens": 1},
+         f"invalid results event: usage.prompt_tokens: Input should be less than or equal to "
+         f"{MAX_TOKENS}"),
         ("prompt_token_ids", [1, 2, MAX_INT + 1],
          "prompt_token_ids: integer outside the 64-bit range"),
         ("timings", {"queue_ms": 1e308 * 10, "adapter_load_ms": 0, "prefill_ms": 0,
                      "decode_ms": 0, "total_ms": 0}, "timings.queue_ms: number is not finite"),
-        ("usage", {"prompt_tokens": "9" * 4000, "completion_tokens": 1},
-         "usage.prompt_tokens: integer outside the 64-bit range"),
-        ("usage", {"prompt_tokens": str(MAX_INT + 1), "completion_tokens": 1},
-         "usage.prompt_tokens: integer outside the 64-bit range"),
+        ("prompt_token_ids", [1, "9" * 4000], "prompt_token_ids: integer outside the 64-bit range"),
+        ("prompt_token_ids", [str(MAX_INT + 1)],
+         "prompt_token_ids: integer outside the 64-bit range"),
         ("timings", {"queue_ms": "Infinity", "adapter_load_ms": 0, "prefill_ms": 0,
                      "decode_ms": 0, "total_ms": 0}, "timings.queue_ms: number is not finite"),
     ],

@@ -5,6 +5,7 @@ engine serves one directory per process, and the pipeline under test holds it wh
     python tests/support/ledger_probe.py counts
     python tests/support/ledger_probe.py ids TABLE
     python tests/support/ledger_probe.py compare DATABASE
+    python tests/support/ledger_probe.py earnings
 
 Settings come from the environment, as the pipeline's do; each command prints one JSON line.
 `command(...)` gives the argument list to run one."""
@@ -53,6 +54,15 @@ def ids(table: str) -> list[str]:
     return [row[0] for row in rows]
 
 
+def earnings() -> list[list]:
+    """[beneficiary, epoch, micro-units] per beneficiary and epoch, each entry counted once."""
+    client = get_client(load_settings())
+    return [list(row) for row in client.query(
+        f"SELECT beneficiary_id, epoch, sum(amount) FROM {DEFAULT_DATABASE}.reward_entries "
+        "FINAL GROUP BY beneficiary_id, epoch ORDER BY beneficiary_id, epoch"
+    ).result_rows]
+
+
 def compare(other: str) -> dict:
     """Whether every table of `other` equals the live ledger's, row counts, and the proposals."""
     from pipeline import queries
@@ -81,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("counts", help="rows and distinct ids per table")
     listed = commands.add_parser("ids", help="the identifying column of one table's rows")
     listed.add_argument("table", choices=sorted(IDENTIFIED_BY))
+    commands.add_parser("earnings", help="reward entry sums per beneficiary and epoch")
     compared = commands.add_parser("compare", help="compare a rebuilt ledger with the live one")
     compared.add_argument("database")
     args = parser.parse_args(argv)
@@ -91,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(counts()))
     elif args.command == "ids":
         print(json.dumps(ids(args.table)))
+    elif args.command == "earnings":
+        print(json.dumps(earnings()))
     else:
         print(json.dumps(compare(args.database), default=str))
 

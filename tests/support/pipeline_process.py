@@ -1,0 +1,112 @@
+"""`loraledger pipeline` as a subprocess for integration tests, and waits on what the broker
+says about its progress. Every wait polls a condition under a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from infra.kafka.events import read_topic
+from infra.settings import Settings
+from pipeline.app import consumer_group
+
+
+def start(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Every processor (governance, attribution, the sink) in one worker, its output appended
+    to `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "loraledger.cli", "pipeline", "-l", "info"],
+        env=env, cwd=log.parent, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+
+
+def stop(process: subprocess.Popen, bound_s: float = 60.0) -> int:
+    """SIGTERM, then SIGKILL if it is still running after `bound_s`; the exit code."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(bound_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def wait_until(condition: Callable[[], bool], what: str, log: Path,
+               timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}; log: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def committed_events(settings: Settings, topic: str) -> list:
+    """The decodable events of `topic`, committed records only."""
+    async def read() -> list:
+        return [item.event async for item in read_topic(settings, topic, idle_timeout_s=2.0)
+                if item.event is not None]
+    return asyncio.run(read())
+
+
+async def _consumed(settings: Settings, topics: tuple[str, ...]) -> bool:
+    last: dict[TopicPartition, int] = {}
+    for topic in topics:
+        async for item in read_topic(settings, topic, idle_timeout_s=2.0):
+            tp = TopicPartition(item.record.topic, item.record.partition)
+            last[tp] = max(last.get(tp, -1), item.record.offset)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(consumer_group(settings),
+                                                            partitions=list(last))
+    finally:
+        await admin.close()
+    return bool(last) and all(
+        tp in committed and committed[tp].offset > offset for tp, offset in last.items())
+
+
+def consumed(settings: Settings, *topics: str) -> bool:
+    """Whether the pipeline's group has committed past every record of `topics`: every agent
+    reading them (the ledger sink among them) is done with them."""
+    return asyncio.run(_consumed(settings, topics))
+
+
+def table_changelog(settings: Settings, table: str) -> dict:
+    """A Faust table as the pipeline recovers it on start: the last committed value per key
+    of its changelog (keys and values JSON), without the keys deleted last."""
+    async def read() -> dict:
+        consumer = AIOKafkaConsumer(
+            f"{consumer_group(settings)}-{table}-changelog",
+            bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+            isolation_level="read_committed", enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        state: dict = {}
+        try:
+            while batch := await consumer.getmany(timeout_ms=3000):
+                for records in batch.values():
+                    for record in records:
+                        key = json.loads(record.key)
+                        if record.value is None:
+                            state.pop(key, None)
+                        else:
+                            state[key] = json.loads(record.value)
+        finally:
+            await consumer.stop()
+        return state
+    return asyncio.run(read())
