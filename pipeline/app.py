@@ -132,8 +132,10 @@ def consumer_group(settings: Settings) -> str:
     return f"{settings.topic_prefix}loraledger-pipeline"
 
 
-def build_app(settings: Settings) -> PipelineApp:
-    """A Faust app with nothing registered on it yet."""
+def build_app(settings: Settings, replicas: int = 1) -> PipelineApp:
+    """A Faust app with nothing registered on it yet; the topics it creates (table changelogs)
+    get `replicas` copies (`infra.kafka.clients.cluster_replication` says how many a cluster
+    gives; the brokers' `min.insync.replicas` applies to them)."""
     return PipelineApp(
         consumer_group(settings),
         broker=[f"kafka://{server}" for server in settings.kafka_bootstrap.split(",")],
@@ -141,7 +143,7 @@ def build_app(settings: Settings) -> PipelineApp:
         store="memory://",  # tables are rebuilt from their changelog topics on start
         datadir=str(settings.home / "faust"),
         topic_partitions=8,
-        topic_replication_factor=1,
+        topic_replication_factor=replicas,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         autodiscover=False,
