@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.kafka.clients import Replication
 from infra.settings import Settings
 
 KAFKA_VERSION = "4.1.1"
@@ -170,8 +171,8 @@ def _cluster_overrides(node: BrokerNode, nodes: list[BrokerNode]) -> str:
     """A cluster node's differences from the single-node template (a later key wins)."""
     if len(nodes) == 1:
         return ""
-    replicas = min(3, len(nodes))
-    min_isr = max(1, replicas - 1)  # acks=all survives one node down
+    replication = Replication.for_brokers(len(nodes))
+    replicas, min_isr = replication.replicas, replication.min_in_sync
     settings = {
         "node.id": node.node_id,
         "controller.quorum.bootstrap.servers": ",".join(n.controller_address for n in nodes),
@@ -210,8 +211,12 @@ def _meta(paths: BrokerPaths) -> dict[str, str]:
 
 
 def _kafka_uuid() -> str:
-    """A Kafka Uuid: 16 random bytes, base64url without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+    """A Kafka Uuid: 16 random bytes, base64url without padding (Kafka's own never starts with
+    '-', which a command line would take for an option)."""
+    while True:
+        encoded = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        if not encoded.startswith("-"):
+            return encoded
 
 
 def _format_storage(settings: Settings, nodes: list[BrokerNode]) -> None:

@@ -39,6 +39,11 @@ def _replicas(settings: Settings) -> int:
     loop = asyncio.new_event_loop()
     try:
         return loop.run_until_complete(cluster_replication(settings)).replicas
+    except Exception as exc:
+        raise SystemExit(
+            f"error: no Kafka broker answers at {settings.kafka_bootstrap} "
+            f"({type(exc).__name__}): start it with `loraledger stack up`"
+        ) from None
     finally:
         loop.close()
 
