@@ -64,13 +64,16 @@ class LoopConfig:
 class _PartitionProducers(ConsumerRebalanceListener):
     """One transactional producer per assigned input partition: started on assignment (which
     fences the partition's previous owner), stopped on revocation. `lock` is held around each
-    batch, so a revocation waits for the open transactions to end."""
+    batch, so a revocation waits for the open transactions to end. A producer is never started
+    at any other time: one started by an instance the group has already moved on from would
+    fence the partition's rightful owner."""
 
     def __init__(self, settings: Settings, config: LoopConfig) -> None:
         self.settings = settings
         self.config = config
         self.lock = asyncio.Lock()
         self.producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self.failure: Exception | None = None  # of an assignment; aiokafka would swallow it
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self.lock:
@@ -80,12 +83,18 @@ class _PartitionProducers(ConsumerRebalanceListener):
         async with self.lock:
             await self.drop([tp for tp in self.producers if tp not in assigned])
             for tp in assigned:
-                if tp not in self.producers:
-                    producer = make_producer(
-                        self.settings, transactional_id=self.config.transactional_id(tp)
-                    )
+                if tp in self.producers:
+                    continue
+                producer = make_producer(
+                    self.settings, transactional_id=self.config.transactional_id(tp)
+                )
+                try:
                     await producer.start()  # init_transactions fences the previous owner
-                    self.producers[tp] = producer
+                except Exception as exc:
+                    await producer.stop()
+                    self.failure = exc  # the loop raises it and starts over
+                    return
+                self.producers[tp] = producer
         log.info("%s owns partitions %s", self.config.group_id,
                  sorted(tp.partition for tp in assigned))
 
@@ -121,6 +130,8 @@ async def run_transactional_loop(
             batch = await consumer.getmany(
                 timeout_ms=config.poll_timeout_ms, max_records=config.max_records
             )
+            if producers.failure is not None:
+                raise producers.failure  # the caller starts over, with a fresh assignment
             async with producers.lock:
                 for tp, records in batch.items():
                     producer = producers.producers.get(tp)
