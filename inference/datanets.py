@@ -6,12 +6,11 @@ spaces dropped, NFKC, trimmed, every run of whitespace collapsed to one space; s
 is typed, and it is credited to whoever sent it first. The row keeps its text in NFC
 (`schemas.text.normalize_text`).
 
-The store is a fold over `DatanetContribution` events: `apply(event)` in log order gives the
-same state whether the events come from the CLI, from Python (`add`) or from replaying the
-`contributions` topic, and applying an event twice changes nothing (its contribution id is
-remembered). The topic is the truth: `loraledger datanet add` applies a contribution only once
-the broker has acknowledged it, so a store is never ahead of the log. On disk, under
-`datanets/<name>/`:
+The store is a fold over `DatanetCreated` and `DatanetContribution` events: `apply(event)` in
+log order gives the same state whether the events come from the CLI, from Python (`create`,
+`add`) or from replaying the `datanets` and `contributions` topics (`rebuild`), and applying an
+event twice changes nothing (the first creation of a name wins; a contribution id is
+remembered). On disk, under `datanets/<name>/`:
 
 - `datanet.json`        the datanet's description;
 - `contributions.jsonl` append-only outcomes, one line per applied contribution: accepted rows
@@ -28,15 +27,17 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import overload
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from schemas import DatanetContribution
+from schemas import DatanetContribution, DatanetCreated
 from schemas.events import MAX_CONTRIBUTION_CHARS
 from schemas.ids import check_id, is_valid_id
 from schemas.text import ROW_ID_NORMALIZATION, normalize_text, row_id_for
@@ -163,15 +164,42 @@ class DatanetStore:
             raise KeyError(f"unknown datanet {name!r}: create it with `loraledger datanet create`")
         return self.root / name
 
-    def create(self, name: str, description: str = "") -> DatanetInfo:
-        directory = self._dir(name)
+    def prepare_creation(self, name: str, description: str = "") -> DatanetCreated:
+        """The event that creates datanet `name`, to publish and apply; refuses a name in use."""
+        self._dir(name)
         if self.exists(name):
             raise FileExistsError(f"datanet {name!r} already exists")
+        try:
+            return DatanetCreated(datanet_id=name, description=description)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            raise ValueError(f"invalid datanet: {first['msg']}") from None
+
+    def create(self, name: str, description: str = "") -> DatanetInfo:
+        """Create a datanet locally: `prepare_creation`, then `apply`."""
+        return self.apply(self.prepare_creation(name, description))
+
+    def _apply_created(self, event: DatanetCreated) -> DatanetInfo:
+        if self.exists(event.datanet_id):
+            return self.info(event.datanet_id)  # a later creation of the name changes nothing
+        directory = self._dir(event.datanet_id)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"datanet_id": name, "description": description}
-        _write_atomic(directory / "datanet.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        meta = {"datanet_id": event.datanet_id, "description": event.description}
         (directory / "contributions.jsonl").touch()
-        return self.info(name)
+        # Written last: the datanet exists once its description does.
+        _write_atomic(directory / "datanet.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return self.info(event.datanet_id)
+
+    def rebuild(self, events: Iterable[DatanetCreated | DatanetContribution]) -> None:
+        """Fold a log into the store: every creation, then every contribution, each in log
+        order (they live on two topics; a contribution counts once its datanet exists)."""
+        ordered = list(events)
+        for event in ordered:
+            if isinstance(event, DatanetCreated):
+                self.apply(event)
+        for event in ordered:
+            if isinstance(event, DatanetContribution):
+                self.apply(event)
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
@@ -282,8 +310,19 @@ class DatanetStore:
             return self._record(outcome.datanet_id, outcome)
         return outcome
 
-    def apply(self, event: DatanetContribution) -> ContributionOutcome:
-        """Fold one contribution event into the store (idempotent by contribution id)."""
+    @overload
+    def apply(self, event: DatanetCreated) -> DatanetInfo: ...
+
+    @overload
+    def apply(self, event: DatanetContribution) -> ContributionOutcome: ...
+
+    def apply(
+        self, event: DatanetCreated | DatanetContribution
+    ) -> DatanetInfo | ContributionOutcome:
+        """Fold one event into the store (idempotent: by name for a creation, by contribution
+        id for a contribution)."""
+        if isinstance(event, DatanetCreated):
+            return self._apply_created(event)
         name = event.datanet_id
         if not self.exists(name):
             return ContributionOutcome(

@@ -1,9 +1,10 @@
 """`loraledger stack up | down | status`: the local stack, with no Docker.
 
-Kafka runs as one KRaft node from jars fetched with Maven; the ledger is the local ledger server
-(ClickHouse's HTTP interface over the embedded engine) unless CLICKHOUSE_URL names another
-server or a chdb:// directory, so `up` only has to start the broker and the ledger server,
-create the topics from the registry and apply the ClickHouse DDL.
+Kafka runs as one KRaft node (or, with `--brokers N`, a cluster of N nodes on loopback) from
+jars fetched with Maven; the ledger is the local ledger server (ClickHouse's HTTP interface over
+the embedded engine) unless CLICKHOUSE_URL names another server or a chdb:// directory, so `up`
+only has to start the brokers and the ledger server, create the topics from the registry and
+apply the ClickHouse DDL.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from infra.kafka.broker import StackError, broker_paths, port_open, running_pid, start_broker
+from infra.kafka.broker import (
+    StackError,
+    local_nodes,
+    port_open,
+    quorum_leader,
+    running_pid,
+    start_broker,
+)
 from infra.kafka.clients import ensure_topics, make_admin
 from infra.ledger_server.process import ledger_answers, ledger_paths, start_ledger
 from infra.ledger_server.process import running_pid as ledger_pid
@@ -20,15 +28,28 @@ from infra.settings import Settings
 
 
 @dataclass(frozen=True)
+class NodeStatus:
+    node_id: int
+    address: str
+    pid: int | None  # None: not started by this home (or not running)
+    answers: bool
+
+
+@dataclass(frozen=True)
 class StackStatus:
-    broker_pid: int | None
-    broker_answers: bool
+    nodes: list[NodeStatus]  # this home's local nodes; one entry for an external broker
+    controller: int | None  # the node leading the KRaft quorum, when it can be asked
+    under_replicated: list[str]  # "topic/partition" with fewer in-sync replicas than replicas
     topics: list[str]
     bootstrap: str
     clickhouse_url: str
     local_ledger: bool  # CLICKHOUSE_URL is this stack's ledger server, so `up` starts it
     ledger_pid: int | None
     ledger_answers: bool
+
+    @property
+    def answers(self) -> bool:
+        return any(node.answers for node in self.nodes)
 
 
 async def _list_topics(settings: Settings) -> list[str]:
@@ -54,12 +75,30 @@ def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> None:
     raise StackError(f"the broker at {settings.kafka_bootstrap} did not answer: {last_error}")
 
 
-def stack_up(settings: Settings, *, start_local_broker: bool = True) -> list[str]:
-    """Start what the local stack needs and return the topics created."""
+async def _under_replicated(settings: Settings) -> list[str]:
+    admin = make_admin(settings, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        topics = await admin.describe_topics()
+    finally:
+        await admin.close()
+    return sorted(
+        f"{topic['topic']}/{partition['partition']}"
+        for topic in topics
+        for partition in topic["partitions"]
+        if len(partition["isr"]) < len(partition["replicas"])
+    )
+
+
+def stack_up(
+    settings: Settings, *, start_local_broker: bool = True, brokers: int = 1
+) -> list[str]:
+    """Start what the local stack needs (`brokers` local nodes) and return the topics
+    created."""
     from infra.clickhouse_client import apply_ddl, get_client
 
     if start_local_broker:
-        start_broker(settings)
+        start_broker(settings, brokers)
     wait_for_broker(settings)
     created = asyncio.run(ensure_topics(settings))
     if uses_local_ledger(settings):
@@ -74,16 +113,26 @@ def uses_local_ledger(settings: Settings) -> bool:
 
 
 def stack_status(settings: Settings) -> StackStatus:
-    answers = port_open(settings.kafka_bootstrap)
+    """Each local node (or the external broker), the quorum's leader, the topics and the
+    partitions short of in-sync replicas. Reports; does not fail."""
+    nodes = local_nodes(settings)
+    states = [NodeStatus(node.node_id, node.address, running_pid(node.paths),
+                         port_open(node.address)) for node in nodes]
     topics: list[str] = []
-    if answers:
+    under_replicated: list[str] = []
+    controller: int | None = None
+    if any(state.answers for state in states):
         try:
             topics = asyncio.run(_list_topics(settings))
+            under_replicated = asyncio.run(_under_replicated(settings))
         except Exception:  # noqa: BLE001 - status reports, it does not fail
-            answers = False
+            states = [NodeStatus(s.node_id, s.address, s.pid, False) for s in states]
+        else:
+            controller = quorum_leader(settings, nodes) if len(nodes) > 1 else 1
     return StackStatus(
-        broker_pid=running_pid(broker_paths(settings)),
-        broker_answers=answers,
+        nodes=states,
+        controller=controller,
+        under_replicated=under_replicated,
         topics=topics,
         bootstrap=settings.kafka_bootstrap,
         clickhouse_url=settings.clickhouse_url,

@@ -21,11 +21,12 @@ class Processor(StrEnum):
 
 
 def build_pipeline(
-    settings: Settings, processors: Collection[Processor] = tuple(Processor)
+    settings: Settings, processors: Collection[Processor] = tuple(Processor), replicas: int = 1
 ) -> PipelineApp:
-    """The app with `processors` registered. Attribution prices with governance's parameter
-    history when governance runs in the same worker, else with the defaults (version 0)."""
-    app = build_app(settings)
+    """The app with `processors` registered, its own topics created with `replicas` copies.
+    Attribution prices with governance's parameter history when governance runs in the same
+    worker, else with the defaults (version 0)."""
+    app = build_app(settings, replicas)
     parameters: ParameterSource = DEFAULTS
     if Processor.GOVERNANCE in processors:
         parameters = governance_agent.register(app, settings)

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from infra.settings import Settings
 from schemas.topics import topic_spec
@@ -46,8 +47,29 @@ DRAIN_TIMEOUT_S = 15.0
 DRAIN_STALL_S = 3.0  # with no acknowledgement at all
 
 
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    async def _highwaters(self, partitions: list[Any]) -> Any:
+        # Faust 0.15.3 takes a transactional app's changelog highwaters from the consumer's
+        # fetch state (`last_stable_offset`), which is empty for a partition not fetched since
+        # the last rebalance: the highwater reads -1. Recovery then thinks there is nothing to
+        # read (a table, the governance parameters among them, starts incomplete), and a table
+        # already holding offset 9 of a partition fails the consistency check ("9 > -1") when
+        # an instance joins or leaves the group. The consumer reads committed, so the end
+        # offset the broker reports is the last stable offset, fetched or not.
+        return await self._ensure_consumer().end_offsets(partitions)
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> _ConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
+
+
 class PipelineApp(faust.App):
-    """faust.App with the stop order above."""
+    """faust.App with the stop order above, and changelog highwaters read from the broker."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +79,9 @@ class PipelineApp(faust.App):
         """Register `hook` to run (and be awaited) first when the app stops."""
         self._stop_hooks.append(hook)
         return hook
+
+    def _new_transport(self) -> _Transport:
+        return _Transport(self.conf.broker_consumer, self)
 
     async def on_stop(self) -> None:
         for hook in self._stop_hooks:
@@ -107,8 +132,10 @@ def consumer_group(settings: Settings) -> str:
     return f"{settings.topic_prefix}loraledger-pipeline"
 
 
-def build_app(settings: Settings) -> PipelineApp:
-    """A Faust app with nothing registered on it yet."""
+def build_app(settings: Settings, replicas: int = 1) -> PipelineApp:
+    """A Faust app with nothing registered on it yet; the topics it creates (table changelogs)
+    get `replicas` copies (`infra.kafka.clients.cluster_replication` says how many a cluster
+    gives; the brokers' `min.insync.replicas` applies to them)."""
     return PipelineApp(
         consumer_group(settings),
         broker=[f"kafka://{server}" for server in settings.kafka_bootstrap.split(",")],
@@ -116,7 +143,7 @@ def build_app(settings: Settings) -> PipelineApp:
         store="memory://",  # tables are rebuilt from their changelog topics on start
         datadir=str(settings.home / "faust"),
         topic_partitions=8,
-        topic_replication_factor=1,
+        topic_replication_factor=replicas,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         autodiscover=False,

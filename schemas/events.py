@@ -308,6 +308,16 @@ class RewardEntry(Event):
 
 # --- datanets and adapters --------------------------------------------------------------------
 
+MAX_DATANET_DESCRIPTION_CHARS = 2048
+
+
+class DatanetCreated(Event):
+    """A datanet comes into being; contributions to it count from then on. The first creation
+    of a name in the log wins."""
+
+    datanet_id: DatanetId
+    description: str = Field(default="", max_length=MAX_DATANET_DESCRIPTION_CHARS)
+
 
 class DatanetContribution(Event):
     contribution_id: EntityId = Field(default_factory=new_id)

@@ -14,6 +14,7 @@ EXPORTED: tuple[type[BaseModel], ...] = (
     events.InferenceResult,
     events.AttributionRecord,
     events.RewardEntry,
+    events.DatanetCreated,
     events.DatanetContribution,
     events.AdapterRegistered,
     events.Proposal,

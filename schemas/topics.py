@@ -40,6 +40,9 @@ _SPECS = [
     TopicSpec("results", "adapter_id", 8, events.InferenceResult),
     TopicSpec("attributions", "request_id", 8, events.AttributionRecord),
     TopicSpec("rewards", "beneficiary_id", 8, events.RewardEntry),
+    # Before `contributions` when a store is rebuilt: a contribution counts once its datanet
+    # exists.
+    TopicSpec("datanets", "datanet_id", 1, events.DatanetCreated),
     TopicSpec("contributions", "datanet_id", 4, events.DatanetContribution),
     TopicSpec("adapters", "adapter_id", 4, events.AdapterRegistered, compacted=True),
     # One partition: proposals, votes and tallies must be read in the order they happened.

@@ -15,6 +15,9 @@ finished prefix of the partition (see `partition_backlog`). A worker killed at a
 aborted or committed transaction: read-committed consumers see each result once, and the new
 owner re-consumes exactly the records whose results were not committed.
 
+Membership is static (the worker id is the group instance id): a worker restarted with the same
+id gets its partitions back without a rebalance; two live workers need distinct ids.
+
 Rebalances and SIGTERM drain: the worker stops taking records, runs the engine until what it
 consumed is finished (time-boxed), commits, and lets go. What did not finish in time is
 dropped and re-consumed by the next owner.
@@ -149,6 +152,10 @@ class Worker:
             self.settings,
             [],
             group_id(self.settings),
+            # Static membership: a worker restarted with the same id takes its partitions back
+            # at once, without a rebalance of the others; one that stays away loses them after
+            # the session timeout.
+            group_instance_id=self.config.worker_id,
             session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=max(100, self.config.session_timeout_ms // 4),
         )

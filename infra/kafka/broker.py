@@ -1,11 +1,16 @@
-"""A single-node Apache Kafka broker (KRaft) run from jars fetched from Maven Central.
+"""The local Apache Kafka brokers (KRaft) run from jars fetched from Maven Central: one node by
+default, or a cluster of combined broker+controller nodes on loopback.
 
 The jars are fetched once with Maven into the shared cache (outside any checkout) and reused;
-the broker's data and logs live under the stack's home.
+the brokers' data and logs live under the stack's home: `kafka/` for the single node,
+`kafka/node-N/` for node N of a cluster. Node N of a cluster serves clients on the bootstrap
+port + 2(N-1) and its controller on the port after that (9092/9093, 9094/9095, 9096/9097 by
+default); every node is formatted with the same cluster id and the same initial controllers.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import shutil
@@ -17,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.kafka.clients import Replication
 from infra.settings import Settings
 
 KAFKA_VERSION = "4.1.1"
@@ -48,8 +54,51 @@ class BrokerPaths:
         return self.root / "broker.pid"
 
 
+@dataclass(frozen=True)
+class BrokerNode:
+    node_id: int
+    host: str
+    port: int  # clients
+    controller_port: int
+    paths: BrokerPaths
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def controller_address(self) -> str:
+        return f"{self.host}:{self.controller_port}"
+
+
 def broker_paths(settings: Settings) -> BrokerPaths:
+    """The single node's directory."""
     return BrokerPaths(settings.kafka_dir)
+
+
+def broker_nodes(settings: Settings, brokers: int = 1) -> list[BrokerNode]:
+    """The nodes of a local stack of `brokers` nodes, from KAFKA_BOOTSTRAP's first address."""
+    if brokers < 1:
+        raise StackError(f"--brokers {brokers}: a stack needs at least one broker")
+    host, port = _host_port(settings.kafka_bootstrap)
+    if brokers == 1:
+        return [BrokerNode(1, host, port, port + 1, broker_paths(settings))]
+    return [
+        BrokerNode(n, host, port + 2 * (n - 1), port + 2 * (n - 1) + 1,
+                   BrokerPaths(settings.kafka_dir / f"node-{n}"))
+        for n in range(1, brokers + 1)
+    ]
+
+
+def local_nodes(settings: Settings) -> list[BrokerNode]:
+    """The nodes this home holds: a cluster's when `stack up --brokers N` made one."""
+    clustered = list(settings.kafka_dir.glob("node-*/server.properties"))
+    return broker_nodes(settings, len(clustered) or 1)
+
+
+def cluster_bootstrap(nodes: list[BrokerNode]) -> str:
+    """The KAFKA_BOOTSTRAP value naming every node, so clients reach a cluster that has lost one."""
+    return ",".join(node.address for node in nodes)
 
 
 def jars_dir(settings: Settings) -> Path:
@@ -109,13 +158,34 @@ def port_open(bootstrap: str, timeout: float = 0.5) -> bool:
         return False
 
 
-def _write_config(paths: BrokerPaths, bootstrap: str) -> None:
-    host, port = _host_port(bootstrap)
+def _write_config(node: BrokerNode, nodes: list[BrokerNode]) -> None:
     template = (_KAFKA_SRC / "server.properties").read_text()
-    config = template.replace("127.0.0.1:9092", f"{host}:{port}").replace(
-        "127.0.0.1:9093", f"{host}:{port + 1}"
+    config = template.replace("127.0.0.1:9092", node.address).replace(
+        "127.0.0.1:9093", node.controller_address
     )
-    paths.config.write_text(config + f"log.dirs={paths.data}\n")
+    node.paths.config.write_text(config + f"log.dirs={node.paths.data}\n"
+                                 + _cluster_overrides(node, nodes))
+
+
+def _cluster_overrides(node: BrokerNode, nodes: list[BrokerNode]) -> str:
+    """A cluster node's differences from the single-node template (a later key wins)."""
+    if len(nodes) == 1:
+        return ""
+    replication = Replication.for_brokers(len(nodes))
+    replicas, min_isr = replication.replicas, replication.min_in_sync
+    settings = {
+        "node.id": node.node_id,
+        "controller.quorum.bootstrap.servers": ",".join(n.controller_address for n in nodes),
+        "default.replication.factor": replicas,
+        "min.insync.replicas": min_isr,
+        "offsets.topic.replication.factor": replicas,
+        "transaction.state.log.replication.factor": replicas,
+        "transaction.state.log.min.isr": min_isr,
+        "share.coordinator.state.topic.replication.factor": replicas,
+        "share.coordinator.state.topic.min.isr": min_isr,
+    }
+    lines = [f"{key}={value}" for key, value in settings.items()]
+    return "# cluster of {}\n{}\n".format(len(nodes), "\n".join(lines))
 
 
 def _java_command(settings: Settings, paths: BrokerPaths, main: str, *args: str) -> list[str]:
@@ -132,17 +202,67 @@ def _java_command(settings: Settings, paths: BrokerPaths, main: str, *args: str)
     ]
 
 
-def _format_storage(settings: Settings, paths: BrokerPaths) -> None:
-    if (paths.data / "meta.properties").exists():
+def _meta(paths: BrokerPaths) -> dict[str, str]:
+    try:
+        text = (paths.data / "meta.properties").read_text()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def _kafka_uuid() -> str:
+    """A Kafka Uuid: 16 random bytes, base64url without padding (Kafka's own never starts with
+    '-', which a command line would take for an option)."""
+    while True:
+        encoded = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        if not encoded.startswith("-"):
+            return encoded
+
+
+def _format_storage(settings: Settings, nodes: list[BrokerNode]) -> None:
+    """Format the nodes not formatted yet, all with one cluster id (an existing node's, if
+    any) and, for a cluster, the same initial controllers: every node."""
+    formatted = [meta for node in nodes if (meta := _meta(node.paths))]
+    if len(formatted) == len(nodes):
         return
-    cluster_id = uuid.uuid4().hex[:22]
+    cluster_id = formatted[0]["cluster.id"] if formatted else _kafka_uuid()
+    directory_ids = {node.node_id: _meta(node.paths).get("directory.id") or _kafka_uuid()
+                     for node in nodes}
+    voters = ",".join(f"{node.node_id}@{node.controller_address}:{directory_ids[node.node_id]}"
+                      for node in nodes)
+    for node in nodes:
+        if _meta(node.paths):
+            continue
+        quorum = ["--standalone"] if len(nodes) == 1 else ["--initial-controllers", voters]
+        command = _java_command(
+            settings, node.paths, "kafka.tools.StorageTool",
+            "format", "-t", cluster_id, "-c", str(node.paths.config), *quorum,
+        )
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise StackError(
+                f"formatting node {node.node_id}'s storage failed: {completed.stderr.strip()}"
+            )
+
+
+def quorum_leader(settings: Settings, nodes: list[BrokerNode]) -> int | None:
+    """The node id leading the KRaft quorum (the active controller), asked with Kafka's own
+    metadata-quorum tool; None when it cannot say."""
+    if not any(jars_dir(settings).glob("kafka-tools-*.jar")):
+        return None
     command = _java_command(
-        settings, paths, "kafka.tools.StorageTool",
-        "format", "-t", cluster_id, "-c", str(paths.config), "--standalone",
+        settings, nodes[0].paths, "org.apache.kafka.tools.MetadataQuorumCommand",
+        "--bootstrap-server", cluster_bootstrap(nodes), "describe", "--status",
     )
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise StackError(f"formatting the broker's storage failed: {completed.stderr.strip()}")
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    for line in completed.stdout.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "LeaderId" and value.strip().isdigit():
+            return int(value.strip())
+    return None
 
 
 def running_pid(paths: BrokerPaths) -> int | None:
@@ -157,56 +277,72 @@ def running_pid(paths: BrokerPaths) -> int | None:
     return pid
 
 
-def start_broker(settings: Settings, timeout_s: float = 90.0) -> int:
-    """Start the broker (if it is not already running) and wait until its port answers."""
-    paths = broker_paths(settings)
-    pid = running_pid(paths)
-    if pid is not None:
-        return pid
-    if port_open(settings.kafka_bootstrap):
-        raise StackError(
-            f"something else already listens on {settings.kafka_bootstrap}: stop it, or set "
-            "KAFKA_BOOTSTRAP to use that broker without `stack up`"
-        )
+def start_broker(settings: Settings, brokers: int = 1, timeout_s: float = 90.0) -> list[int]:
+    """Start the stack's `brokers` nodes (those not already running) and wait until each one's
+    port answers; returns their pids."""
+    nodes = broker_nodes(settings, brokers)
+    for node in nodes:
+        if running_pid(node.paths) is None and port_open(node.address):
+            raise StackError(
+                f"something else already listens on {node.address}: stop it, or set "
+                "KAFKA_BOOTSTRAP to use that broker without `stack up`"
+            )
     require_java()
     fetch_jars(settings)
-    for directory in (paths.data, paths.logs):
-        directory.mkdir(parents=True, exist_ok=True)
-    _write_config(paths, settings.kafka_bootstrap)
-    _format_storage(settings, paths)
-    with (paths.logs / "stdout.log").open("ab") as out:
+    for node in nodes:
+        for directory in (node.paths.data, node.paths.logs):
+            directory.mkdir(parents=True, exist_ok=True)
+        if running_pid(node.paths) is None:
+            _write_config(node, nodes)
+    _format_storage(settings, nodes)
+    started = {node.node_id: _launch(settings, node) for node in nodes
+               if running_pid(node.paths) is None}
+    deadline = time.monotonic() + timeout_s
+    for node in nodes:
+        process = started.get(node.node_id)
+        while not port_open(node.address):
+            if process is not None and process.poll() is not None:
+                raise StackError(f"broker {node.node_id} exited with {process.returncode}; "
+                                 f"see {node.paths.logs}")
+            if time.monotonic() > deadline:
+                raise StackError(f"broker {node.node_id} did not answer within "
+                                 f"{timeout_s:.0f}s; see {node.paths.logs}")
+            time.sleep(0.5)
+    return [pid for node in nodes if (pid := running_pid(node.paths)) is not None]
+
+
+def _launch(settings: Settings, node: BrokerNode) -> subprocess.Popen:
+    with (node.paths.logs / "stdout.log").open("ab") as out:
         process = subprocess.Popen(
-            _java_command(settings, paths, "kafka.Kafka", str(paths.config)),
+            _java_command(settings, node.paths, "kafka.Kafka", str(node.paths.config)),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # the broker outlives the command that started it
         )
-    paths.pid_file.write_text(str(process.pid))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise StackError(f"the broker exited with {process.returncode}; see {paths.logs}")
-        if port_open(settings.kafka_bootstrap):
-            return process.pid
-        time.sleep(0.5)
-    raise StackError(f"the broker did not answer within {timeout_s:.0f}s; see {paths.logs}")
+    node.paths.pid_file.write_text(str(process.pid))
+    return process
 
 
 def stop_broker(settings: Settings, timeout_s: float = 30.0) -> bool:
-    """Stop the broker gracefully (SIGTERM, then SIGKILL after the timeout). False if none ran."""
-    paths = broker_paths(settings)
-    pid = running_pid(paths)
-    if pid is None:
-        paths.pid_file.unlink(missing_ok=True)
-        return False
-    os.kill(pid, signal.SIGTERM)
+    """Stop this home's brokers gracefully (SIGTERM to all at once, then SIGKILL to any still
+    running after the timeout). False if none ran."""
+    return stop_nodes([node.paths for node in local_nodes(settings)], timeout_s)
+
+
+def stop_nodes(nodes: list[BrokerPaths], timeout_s: float = 30.0) -> bool:
+    """Stop the given nodes; False if none of them ran."""
+    running = {paths: pid for paths in nodes if (pid := running_pid(paths)) is not None}
+    for pid in running.values():
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if running_pid(paths) is None:
+    while any(running_pid(paths) is not None for paths in running):
+        if time.monotonic() > deadline:
+            for paths in running:
+                if (pid := running_pid(paths)) is not None:
+                    os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.3)
-    else:
-        os.kill(pid, signal.SIGKILL)
-    paths.pid_file.unlink(missing_ok=True)
-    return True
+    for paths in nodes:
+        paths.pid_file.unlink(missing_ok=True)
+    return bool(running)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -52,19 +53,55 @@ def make_consumer(
     )
 
 
+MAX_REPLICAS = 3
+
+
+@dataclass(frozen=True)
+class Replication:
+    """How a topic is replicated on a cluster of some size: up to three copies, and writes with
+    acks=all need all but one of them, so one broker can be down without stopping producers."""
+
+    replicas: int
+    min_in_sync: int
+
+    @classmethod
+    def for_brokers(cls, brokers: int) -> Replication:
+        replicas = max(1, min(MAX_REPLICAS, brokers))
+        return cls(replicas, max(1, replicas - 1))
+
+    def topic_config(self) -> dict[str, str]:
+        return {"min.insync.replicas": str(self.min_in_sync)} if self.replicas > 1 else {}
+
+
+async def cluster_replication(settings: Settings) -> Replication:
+    """The replication the cluster at KAFKA_BOOTSTRAP can give, from its metadata."""
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        return await _replication(admin)
+    finally:
+        await admin.close()
+
+
+async def _replication(admin: AIOKafkaAdminClient) -> Replication:
+    return Replication.for_brokers(len((await admin.describe_cluster())["brokers"]))
+
+
 async def ensure_topics(settings: Settings, names: Iterable[str] | None = None) -> list[str]:
-    """Create the registry's topics under the settings' prefix; returns the ones created."""
+    """Create the registry's topics under the settings' prefix, replicated as the cluster
+    allows (`Replication`); returns the ones created."""
     specs = [TOPICS[name] for name in (names or TOPICS)]
     admin = make_admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        replication = await _replication(admin)
         wanted = [
             NewTopic(
                 spec.broker_name(settings.topic_prefix),
                 num_partitions=spec.partitions,
-                replication_factor=1,
-                topic_configs=spec.topic_config(),
+                replication_factor=replication.replicas,
+                topic_configs=spec.topic_config() | replication.topic_config(),
             )
             for spec in specs
             if spec.broker_name(settings.topic_prefix) not in existing

@@ -1,12 +1,13 @@
-"""`loraledger datanet create | add | snapshot | list | show`.
+"""`loraledger datanet create | add | snapshot | list | show | rebuild`.
 
-`add` publishes first and applies what the log holds: the `contributions` topic is the truth
-and the local store is a fold of it (`inference.datanets`). The CLI publishes the validated
-contributions, waits for the broker to acknowledge every one, and only then folds exactly
-those events into the local store, in the order they were sent. If publishing fails, nothing
-is applied; if applying fails after the publish, the store is behind the log, never ahead of
-it, and folding the topic catches it up. Applying first would let the store credit rows the
-log never received (a failed publish), which nothing downstream could ever see or repair.
+The `datanets` and `contributions` topics are the truth and the local store is a fold of them
+(`inference.datanets`), so `rebuild` makes the same store from the log alone. `create` and `add`
+publish their events (`DatanetCreated`, `DatanetContribution`), wait for the broker to
+acknowledge every one, and only then fold exactly those events into the local store, in the
+order they were sent. If publishing fails, nothing is applied; if applying fails after the
+publish, the store is behind the log, never ahead of it, and folding the topics catches it up.
+Applying first would let the store credit rows the log never received (a failed publish), which
+nothing downstream could ever see or repair.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from inference.datanets import (
     parse_ref,
 )
 from infra.settings import load_settings
-from schemas import DatanetContribution
+from schemas import DatanetContribution, DatanetCreated
 from schemas.codec import DecodeError, parse_object
 
 console = Console()
@@ -47,16 +48,36 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _publish(events: list[DatanetCreated] | list[DatanetContribution]) -> None:
+    from infra.kafka.events import publish_sync
+
+    settings = load_settings()
+    try:
+        publish_sync(settings, events)
+    except Exception as exc:  # the broker is optional for local work: say how to skip it
+        raise _fail(
+            f"could not publish to Kafka at {settings.kafka_bootstrap} ({type(exc).__name__}); "
+            "start it with `loraledger stack up` or pass --no-publish"
+        ) from None
+
+
 @datanet_app.command("create")
 def create(
     name: str = typer.Argument(..., help="Datanet name: letters, digits, '.', '_' or '-'."),
     description: str = typer.Option("", "--description", help="What the datanet is for."),
+    publish: bool = typer.Option(
+        True, "--publish/--no-publish", help="Publish to the datanets topic before applying."
+    ),
 ) -> None:
-    """Create an empty datanet."""
+    """Create an empty datanet: publish a DatanetCreated event, then apply it locally."""
+    store = _store()
     try:
-        info = _store().create(name, description)
+        event = store.prepare_creation(name, description)
     except (ValueError, FileExistsError) as exc:
         raise _fail(str(exc)) from None
+    if publish:
+        _publish([event])
+    info = store.apply(event)
     console.print(f"created datanet [bold]{info.datanet_id}[/bold]")
 
 
@@ -132,16 +153,7 @@ def add(
         prepared = read_rows_file(store, name, contributor, license, file)
     events = [item for item in prepared if isinstance(item, DatanetContribution)]
     if events and publish:
-        from infra.kafka.events import publish_sync
-
-        settings = load_settings()
-        try:
-            publish_sync(settings, events)
-        except Exception as exc:  # the broker is optional for local work: say how to skip it
-            raise _fail(
-                f"could not publish to Kafka at {settings.kafka_bootstrap} ({type(exc).__name__}); "
-                "start it with `loraledger stack up` or pass --no-publish"
-            ) from None
+        _publish(events)
     accepted = rejected = 0
     for item in prepared:
         try:
@@ -210,6 +222,36 @@ def show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION.")) -> None:
             console.print_json(store.manifest(name, version).to_json())
     except (KeyError, ValueError) as exc:
         raise _fail(str(exc).strip("'\"")) from None
+
+
+@datanet_app.command("rebuild")
+def rebuild() -> None:
+    """Fold the datanets and contributions topics into the local store (idempotent): a fresh
+    LORALEDGER_HOME gets every datanet back from the log alone."""
+    import asyncio
+
+    from infra.kafka.events import read_topic
+
+    settings = load_settings()
+
+    async def read_log() -> list[DatanetCreated | DatanetContribution]:
+        return [
+            decoded.event
+            for topic in ("datanets", "contributions")
+            async for decoded in read_topic(settings, topic)
+            if decoded.event is not None
+        ]
+
+    try:
+        events = asyncio.run(read_log())
+    except Exception as exc:
+        raise _fail(
+            f"could not read the log from Kafka at {settings.kafka_bootstrap} "
+            f"({type(exc).__name__}); start it with `loraledger stack up`"
+        ) from None
+    store = _store()
+    store.rebuild(events)
+    console.print(f"rebuilt {len(store.names())} datanets from {len(events)} events")
 
 
 def register(app: typer.Typer) -> None:

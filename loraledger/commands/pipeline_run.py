@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Collection
 from pathlib import Path
 
 import typer
 
+from infra.kafka.clients import cluster_replication
 from infra.settings import Settings, load_settings
 from pipeline.agents import Processor, build_pipeline
 
@@ -24,11 +26,26 @@ def run_pipeline(
 ) -> None:
     """Run a Faust worker with `processors` until it is stopped. It serves no web endpoint:
     several stacks share a machine, and nothing reads it."""
-    app = build_pipeline(settings, processors)
+    app = build_pipeline(settings, processors, _replicas(settings))
     # Faust creates its data directory but not the parents.
     Path(app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
     sys.argv = [sys.argv[0], "worker", "-l", _FAUST_LEVELS[log_level], "--without-web"]
     app.main()
+
+
+def _replicas(settings: Settings) -> int:
+    """How many copies of its changelogs the cluster can keep; asked on a loop of its own, as
+    Faust runs on the current one."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(cluster_replication(settings)).replicas
+    except Exception as exc:
+        raise SystemExit(
+            f"error: no Kafka broker answers at {settings.kafka_bootstrap} "
+            f"({type(exc).__name__}): start it with `loraledger stack up`"
+        ) from None
+    finally:
+        loop.close()
 
 
 def register(app: typer.Typer) -> None:

@@ -6,9 +6,9 @@ own transactional consume -> produce loop (`pipeline.attribution.loop` says why 
 exactly-once mode cannot cover it). A result's attribution record and its reward entries are
 computed together (`pipeline.attribution.processing`) and committed in one transaction with
 the result's offset, so every attributed request is paid exactly once, with no join between
-topics and no table to recover. Consumer group `<prefix>loraledger-attribution`;
-transactional id `<prefix>loraledger-attribution-<worker id>`, so run one attribution worker
-per LORALEDGER_WORKER_ID.
+topics and no table to recover. Consumer group `<prefix>loraledger-attribution`; one
+transactional id per input partition (`pipeline.attribution.loop`), so any number of pipeline
+instances share the work.
 
 Parameters come from the `ParameterSource` it is given. When that is governance's (a Faust
 table), the processor starts only once the source is ready, that is once Faust has recovered
@@ -22,7 +22,6 @@ import contextlib
 import logging
 
 from aiokafka import ConsumerRecord
-from aiokafka.errors import ProducerFenced
 
 from infra.kafka.events import Outgoing
 from infra.settings import Settings
@@ -39,9 +38,7 @@ RESTART_DELAY_S = 5.0
 
 def loop_config(settings: Settings) -> LoopConfig:
     group = f"{settings.topic_prefix}loraledger-attribution"
-    return LoopConfig(
-        source="results", group_id=group, transactional_id=f"{group}-{settings.worker_id}"
-    )
+    return LoopConfig(source="results", group_id=group)
 
 
 async def run_attribution(
@@ -90,8 +87,7 @@ class AttributionTask:
 
     async def run(self) -> None:
         """Keep the processor running through broker outages; stop for good when the worker
-        stops or when a newer worker with the same worker id has fenced this one (two would
-        fight over one transactional id)."""
+        stops."""
         self._started.set()
         try:
             if not await self._parameters_ready():
@@ -99,12 +95,6 @@ class AttributionTask:
             while not self._stop_requested.is_set():
                 try:
                     await run_attribution(self.settings, self.parameters, self._stop_requested)
-                    return
-                except ProducerFenced:
-                    log.error(
-                        "attribution stopped: another worker with id %s took over",
-                        self.settings.worker_id,
-                    )
                     return
                 except Exception:
                     log.exception(

@@ -31,7 +31,7 @@ def run(env: dict[str, str], *args: str) -> str:
 def test_datanet_commands_then_train_and_list_adapters(
     env: dict[str, str], tmp_path: Path, small_datanet
 ) -> None:
-    run(env, "datanet", "create", "farming", "--description", "sowing calendars")
+    run(env, "datanet", "create", "farming", "--no-publish", "--description", "sowing calendars")
     run(env, "datanet", "add", "farming", "--contributor", "ann", "--no-publish",
         "--text", "Sow barley in April.")  # fmt: skip
     rows = tmp_path / "rows.jsonl"
@@ -79,7 +79,7 @@ def test_cli_errors_are_one_line(env: dict[str, str]) -> None:
 
 def test_hostile_rows_are_refused_one_by_one_and_the_others_kept(tmp_path: Path) -> None:
     env = {"LORALEDGER_HOME": str(tmp_path / "home")}
-    run(env, "datanet", "create", "market")
+    run(env, "datanet", "create", "market", "--no-publish")
     rows = tmp_path / "rows.jsonl"
     rows.write_bytes(b"\n".join([
         b'{"text": "Salt costs two coins.", "license": 5}',

@@ -64,3 +64,17 @@ def test_every_variable_a_service_sets_is_read_by_the_code():
 def test_the_worker_reserves_a_gpu():
     devices = _compose()["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_the_cluster_profile_runs_three_voting_nodes_of_one_cluster():
+    nodes = {name: service for name, service in _compose()["services"].items()
+             if "cluster" in service.get("profiles", [])}
+    assert sorted(nodes) == ["kafka-1", "kafka-2", "kafka-3"]
+    envs = [nodes[name]["environment"] for name in sorted(nodes)]
+    assert [env["KAFKA_NODE_ID"] for env in envs] == [1, 2, 3]
+    assert len({env["CLUSTER_ID"] for env in envs}) == 1
+    assert {env["KAFKA_CONTROLLER_QUORUM_VOTERS"] for env in envs} == {
+        "1@kafka-1:9093,2@kafka-2:9093,3@kafka-3:9093"}
+    assert [env["KAFKA_ADVERTISED_LISTENERS"] for env in envs] == [
+        f"PLAINTEXT://kafka-{n}:9092" for n in (1, 2, 3)]
+    assert {env["KAFKA_MIN_INSYNC_REPLICAS"] for env in envs} == {2}

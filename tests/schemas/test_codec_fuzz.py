@@ -23,6 +23,7 @@ from schemas.events import (
     AttributionRecord,
     ContributorWeight,
     DatanetContribution,
+    DatanetCreated,
     DeadLetter,
     EpochTick,
     ExampleScore,
@@ -83,6 +84,7 @@ SAMPLES: dict[str, list[BaseModel]] = {
             fee_total=100, parameters_version=0, datanet_id="d1",
         ),
     ],
+    "datanets": [DatanetCreated(datanet_id="d1", description="Water safety.")],
     "contributions": [
         DatanetContribution(datanet_id="d1", contributor_id="c1", text="Boil water first."),
     ],

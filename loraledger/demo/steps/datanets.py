@@ -84,7 +84,9 @@ def prepare_datanet(
         if latest.snapshot_hash == wanted:
             return PreparedDatanet(spec, store.load_snapshot(spec.name), facts, cached=True)
     if not store.exists(spec.name):
-        store.create(spec.name, spec.description)
+        creation = store.prepare_creation(spec.name, spec.description)
+        publish_sync(settings, [creation])
+        store.apply(creation)
     publish_sync(settings, events)
     for event in events:
         store.apply(event)

@@ -1,0 +1,94 @@
+"""Static group membership, against the real broker: a worker restarted with the same worker id
+gets back the partitions it had, and the other worker of the group sees no rebalance at all."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiokafka import TopicPartition
+
+from inference.base_model import build_base_model
+from inference.worker.backend import BackendConfig
+from inference.worker.service import Worker, WorkerConfig
+from infra.settings import Settings, load_settings
+from schemas.topics import TOPICS
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_S = 120.0  # liveness bound for a loaded machine
+
+
+class CountingWorker(Worker):
+    """A worker that counts the rebalance callbacks it receives."""
+
+    def __init__(self, settings: Settings, worker_id: str) -> None:
+        config = WorkerConfig(worker_id, backend=BackendConfig(max_batch=2, max_seq_len=64),
+                              session_timeout_ms=10_000)
+        super().__init__(settings, config)
+        self.callbacks = 0
+
+    async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.callbacks += 1
+        await super()._on_assigned(assigned)
+
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.callbacks += 1
+        await super()._on_revoked(revoked)
+
+
+async def wait_for(condition, what: str, tasks: list[asyncio.Task]) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        for task in tasks:
+            if task.done():
+                task.result()  # a worker that stopped raises here
+                raise AssertionError(f"a worker stopped while waiting for {what}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def settings(kafka_settings, stack_env, tmp_path) -> Settings:
+    base = tmp_path / "base-model"
+    build_base_model(base, load_settings().cache_dir, "test")
+    (tmp_path / "home" / "adapters").mkdir(parents=True)
+    return load_settings({**stack_env, "LORALEDGER_HOME": str(tmp_path / "home"),
+                          "LORALEDGER_BASE_MODEL": str(base)})
+
+
+def test_a_restarted_worker_gets_its_partitions_back_without_a_rebalance(settings: Settings):
+    partitions = TOPICS["requests"].partitions
+
+    async def scenario() -> None:
+        first, second = CountingWorker(settings, "wa"), CountingWorker(settings, "wb")
+        workers = [first, second]
+        tasks = [asyncio.create_task(first.run())]
+        try:
+            await wait_for(lambda: len(first.partitions) == partitions, "the first", tasks)
+            tasks.append(asyncio.create_task(second.run()))
+            await wait_for(
+                lambda: second.partitions
+                and len(first.partitions) + len(second.partitions) == partitions,
+                "the group to share the partitions", tasks,
+            )
+            had, callbacks = second.partitions, first.callbacks
+
+            second.request_stop()
+            await tasks.pop()
+            again = CountingWorker(settings, "wb")
+            workers.append(again)
+            tasks.append(asyncio.create_task(again.run()))
+            await wait_for(lambda: again.partitions, "the restarted worker", tasks)
+
+            assert again.partitions == had
+            await asyncio.sleep(1.0)  # a rebalance of the first would show meanwhile
+            assert first.callbacks == callbacks, "the other worker went through a rebalance"
+            assert sorted(first.partitions + again.partitions) == list(range(partitions))
+        finally:
+            for worker in workers:
+                worker.request_stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())
