@@ -21,6 +21,9 @@ ENV_VARS: dict[str, str] = {
     "LORALEDGER_METRICS_PORT": "port of the worker's Prometheus endpoint (0 disables it)",
     "LORALEDGER_CACHE": "cache for slow-to-build artifacts shared by checkouts (base model, jars)",
     "LORALEDGER_EPOCH_SECONDS": "length of a reward and governance epoch in seconds",
+    "LORALEDGER_GATEWAY_PORT": "port of the OpenAI-compatible gateway (`loraledger serve`)",
+    "LORALEDGER_GATEWAY_TIMEOUT_S": "seconds the gateway waits for a result before answering 504",
+    "LORALEDGER_GATEWAY_MAX_IN_FLIGHT": "requests a gateway holds at once before answering 429",
 }
 
 
@@ -36,6 +39,9 @@ class Settings:
     metrics_port: int
     cache_dir: Path
     epoch_seconds: int
+    gateway_port: int = 8000
+    gateway_timeout_s: float = 60.0
+    gateway_max_in_flight: int = 256
 
     @property
     def adapters_dir(self) -> Path:
@@ -57,6 +63,17 @@ def _positive_int(env: dict[str, str], name: str, default: int) -> int:
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
     if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _positive_float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not 0 < value < float("inf"):
         raise ValueError(f"{name}={raw!r} must be a positive number of seconds")
     return value
 
@@ -76,4 +93,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         metrics_port=int(env.get("LORALEDGER_METRICS_PORT", "0")),
         cache_dir=Path(env.get("LORALEDGER_CACHE", "~/.cache/loraledger")).expanduser(),
         epoch_seconds=_positive_int(env, "LORALEDGER_EPOCH_SECONDS", 3600),
+        gateway_port=_positive_int(env, "LORALEDGER_GATEWAY_PORT", 8000),
+        gateway_timeout_s=_positive_float(env, "LORALEDGER_GATEWAY_TIMEOUT_S", 60.0),
+        gateway_max_in_flight=_positive_int(env, "LORALEDGER_GATEWAY_MAX_IN_FLIGHT", 256),
     )

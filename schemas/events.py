@@ -85,6 +85,8 @@ class InferenceRequest(Event):
         default_factory=list, max_length=8
     )
     client_id: EntityId | None = None
+    # Ask the worker to publish token deltas on `token-deltas` as they are generated.
+    stream: bool = False
 
 
 class ErrorCode(StrEnum):
@@ -180,6 +182,16 @@ class InferenceResult(Event):
         if self.status == "error" and self.error_code is None:
             raise ValueError("an error result needs an error_code")
         return self
+
+
+class TokenDelta(Event):
+    """Text a streaming request's generation grew by, published as it is generated (outside any
+    transaction). Best effort: the request's InferenceResult stays the truth, and the deltas of
+    a request, concatenated in `index` order, are a prefix of its final text."""
+
+    request_id: EntityId
+    index: NonNegativeInt
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
 
 
 # --- attribution ------------------------------------------------------------------------------
