@@ -17,12 +17,13 @@ _INCOMPLETE = "\ufffd"
 
 def settled_text(text: str, stop_strings: tuple[str, ...] | list[str]) -> str:
     """The part of a generation's text so far that no later token can change."""
+    cut = text
     for stop in stop_strings:
-        text = text.split(stop, 1)[0]
-    if stop_strings:
+        cut = cut.split(stop, 1)[0]
+    if cut == text and stop_strings:  # no stop string yet: its first characters may be here
         hold = max(len(stop) for stop in stop_strings) - 1
-        text = text[: max(0, len(text) - hold)]
-    return text.rstrip(_INCOMPLETE)
+        cut = text[: max(0, len(text) - hold)]
+    return cut.rstrip(_INCOMPLETE)
 
 
 @dataclass
