@@ -186,12 +186,13 @@ class InferenceResult(Event):
 
 class TokenDelta(Event):
     """Text a streaming request's generation grew by, published as it is generated (outside any
-    transaction). Best effort: the request's InferenceResult stays the truth, and the deltas of
-    a request, concatenated in `index` order, are a prefix of its final text."""
+    transaction). Best effort: the request's InferenceResult stays the truth; `text` is what
+    its final text holds from character `offset` on, so a reader can drop repeats (a request
+    served again after a rebalance) and notice gaps."""
 
     request_id: EntityId
-    index: NonNegativeInt
-    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    offset: NonNegativeInt
+    text: str = Field(min_length=1)
 
 
 # --- attribution ------------------------------------------------------------------------------

@@ -28,11 +28,10 @@ def settled_text(text: str, stop_strings: tuple[str, ...] | list[str]) -> str:
 
 @dataclass
 class TokenStream:
-    """One streaming request's deltas: what was sent, and the index of the next."""
+    """One streaming request's deltas and the text they add up to."""
 
     request_id: str
     sent: str = ""
-    next_index: int = 0
     pending: list[TokenDelta] = field(default_factory=list)
 
     def advance(self, text: str) -> None:
@@ -40,12 +39,12 @@ class TokenStream:
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return
         self.pending.append(
-            TokenDelta(request_id=self.request_id, index=self.next_index,
+            TokenDelta(request_id=self.request_id, offset=len(self.sent),
                        text=text[len(self.sent):])
         )
         self.sent = text
-        self.next_index += 1
 
     def take(self) -> list[TokenDelta]:
         taken, self.pending = self.pending, []
         return taken
+

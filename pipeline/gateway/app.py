@@ -19,7 +19,7 @@ from pipeline.gateway.errors import ApiError
 from pipeline.gateway.kafka_link import BrokerUnavailable, KafkaLink
 from pipeline.gateway.openai_requests import Endpoint, build_request, include_usage, parse_body
 from pipeline.gateway.responses import DONE, Shapes, sse
-from pipeline.gateway.results import Arrival
+from pipeline.gateway.results import Arrival, new_text
 from schemas.events import InferenceRequest, InferenceResult, TokenDelta
 from schemas.ids import is_valid_id
 
@@ -72,6 +72,12 @@ async def _api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         return ApiError(exc.status, exc.reason, type=kind).response()
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise  # the client went away
+    except Exception:
+        log.exception("request failed")
+        return ApiError(500, "The gateway failed on this request; see its log.",
+                        type="server_error").response()
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -181,7 +187,7 @@ async def _stream(request: web.Request, event: InferenceRequest, shapes: Shapes,
     first arrival, so an error or a timeout before it is a plain HTTP error."""
     deadline = time.monotonic() + config.timeout_s
     response: web.StreamResponse | None = None
-    sent, next_index = "", 0
+    sent = ""
     while True:
         arrival = await _next(arrivals, deadline)
         if arrival is None:
@@ -197,10 +203,10 @@ async def _stream(request: web.Request, event: InferenceRequest, shapes: Shapes,
             if shapes.endpoint == "chat":  # OpenAI's first chat chunk names the role
                 await response.write(sse(shapes.chunk("", first=True)))
         if isinstance(arrival, TokenDelta):
-            if arrival.index == next_index and arrival.text:
-                await response.write(sse(shapes.chunk(arrival.text)))
-                sent += arrival.text
-                next_index += 1
+            text = new_text(sent, arrival)
+            if text:
+                await response.write(sse(shapes.chunk(text)))
+                sent += text
             continue
         await _end_stream(response, shapes, arrival, sent, usage_wanted)
         break

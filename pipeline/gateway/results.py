@@ -23,6 +23,18 @@ log = logging.getLogger("loraledger.gateway")
 Arrival = TokenDelta | InferenceResult
 
 
+def new_text(received: str, delta: TokenDelta) -> str:
+    """What `delta` adds to the `received` text of its request: nothing for a repeat (a request
+    served again after a rebalance), nor past a gap (a delta was lost: the result makes the
+    text whole)."""
+    if delta.offset > len(received):
+        return ""
+    overlap = received[delta.offset:]
+    if not delta.text.startswith(overlap):
+        return ""
+    return delta.text[len(overlap):]
+
+
 class ResultRouter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -30,7 +30,7 @@ def test_a_stream_sends_only_growth_in_order():
     for text in ["the", "the", "the pri", "the price", "th"]:
         stream.advance(text)
     deltas = stream.take()
-    assert [(d.index, d.text) for d in deltas] == [(0, "the"), (1, " pri"), (2, "ce")]
+    assert [(d.offset, d.text) for d in deltas] == [(0, "the"), (3, " pri"), (7, "ce")]
     assert stream.take() == []
 
 
@@ -69,7 +69,8 @@ def test_streaming_requests_get_deltas_that_add_up_to_their_result(backend):
     for request in requests:
         result = results[request.request_id]
         mine = [d for d in deltas if d.request_id == request.request_id]
-        assert [d.index for d in mine] == list(range(len(mine)))
+        assert [d.offset for d in mine] == [len("".join(d.text for d in mine[:i]))
+                                            for i in range(len(mine))]
         assert "".join(d.text for d in mine) == result.output_text
     assert sum(len([d for d in deltas if d.request_id == r.request_id]) > 1
                for r in requests) >= 2, "deltas were not sent as the text was generated"

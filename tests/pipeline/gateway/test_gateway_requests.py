@@ -8,7 +8,8 @@ import pytest
 from pipeline.gateway.errors import ApiError
 from pipeline.gateway.openai_requests import build_request, include_usage, parse_body
 from pipeline.gateway.responses import Shapes
-from schemas.events import InferenceResult, Usage
+from pipeline.gateway.results import new_text
+from schemas.events import InferenceResult, TokenDelta, Usage
 
 
 def _request(body: dict):
@@ -84,3 +85,15 @@ def test_chunks_and_completions_carry_the_request_id():
     assert text.completion(result)["id"] == "cmpl-r1"
     assert text.chunk(None, "length")["choices"][0] == {
         "index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+
+
+def test_repeated_and_out_of_place_deltas_add_nothing():
+    def delta(offset: int, text: str) -> TokenDelta:
+        return TokenDelta(request_id="r1", offset=offset, text=text)
+
+    assert new_text("", delta(0, "the")) == "the"
+    assert new_text("the", delta(3, " price")) == " price"
+    assert new_text("the price", delta(0, "the pr")) == ""  # a repeat
+    assert new_text("the price", delta(4, "price is")) == " is"  # a repeat that goes further
+    assert new_text("the", delta(9, " is")) == ""  # past a gap
+    assert new_text("the price", delta(4, "prize")) == ""  # not this text
