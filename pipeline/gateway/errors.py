@@ -87,7 +87,9 @@ _RESULT_ERRORS: dict[ErrorCode, tuple[int, str, str | None]] = {
 def from_result(result: InferenceResult) -> ApiError:
     """The error a worker's error result stands for."""
     code = result.error_code or ErrorCode.INTERNAL
-    status, kind, param = _RESULT_ERRORS[code]
+    # A code this gateway does not know yet is about the request: the worker's own failures
+    # are INTERNAL.
+    status, kind, param = _RESULT_ERRORS.get(code, (400, "invalid_request_error", None))
     return ApiError(
         status,
         f"{result.error_message or code.value} (request {result.request_id})",
