@@ -4,8 +4,10 @@ once through the gateway over HTTP and once produced to Kafka directly from this
 Both paths serve the same worker, a subprocess (sketch off), and read answers the same way (the
 gateway's result router: every partition of `results` and `token-deltas` from the end); the
 direct path waits for the broker's acknowledgement like the gateway does. The gateway runs in
-this process beside the HTTP client. Requests arrive open-loop (Poisson) at each rate; the
-paths alternate for `--rounds` rounds, so drift in the machine's load hits both alike.
+this process beside the HTTP client; the CPU this process spends per request (client, plus the
+gateway on its path) is reported too, as it is far less noisy than latency on a shared machine.
+Requests arrive open-loop (Poisson) at each rate; the paths alternate for `--rounds` rounds, so
+drift in the machine's load hits both alike.
 Reported per path and rate: requests/s, time to first token (first streamed text) and
 end-to-end latency (request sent -> result, or `[DONE]`) p50/p99, and the ratio of the
 gateway's p50 end-to-end latency to the direct one's (target <= 1.10 at 10 req/s).
@@ -80,6 +82,7 @@ class Timing:
         self.sent: float = 0.0
         self.first_text: float | None = None
         self.done: float | None = None
+        self.cpu_s = 0.0
 
 
 async def direct_request(link: KafkaLink, body: dict, timing: Timing, timeout_s: float) -> None:
@@ -123,7 +126,9 @@ async def gateway_request(session: aiohttp.ClientSession, url: str, body: dict,
 
 
 async def run_load(send, bodies: list[dict], rate: float, seed: int) -> list[Timing]:
-    """Send `bodies` open-loop at `rate` requests/s (Poisson); their timings."""
+    """Send `bodies` open-loop at `rate` requests/s (Poisson); their timings, the last one
+    carrying this process's CPU seconds for the whole load in `cpu_s`."""
+    cpu_started = time.process_time()
     rng = random.Random(seed)
     timings = [Timing() for _ in bodies]
     tasks = []
@@ -138,6 +143,7 @@ async def run_load(send, bodies: list[dict], rate: float, seed: int) -> list[Tim
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed, the first: {failures[0]!r}")
+    timings[-1].cpu_s = time.process_time() - cpu_started
     return timings
 
 
@@ -155,6 +161,9 @@ def summary(rounds: list[list[Timing]], rate: float) -> dict:
         "requests": sum(len(timings) for timings in rounds),
         "completed": len(done),
         "requests_per_s": float(np.mean(throughputs)),
+        # Client and (on the gateway path) gateway CPU in this process, per request.
+        "cpu_ms_per_request": 1000 * sum(t.cpu_s for timings in rounds for t in timings)
+        / sum(len(timings) for timings in rounds),
         "ttft_p50_ms": percentile(ttft, 50),
         "ttft_p99_ms": percentile(ttft, 99),
         "e2e_p50_ms": percentile(e2e, 50),
@@ -264,12 +273,13 @@ def ratios(rows: list[dict]) -> dict[str, float]:
 
 def table(report: dict) -> str:
     head = ("path", "offered req/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "e2e p50 ms",
-            "e2e p99 ms")
+            "e2e p99 ms", "CPU ms/req")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
         cells = [row["path"], f"{row['offered_rate']:g}", f"{row['requests_per_s']:.1f}"]
         cells += [f"{row[k]:.0f}" for k in ("ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms",
                                             "e2e_p99_ms")]
+        cells.append(f"{row['cpu_ms_per_request']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for rate, ratio in report["e2e_p50_ratio"].items():
