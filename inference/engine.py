@@ -227,6 +227,13 @@ class Engine:
                 return True
         return False
 
+    def output_so_far(self, request_id: str) -> list[int] | None:
+        """The tokens a running request has generated so far; None when it is not running."""
+        for seq in self._running:
+            if seq.request.request_id == request_id:
+                return seq.output_ids
+        return None
+
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._done)
 

@@ -26,6 +26,9 @@ ENV_VARS: dict[str, str] = {
                               "127.0.0.1 over $LORALEDGER_HOME/clickhouse)",
     "LORALEDGER_LEDGER_PASSWORD": "password of the local ledger server's `default` user "
                                   "(empty: no authentication)",
+    "LORALEDGER_GATEWAY_PORT": "port of the OpenAI-compatible gateway (`loraledger serve`)",
+    "LORALEDGER_GATEWAY_TIMEOUT_S": "seconds the gateway waits for a result before answering 504",
+    "LORALEDGER_GATEWAY_MAX_IN_FLIGHT": "requests a gateway holds at once before answering 429",
 }
 
 LEDGER_HOST = "127.0.0.1"
@@ -49,6 +52,9 @@ class Settings:
     epoch_seconds: int
     ledger_port: int
     ledger_password: str
+    gateway_port: int = 8000
+    gateway_timeout_s: float = 60.0
+    gateway_max_in_flight: int = 256
 
     @property
     def adapters_dir(self) -> Path:
@@ -79,6 +85,17 @@ def _positive_int(env: dict[str, str], name: str, default: int) -> int:
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
     if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _positive_float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not 0 < value < float("inf"):
         raise ValueError(f"{name}={raw!r} must be a positive number of seconds")
     return value
 
@@ -108,4 +125,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         epoch_seconds=_positive_int(env, "LORALEDGER_EPOCH_SECONDS", 3600),
         ledger_port=ledger_port,
         ledger_password=env.get("LORALEDGER_LEDGER_PASSWORD", ""),
+        gateway_port=_positive_int(env, "LORALEDGER_GATEWAY_PORT", 8000),
+        gateway_timeout_s=_positive_float(env, "LORALEDGER_GATEWAY_TIMEOUT_S", 60.0),
+        gateway_max_in_flight=_positive_int(env, "LORALEDGER_GATEWAY_MAX_IN_FLIGHT", 256),
     )

@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "query",
     "replay",
     "worker",
+    "serve",
     "pipeline_run",
     "verify",
     "datanet",

@@ -106,6 +106,8 @@ class InferenceRequest(Event):
         default_factory=list, max_length=8
     )
     client_id: EntityId | None = None
+    # Ask the worker to publish token deltas on `token-deltas` as they are generated.
+    stream: bool = False
 
 
 class ErrorCode(StrEnum):
@@ -201,6 +203,17 @@ class InferenceResult(Event):
         if self.status == "error" and self.error_code is None:
             raise ValueError("an error result needs an error_code")
         return self
+
+
+class TokenDelta(Event):
+    """Text a streaming request's generation grew by, published as it is generated (outside any
+    transaction). Best effort: the request's InferenceResult stays the truth; `text` is what
+    its final text holds from character `offset` on, so a reader can drop repeats (a request
+    served again after a rebalance) and notice gaps."""
+
+    request_id: EntityId
+    offset: NonNegativeInt
+    text: str = Field(min_length=1)
 
 
 # --- attribution ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from schemas import events
 EXPORTED: tuple[type[BaseModel], ...] = (
     events.InferenceRequest,
     events.InferenceResult,
+    events.TokenDelta,
     events.AttributionRecord,
     events.RewardEntry,
     events.DatanetCreated,

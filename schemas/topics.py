@@ -9,7 +9,8 @@ from pydantic import TypeAdapter
 
 from schemas import events
 
-DAY_MS = 24 * 3600 * 1000
+HOUR_MS = 3600 * 1000
+DAY_MS = 24 * HOUR_MS
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class TopicSpec:
 _SPECS = [
     TopicSpec("requests", "adapter_id", 8, events.InferenceRequest),
     TopicSpec("results", "adapter_id", 8, events.InferenceResult),
+    # A side channel for streaming clients, worthless once its request has a result.
+    TopicSpec("token-deltas", "request_id", 8, events.TokenDelta, retention_ms=HOUR_MS),
     TopicSpec("attributions", "request_id", 8, events.AttributionRecord),
     TopicSpec("rewards", "beneficiary_id", 8, events.RewardEntry),
     # Before `contributions` when a store is rebuilt: a contribution counts once its datanet

@@ -28,7 +28,8 @@ from inference.worker.metrics import WorkerMetrics
 from inference.worker.results import error_result, ok_result
 from inference.worker.scheduler import AdmissionScheduler, Residency
 from inference.worker.sketching import SketchAttacher, SketchJob, SketchPolicy
-from schemas.events import ErrorCode, InferenceRequest, InferenceResult, Sketch
+from inference.worker.token_stream import TokenStream, settled_text
+from schemas.events import ErrorCode, InferenceRequest, InferenceResult, Sketch, TokenDelta
 from schemas.ids import AdapterId, new_id
 
 log = logging.getLogger("loraledger.worker")
@@ -95,6 +96,8 @@ class ServingBackend:
         self._in_engine: dict[str, _Job] = {}
         self._dropped: set[str] = set()  # in the engine, but no longer wanted
         self._held: list[tuple[_Job, GenerationResult]] = []  # ok, waiting for a sketch
+        self._streams: dict[str, TokenStream] = {}  # key -> deltas of a streaming request
+        self._deltas: list[TokenDelta] = []
         self._bos = engine.model.config.bos_token_id
 
     @classmethod
@@ -150,6 +153,8 @@ class ServingBackend:
         """Forget requests (their partition went to another worker): queued ones leave the
         queue, running ones finish but yield nothing."""
         self.scheduler.remove(lambda job: job.key in keys)
+        for key in keys:
+            self._streams.pop(key, None)
         self._held = [(job, g) for job, g in self._held if job.key not in keys]
         self._dropped.update(keys & self._in_engine.keys())
 
@@ -173,6 +178,7 @@ class ServingBackend:
                 self.metrics.observe_step(
                     self.engine.num_running, self.config.max_batch, len(self.scheduler)
                 )
+                self._stream_progress()
                 completed.extend(self._collect(finished))
             if self.clock() >= deadline or not (self.engine.has_work() or self.scheduler):
                 break
@@ -187,6 +193,28 @@ class ServingBackend:
         while self.pending and self.clock() < deadline:
             completed.extend(self.advance(flush_sketches=True))
         return completed
+
+    def take_deltas(self) -> list[TokenDelta]:
+        """The token deltas of streaming requests produced since the last call."""
+        taken, self._deltas = self._deltas, []
+        return taken
+
+    def _stream_progress(self) -> None:
+        codec = self.engine.codec
+        if not self._streams or codec is None:
+            return
+        for key, stream in self._streams.items():
+            output = self.engine.output_so_far(key)
+            if output:
+                job = self._in_engine[key]
+                stream.advance(settled_text(codec.decode(output), job.request.stop))
+                self._deltas.extend(stream.take())
+
+    def _stream_end(self, key: str, generation: GenerationResult) -> None:
+        stream = self._streams.pop(key, None)
+        if stream is not None and generation.status == "ok":
+            stream.advance(generation.output_text or "")
+            self._deltas.extend(stream.take())
 
     def flush_sketches(self) -> list[Completed]:
         held, self._held = self._held, []
@@ -251,6 +279,8 @@ class ServingBackend:
         if self._bos is not None:
             prompt_ids = [self._bos, *prompt_ids]
         self._in_engine[job.key] = job
+        if request.stream:
+            self._streams[job.key] = TokenStream(request.request_id)
         self.engine.submit(
             GenerationRequest(
                 prompt_ids=prompt_ids,
@@ -275,6 +305,7 @@ class ServingBackend:
             if job.key in self._dropped:
                 self._dropped.discard(job.key)
                 continue
+            self._stream_end(job.key, generation)
             if generation.status == "ok":
                 if self.sketches is not None and self.policy.wants(job.request.request_id):
                     self._held.append((job, generation))

@@ -18,6 +18,10 @@ owner re-consumes exactly the records whose results were not committed.
 Membership is static (the worker id is the group instance id): a worker restarted with the same
 id gets its partitions back without a rebalance; two live workers need distinct ids.
 
+Streaming requests also get token deltas on `token-deltas` as they are generated, from a plain
+producer outside the transactions: a side channel that may lose or repeat nothing that matters,
+since the committed result is the truth a streaming client ends with.
+
 Rebalances and SIGTERM drain: the worker stops taking records, runs the engine until what it
 consumed is finished (time-boxed), commits, and lets go. What did not finish in time is
 dropped and re-consumed by the next owner.
@@ -43,10 +47,10 @@ from inference.worker.partition_backlog import PartitionBacklog, ReadyPrefix
 from inference.worker.sketching import SketchPolicy
 from infra.kafka.clients import ensure_topics, make_consumer, make_producer
 from infra.kafka.dead_letters import validated
-from infra.kafka.events import Outgoing
+from infra.kafka.events import Outgoing, send_event
 from infra.kafka.transactions import send_and_commit
 from infra.settings import Settings
-from schemas.events import InferenceResult
+from schemas.events import InferenceResult, TokenDelta
 from schemas.ids import check_id, new_id
 from schemas.topics import topic_name
 
@@ -118,6 +122,7 @@ class Worker:
         self._epoch = 0  # bumped by every rebalance callback
         self._ledgers: dict[TopicPartition, PartitionBacklog] = {}
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._delta_producer: AIOKafkaProducer | None = None
         self._partition_of: dict[str, TopicPartition] = {}  # backend key -> input partition
         self._last_commit = time.monotonic()
         self._last_status = time.monotonic()
@@ -144,8 +149,10 @@ class Worker:
     # --- main loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await ensure_topics(self.settings, ["requests", "results", "dead-letters"])
+        await ensure_topics(self.settings, ["requests", "results", "dead-letters", "token-deltas"])
         self.backend = await self._call(self._backend_factory, self.metrics)
+        self._delta_producer = make_producer(self.settings)
+        await self._delta_producer.start()
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port)
         consumer = make_consumer(
@@ -180,6 +187,8 @@ class Worker:
             await asyncio.gather(*(p.stop() for p in self._producers.values()),
                                  return_exceptions=True)
             self._producers.clear()
+            if self._delta_producer is not None:
+                await self._delta_producer.stop()
             if self.backend is not None:
                 await self._call(self.backend.close)
             self._executor.shutdown(wait=True)
@@ -237,8 +246,19 @@ class Worker:
                 self.backend.advance, self.config.step_budget_s, commit_due
             )
             self._record(completed)
+            await self._send_deltas(self.backend.take_deltas())
         if commit_due or self.backend.idle():
             await self._commit()
+
+    async def _send_deltas(self, deltas: list[TokenDelta]) -> None:
+        """Best effort, not awaited to the broker: a lost delta is made good by the result."""
+        if self._delta_producer is None:
+            return
+        for delta in deltas:
+            try:
+                await send_event(self._delta_producer, self.settings, delta)
+            except KafkaError as exc:
+                log.debug("token delta for %s not sent: %s", delta.request_id, exc)
 
     def _record(self, completed: list[Completed]) -> None:
         for item in completed:

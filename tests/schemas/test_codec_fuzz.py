@@ -39,6 +39,7 @@ from schemas.events import (
     RewardEntry,
     Sketch,
     Timings,
+    TokenDelta,
     Usage,
     Vote,
     reward_entry_id,
@@ -67,6 +68,7 @@ SAMPLES: dict[str, list[BaseModel]] = {
         InferenceResult(request_id="r2", adapter_id="a1", status="error", worker_id="w1",
                         error_code="unknown_adapter", error_message="no such adapter"),
     ],
+    "token-deltas": [TokenDelta(request_id="r1", offset=0, text=" Paris")],
     "attributions": [
         AttributionRecord(
             request_id="r1", adapter_id="a1", status="ok", evidence_hash=HASH,
