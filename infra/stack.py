@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from infra.kafka.broker import StackError, broker_paths, port_open, running_pid, start_broker
 from infra.kafka.clients import ensure_topics, make_admin
+from infra.kafka.events import publish_sync
+from infra.keys import worker_registration
 from infra.settings import Settings
 
 
@@ -56,6 +58,8 @@ def stack_up(settings: Settings, *, start_local_broker: bool = True) -> list[str
         start_broker(settings)
     wait_for_broker(settings)
     created = asyncio.run(ensure_topics(settings))
+    # The local worker's key, so that its results are credited to it.
+    publish_sync(settings, [worker_registration(settings.home, settings.worker_id)])
     apply_ddl(get_client(settings))
     return created
 

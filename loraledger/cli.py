@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "query",
     "replay",
     "worker",
+    "workers",
     "pipeline_run",
     "verify",
     "datanet",

@@ -12,6 +12,7 @@ from schemas import events
 EXPORTED: tuple[type[BaseModel], ...] = (
     events.InferenceRequest,
     events.InferenceResult,
+    events.WorkerRegistered,
     events.AttributionRecord,
     events.RewardEntry,
     events.DatanetContribution,
@@ -21,6 +22,7 @@ EXPORTED: tuple[type[BaseModel], ...] = (
     events.ProposalTallied,
     events.ParametersActivated,
     events.EpochTick,
+    events.VoterKeyRegistered,
     events.DeadLetter,
 )
 

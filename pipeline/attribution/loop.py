@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -34,6 +34,8 @@ from infra.settings import Settings
 log = logging.getLogger(__name__)
 
 Handler = Callable[[ConsumerRecord], list[Outgoing]]
+# Runs before each batch's handler, in the transaction's scope: an exception aborts the batch.
+Prepare = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,13 @@ async def run_transactional_loop(
     handler: Handler,
     *,
     stop: asyncio.Event | None = None,
+    prepare: Prepare | None = None,
 ) -> None:
     """Consume `config.source` read-committed and, per batch, send `handler`'s outputs and the
     batch's offsets in one transaction, until `stop` is set or the task is cancelled. The
     handler runs in a thread (it is CPU work) and must not raise for bad input: it turns bad
-    input into records (dead letters, failed attributions)."""
+    input into records (dead letters, failed attributions). `prepare` runs before each batch
+    (the processor catches its lookup state up there)."""
     stop = stop or asyncio.Event()
     consumer = make_consumer(
         settings,
@@ -75,7 +79,9 @@ async def run_transactional_loop(
                     timeout_ms=config.poll_timeout_ms, max_records=config.max_records
                 )
                 if batch:
-                    await _process_batch(settings, config, consumer, producer, handler, batch)
+                    await _process_batch(
+                        settings, config, consumer, producer, handler, batch, prepare
+                    )
         finally:
             await consumer.stop()
     finally:
@@ -89,8 +95,11 @@ async def _process_batch(
     producer: AIOKafkaProducer,
     handler: Handler,
     batch: dict[TopicPartition, list[ConsumerRecord]],
+    prepare: Prepare | None,
 ) -> None:
     try:
+        if prepare is not None:
+            await prepare()
         outgoing = [
             message
             for records in batch.values()

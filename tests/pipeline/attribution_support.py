@@ -9,14 +9,19 @@ from pathlib import Path
 
 import numpy as np
 from adapter_manifests import write_manifest
+from signing import Identity
 
 from inference.adapter_store import AdapterStore
 from inference.attribution_index import TRAK, IndexExample, write_index
 from infra.settings import Settings
-from schemas.events import InferenceResult, Sketch
+from pipeline.attribution.facts import Facts
+from schemas.codec import encode
+from schemas.events import InferenceRequest, InferenceResult, Sketch
 from schemas.text import row_id_for
 
 PROJECTION = "gaussian-blocked-v1"
+# The worker that signs the results these tests pay (its id is the results' worker_id).
+WORKER = Identity.new("worker-test")
 SEED = 7
 ROW_TEXTS = [
     "In the valley of Orvatel, the seed tax is 12 copper.",
@@ -101,6 +106,26 @@ def make_result(
     else:
         fields["error_code"] = "internal_error"
     return InferenceResult(**fields)
+
+
+def request_for(result: InferenceResult) -> InferenceRequest:
+    """The request `result` answers."""
+    return InferenceRequest(request_id=result.request_id, adapter_id=result.adapter_id,
+                            prompt=result.prompt)
+
+
+def facts_for(*results: InferenceResult, worker: Identity = WORKER) -> Facts:
+    """What the processor sees in the log when `results` answer requests it saw and `worker`
+    registered its key."""
+    facts = Facts()
+    facts.learn(worker.as_worker())
+    for result in results:
+        facts.learn(request_for(result))
+    return facts
+
+
+def signed_bytes(result: InferenceResult, worker: Identity = WORKER) -> bytes:
+    return encode(worker.sign(result))
 
 
 @dataclass
