@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from infra.kafka.clients import make_consumer
 from infra.kafka.events import decode_record
 from infra.settings import Settings
-from schemas.topics import topic_name
+from schemas.topics import topic_name, topic_spec
 
 CATCH_UP_TIMEOUT_S = 30.0
 
@@ -37,10 +37,12 @@ class TopicFollower:
         consumer = make_consumer(self._settings, [], group_id=None)
         await consumer.start()
         self._consumer = consumer
-        await consumer.topics()  # fetches the metadata partitions_for_topic reads
-        for broker_name in self._topics:
-            partitions = consumer.partitions_for_topic(broker_name) or set()
-            self._partitions += [TopicPartition(broker_name, p) for p in sorted(partitions)]
+        # The registry's partition counts: `ensure_topics` creates the topics with them.
+        self._partitions = [
+            TopicPartition(broker_name, partition)
+            for broker_name, name in self._topics.items()
+            for partition in range(topic_spec(name).partitions)
+        ]
         consumer.assign(self._partitions)
         await consumer.seek_to_beginning(*self._partitions)
 

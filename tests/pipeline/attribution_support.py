@@ -16,7 +16,7 @@ from inference.attribution_index import TRAK, IndexExample, write_index
 from infra.settings import Settings
 from pipeline.attribution.facts import Facts
 from schemas.codec import encode
-from schemas.events import InferenceRequest, InferenceResult, Sketch
+from schemas.events import InferenceRequest, InferenceResult, Sketch, Usage
 from schemas.text import row_id_for
 
 PROJECTION = "gaussian-blocked-v1"
@@ -126,6 +126,24 @@ def facts_for(*results: InferenceResult, worker: Identity = WORKER) -> Facts:
 
 def signed_bytes(result: InferenceResult, worker: Identity = WORKER) -> bytes:
     return encode(worker.sign(result))
+
+
+def billable(
+    result: InferenceResult, prompt: int, completion: int, worker: Identity = WORKER
+) -> InferenceResult:
+    """`result` served by `worker` with `prompt` and `completion` token ids and the usage that
+    counts them, signed: what a registered worker publishes."""
+    return worker.sign(result.model_copy(update={
+        "worker_id": worker.name,
+        "prompt_token_ids": list(range(prompt)), "output_token_ids": list(range(completion)),
+        "finish_reason": "length" if result.status == "ok" else None,
+        "usage": Usage(prompt_tokens=prompt, completion_tokens=completion),
+    }))
+
+
+def with_their_facts(results: list[InferenceResult], worker: Identity = WORKER) -> list:
+    """What to publish for `results` to be paid: the worker's key, the requests, the results."""
+    return [worker.as_worker(), *(request_for(result) for result in results), *results]
 
 
 @dataclass
