@@ -11,11 +11,14 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
 from infra.kafka.broker import StackError, broker_paths, port_open, running_pid, start_broker
 from infra.kafka.clients import ensure_topics, make_admin
 from infra.kafka.events import publish_sync
 from infra.keys import worker_registration
 from infra.settings import Settings
+from schemas.topics import TOPICS
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,26 @@ def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> None:
     raise StackError(f"the broker at {settings.kafka_bootstrap} did not answer: {last_error}")
 
 
+async def stamp_with_broker_time(settings: Settings) -> None:
+    """Give topics whose time is read (`results`, `governance`) log-append timestamps, also
+    when they were created before the registry asked for them."""
+    specs = [spec for spec in TOPICS.values() if spec.log_append_time]
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        resources = [
+            ConfigResource(ConfigResourceType.TOPIC, spec.broker_name(settings.topic_prefix),
+                           configs=spec.topic_config())
+            for spec in specs
+            if spec.broker_name(settings.topic_prefix) in existing
+        ]
+        if resources:
+            await admin.alter_configs(resources)
+    finally:
+        await admin.close()
+
+
 def stack_up(settings: Settings, *, start_local_broker: bool = True) -> list[str]:
     """Start what the local stack needs and return the topics created."""
     from infra.clickhouse_client import apply_ddl, get_client
@@ -58,6 +81,7 @@ def stack_up(settings: Settings, *, start_local_broker: bool = True) -> list[str
         start_broker(settings)
     wait_for_broker(settings)
     created = asyncio.run(ensure_topics(settings))
+    asyncio.run(stamp_with_broker_time(settings))
     # The local worker's key, so that its results are credited to it.
     publish_sync(settings, [worker_registration(settings.home, settings.worker_id)])
     apply_ddl(get_client(settings))

@@ -60,6 +60,7 @@ from schemas.events import (
     Vote,
     VoterKeyRegistered,
 )
+from schemas.topics import LOG_APPEND_TIME_TYPE
 
 CONSUMER = "governance"
 
@@ -183,7 +184,11 @@ def register(app: faust.App, settings: Settings) -> GovernanceState:
             except DecodeError as exc:
                 await _dead_letter(event, exc.reason)
                 continue
-            # The topic has log-append timestamps: this is the broker's clock.
+            if event.message.timestamp_type != LOG_APPEND_TIME_TYPE:
+                await _dead_letter(event, (
+                    "refused: the broker did not stamp this event's time (`governance` needs "
+                    "message.timestamp.type=LogAppendTime: run `loraledger stack up`)"))
+                continue
             appended_at = datetime.fromtimestamp(event.message.timestamp, UTC)
             if isinstance(decoded, EpochTick):
                 close_before, activate_from = tick_epochs(

@@ -10,6 +10,9 @@ from pydantic import TypeAdapter
 from schemas import events
 
 DAY_MS = 24 * 3600 * 1000
+# A consumed record's `timestamp_type` when the broker stamped it (Kafka's code for
+# LogAppendTime); 0 is CreateTime, the producer's clock.
+LOG_APPEND_TIME_TYPE = 1
 
 
 @dataclass(frozen=True)

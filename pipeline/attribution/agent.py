@@ -41,12 +41,20 @@ from pipeline.attribution.facts import Facts
 from pipeline.attribution.loop import LoopConfig, run_transactional_loop
 from pipeline.attribution.parameters import ParameterSource
 from pipeline.attribution.processing import Origin, process_result
+from schemas.topics import LOG_APPEND_TIME_TYPE
 
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 5.0
 # What a result is checked against before it is paid.
 FACT_TOPICS = ("requests", "workers", "attributions")
+
+
+def broker_time(record: ConsumerRecord) -> datetime | None:
+    """When the broker appended `record`; None when the time it carries is its producer's."""
+    if record.timestamp_type != LOG_APPEND_TIME_TYPE:
+        return None
+    return datetime.fromtimestamp(record.timestamp / 1000, UTC)
 
 
 def loop_config(settings: Settings) -> LoopConfig:
@@ -72,10 +80,7 @@ async def run_attribution(
     def handle(record: ConsumerRecord) -> list[Outgoing]:
         return process_result(
             record.value,
-            origin=Origin(
-                record.topic, record.partition, record.offset,
-                datetime.fromtimestamp(record.timestamp / 1000, UTC),
-            ),
+            origin=Origin(record.topic, record.partition, record.offset, broker_time(record)),
             facts=facts,
             parameters=parameters.current_parameters(),
             cache=cache,

@@ -102,12 +102,13 @@ def reward_entries(
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a message of `results` was read, and when the broker appended it."""
+    """Where a message of `results` was read, and when the broker appended it (None when the
+    record's time is its producer's: the topic predates log-append timestamps)."""
 
     topic: str
     partition: int
     offset: int
-    appended_at: datetime
+    appended_at: datetime | None
 
     def refused(self, raw: bytes | None, reason: str) -> Outgoing:
         return dead_letter(
@@ -130,6 +131,11 @@ def _paid(
 ) -> list[Outgoing]:
     """The record and entries of an ok result that passes the checks; a dead letter saying
     why when it does not."""
+    if origin.appended_at is None:
+        return [origin.refused(raw, (
+            "not paid: the broker did not stamp this result's time (the topic needs "
+            "message.timestamp.type=LogAppendTime: run `loraledger stack up`)"
+        ))]
     reason = refusal(result, payload, facts)
     if reason is not None:
         return [origin.refused(raw, f"not paid: {reason}")]

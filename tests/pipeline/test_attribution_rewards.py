@@ -268,3 +268,12 @@ def test_epoch_and_entry_time_are_the_brokers_not_the_results(adapter, cache):
     entries = decoded(run(from_2100, cache, priced(epochs)), "rewards")
     assert epochs == [7]
     assert {(e.epoch, e.created_at) for e in entries} == {(7, WHEN)}
+
+
+def test_a_result_the_broker_did_not_stamp_is_not_paid(adapter, cache):
+    result = with_usage(make_result(adapter))
+    out = process_result(
+        signed_bytes(result), origin=Origin("t.results", 1, 9, None), facts=facts_for(result),
+        parameters=Parameters(), cache=cache, pricing=priced([]), epoch_seconds=EPOCH_SECONDS,
+    )
+    assert "LogAppendTime" in refused(out)
