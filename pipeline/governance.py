@@ -263,24 +263,23 @@ def fold_log(logged: list[Logged], epoch_seconds: int) -> GovernanceView:
     voter_keys: dict[str, str] = {}
     for item in logged:
         event = item.event
-        if isinstance(event, ProposalTallied | ParametersActivated):
-            if isinstance(event, ProposalTallied):
-                view.tallies[event.proposal_id] = event
-                view.open_proposals.pop(event.proposal_id, None)
-            elif all(known.version != event.version for known in view.history):
-                view.history.append(event)
-            continue
         if isinstance(event, EpochTick):
             close_before, _ = tick_epochs(event, item.appended_at, epoch_seconds)
         else:
             close_before = epoch_of(item.appended_at, epoch_seconds)
-        # The agent tallies these now; their tally follows in the log.
+        # Every event closes the proposals of ended epochs, as in the agent, which tallies
+        # them then; their tallies follow in the log.
         for proposal_id, entry in list(view.open_proposals.items()):
             if entry.proposal.epoch < close_before:
                 del view.open_proposals[proposal_id]
-        if isinstance(event, EpochTick) or future_dated(event.created_at, item.appended_at):
+        if isinstance(event, ProposalTallied):
+            view.tallies[event.proposal_id] = event
+        elif isinstance(event, ParametersActivated):
+            if all(known.version != event.version for known in view.history):
+                view.history.append(event)
+        elif isinstance(event, EpochTick) or future_dated(event.created_at, item.appended_at):
             continue
-        if isinstance(event, VoterKeyRegistered):
+        elif isinstance(event, VoterKeyRegistered):
             register_voter_key(voter_keys, event)
         elif isinstance(event, Proposal):
             if proposal_refusal(event, used_ids) is None:
