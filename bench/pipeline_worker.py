@@ -45,6 +45,7 @@ from inference.worker.service import Worker, WorkerConfig  # noqa: E402
 from inference.worker.sketching import SketchMode, SketchPolicy  # noqa: E402
 from infra.kafka.clients import ensure_topics, make_consumer, make_producer  # noqa: E402
 from infra.kafka.events import send_event  # noqa: E402
+from infra.keys import worker_registration  # noqa: E402
 from infra.settings import Settings, load_settings  # noqa: E402
 from schemas.codec import decode  # noqa: E402
 from schemas.events import InferenceRequest  # noqa: E402
@@ -91,13 +92,15 @@ async def run_phase(
 ) -> dict:
     """Serve `requests` with one in-process worker. `rate` None: publish all first."""
     settings = replace(settings, topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.")
-    await ensure_topics(settings, ["requests", "results", "dead-letters"])
+    await ensure_topics(settings, ["requests", "results", "dead-letters", "workers"])
     consumer = make_consumer(settings, ["results"], group_id=None)
     await consumer.start()
     producer = make_producer(settings)
     await producer.start()
     sent_at: dict[str, float] = {}
     received: dict[str, tuple[float, object]] = {}
+    # As `stack up` does: results are credited only to a worker whose key is registered.
+    await send_event(producer, settings, worker_registration(settings.home, config.worker_id))
     worker = Worker(settings, config)
     worker_task = asyncio.create_task(worker.run())
     rng = random.Random(seed)

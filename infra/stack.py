@@ -13,6 +13,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
 from infra.kafka.broker import (
     StackError,
     local_nodes,
@@ -22,9 +24,12 @@ from infra.kafka.broker import (
     start_broker,
 )
 from infra.kafka.clients import ensure_topics, make_admin
+from infra.kafka.events import publish_sync
+from infra.keys import worker_registration
 from infra.ledger_server.process import ledger_answers, ledger_paths, start_ledger
 from infra.ledger_server.process import running_pid as ledger_pid
 from infra.settings import Settings
+from schemas.topics import TOPICS
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,28 @@ async def _under_replicated(settings: Settings) -> list[str]:
     )
 
 
+
+async def stamp_with_broker_time(settings: Settings) -> None:
+    """Give topics whose time is read (`results`, `governance`) log-append timestamps, also
+    when they were created before the registry asked for them."""
+    specs = [spec for spec in TOPICS.values() if spec.log_append_time]
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        resources = [
+            ConfigResource(ConfigResourceType.TOPIC, spec.broker_name(settings.topic_prefix),
+                           configs=spec.topic_config())
+            for spec in specs
+            if spec.broker_name(settings.topic_prefix) in existing
+        ]
+        if resources:
+            await admin.alter_configs(resources)
+    finally:
+        await admin.close()
+
+
+
 def stack_up(
     settings: Settings, *, start_local_broker: bool = True, brokers: int = 1
 ) -> list[str]:
@@ -101,6 +128,9 @@ def stack_up(
         start_broker(settings, brokers)
     wait_for_broker(settings)
     created = asyncio.run(ensure_topics(settings))
+    asyncio.run(stamp_with_broker_time(settings))
+    # The local worker's key, so that its results are credited to it.
+    publish_sync(settings, [worker_registration(settings.home, settings.worker_id)])
     if uses_local_ledger(settings):
         start_ledger(settings)
     apply_ddl(get_client(settings))

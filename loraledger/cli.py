@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "replay",
     "worker",
     "serve",
+    "workers",
     "pipeline_run",
     "verify",
     "datanet",

@@ -1,6 +1,19 @@
 """Governance rules as pure functions over plain state, so the agent, the CLI and the tests
 share one implementation.
 
+- Time is the broker's: every epoch here is that of the time the broker appended an event to
+  `governance` (the topic has log-append timestamps), never an event's `created_at`, which its
+  producer chose. An event dated more than MAX_CLOCK_SKEW after the broker appended it is
+  refused outright.
+- A vote counts only for the voter that signed it: its Ed25519 signature must verify against
+  the first key registered for its voter id (`VoterKeyRegistered`, earlier in the log); a
+  later registration of another key for the same id is refused. An unsigned or wrongly signed
+  vote counts for nobody.
+- A proposal id is used once: a proposal reusing the id of any earlier one, open or tallied,
+  is refused (the ledger keeps the first row of an id, so both views agree).
+- A vote on a proposal that is not open (unknown, or closed because its epoch ended by broker
+  time) counts nowhere.
+- Refused events are dead-lettered with the reason by the agent, and skipped by `fold_log`.
 - Parameters have versions. Version 0 is the schema's defaults, effective from epoch 0. The
   active parameters for an epoch are the highest version whose effective epoch is <= it.
 - A vote's weight is the voter's rewards earned in epochs before the proposal's epoch; the
@@ -21,9 +34,10 @@ share one implementation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pipeline.rewards import TREASURY_ID, epoch_of
 from schemas.events import (
@@ -34,7 +48,9 @@ from schemas.events import (
     Proposal,
     ProposalTallied,
     Vote,
+    VoterKeyRegistered,
 )
+from schemas.signatures import signature_problem
 
 QUORUM_PPM = 100_000  # 10% of the voting weight that existed before the proposal's epoch
 
@@ -44,6 +60,9 @@ GENESIS = ParametersActivated(
     parameters=Parameters(),
     created_at=datetime(1970, 1, 1, tzinfo=UTC),
 )
+
+# How far ahead of the broker's clock an event's own timestamp may be before it is refused.
+MAX_CLOCK_SKEW = timedelta(minutes=5)
 
 # Earnings: beneficiary -> epoch -> micro-units earned in that epoch.
 Earnings = Mapping[str, Mapping[int, int]]
@@ -86,6 +105,45 @@ def record_vote(open_proposals: dict[str, OpenProposal], vote: Vote) -> bool:
         return False
     target.votes[vote.voter_id] = vote.support
     return True
+
+
+def future_dated(created_at: datetime, appended_at: datetime) -> str | None:
+    """Why an event is refused for its date: stamped later than the broker appended it."""
+    if created_at > appended_at + MAX_CLOCK_SKEW:
+        return (f"dated {created_at.isoformat()}, after the broker appended it at "
+                f"{appended_at.isoformat()}")
+    return None
+
+
+def register_voter_key(keys: MutableMapping[str, str], event: VoterKeyRegistered) -> str | None:
+    """Record a voter's key; the reason it is refused when the voter already has another."""
+    known = keys.get(event.voter_id)
+    if known is None:
+        keys[event.voter_id] = event.public_key
+    elif known != event.public_key:
+        return f"voter {event.voter_id} already has a registered key"
+    return None
+
+
+def proposal_refusal(proposal: Proposal, used_ids: Container[str]) -> str | None:
+    if proposal.proposal_id in used_ids:
+        return f"proposal id {proposal.proposal_id} is already used"
+    return None
+
+
+def vote_refusal(
+    vote: Vote,
+    payload: Mapping[str, Any],
+    open_ids: Container[str],
+    voter_keys: Mapping[str, str],
+) -> str | None:
+    """Why `vote` (sent as the JSON object `payload`) counts for nobody; None when it counts."""
+    if vote.proposal_id not in open_ids:
+        return f"proposal {vote.proposal_id} is not open (unknown, or its epoch has ended)"
+    problem = signature_problem(payload, voter_keys.get(vote.voter_id))
+    if problem is not None:
+        return f"vote as {vote.voter_id} does not count: {problem}"
+    return None
 
 
 def tally(open_proposal: OpenProposal, earnings: Earnings, at: datetime) -> ProposalTallied:
@@ -178,30 +236,55 @@ class GovernanceView:
     tallies: dict[str, ProposalTallied] = field(default_factory=dict)
 
 
-def tick_epochs(tick: EpochTick, epoch_seconds: int) -> tuple[int, int]:
-    """(close epochs before, activate from) for a tick: its epoch, capped by the epoch of its
-    timestamp so a tick from the future closes nothing early, and its timestamp's epoch."""
-    stamped = epoch_of(tick.created_at, epoch_seconds)
+def tick_epochs(tick: EpochTick, appended_at: datetime, epoch_seconds: int) -> tuple[int, int]:
+    """(close epochs before, activate from) for a tick the broker appended at `appended_at`:
+    its epoch, capped by the broker's epoch so a tick from the future closes nothing early,
+    and the broker's epoch."""
+    stamped = epoch_of(appended_at, epoch_seconds)
     return min(tick.epoch, stamped), stamped
 
 
-def fold_log(
-    events: list[Proposal | Vote | ProposalTallied | ParametersActivated | EpochTick],
-) -> GovernanceView:
-    """Fold governance events (in log order) into the state the agent holds; ticks change
-    nothing by themselves (the tallies they cause are events of their own)."""
+@dataclass(frozen=True)
+class Logged:
+    """A governance event as read from the log: the JSON object it was sent as (what a
+    signature covers) and the time the broker appended it."""
+
+    event: Proposal | Vote | ProposalTallied | ParametersActivated | EpochTick | VoterKeyRegistered
+    payload: Mapping[str, Any]
+    appended_at: datetime
+
+
+def fold_log(logged: list[Logged], epoch_seconds: int) -> GovernanceView:
+    """Fold governance events (in log order) into the state the agent holds, refusing what
+    it refuses; ticks change nothing by themselves (the tallies they cause are events of their
+    own), but like every event they close the proposals of epochs that have ended."""
     view = GovernanceView()
-    for event in events:
+    used_ids: set[str] = set()
+    voter_keys: dict[str, str] = {}
+    for item in logged:
+        event = item.event
         if isinstance(event, EpochTick):
-            continue
-        if isinstance(event, Proposal):
-            if event.proposal_id not in view.tallies:
-                view.open_proposals.setdefault(event.proposal_id, OpenProposal(event))
-        elif isinstance(event, Vote):
-            record_vote(view.open_proposals, event)
-        elif isinstance(event, ProposalTallied):
+            close_before, _ = tick_epochs(event, item.appended_at, epoch_seconds)
+        else:
+            close_before = epoch_of(item.appended_at, epoch_seconds)
+        # Every event closes the proposals of ended epochs, as in the agent, which tallies
+        # them then; their tallies follow in the log.
+        for proposal_id, entry in list(view.open_proposals.items()):
+            if entry.proposal.epoch < close_before:
+                del view.open_proposals[proposal_id]
+        if isinstance(event, ProposalTallied):
             view.tallies[event.proposal_id] = event
-            view.open_proposals.pop(event.proposal_id, None)
-        elif all(known.version != event.version for known in view.history):
-            view.history.append(event)
+        elif isinstance(event, ParametersActivated):
+            if all(known.version != event.version for known in view.history):
+                view.history.append(event)
+        elif isinstance(event, EpochTick) or future_dated(event.created_at, item.appended_at):
+            continue
+        elif isinstance(event, VoterKeyRegistered):
+            register_voter_key(voter_keys, event)
+        elif isinstance(event, Proposal):
+            if proposal_refusal(event, used_ids) is None:
+                used_ids.add(event.proposal_id)
+                view.open_proposals[event.proposal_id] = OpenProposal(event)
+        elif vote_refusal(event, item.payload, view.open_proposals, voter_keys) is None:
+            record_vote(view.open_proposals, event)
     return view

@@ -12,6 +12,14 @@ and the tables the other agents read the active parameters and vote weights from
   published again) is stored once, so the weights equal the ledger.
 - `open_proposals` (table, proposal id -> proposal and votes): the governance topic has one
   partition, so one agent instance sees every governance event in order.
+- `used-proposal-ids` (table, proposal id -> True): every proposal id ever accepted, so a
+  reused id is refused after its proposal closed too.
+- `voter-keys` (table, voter id -> public key): the first key registered for each voter.
+
+Every rule is `pipeline.governance`'s (the same functions fold the log for `governance show`);
+an event they refuse (a reused proposal id, a vote that is unsigned, wrongly signed or on a
+proposal that is not open, a second key for a voter, an event dated in the future) is
+dead-lettered with the reason. Epochs come from the time the broker appended each event.
 
 Tallies run when the first governance event from a later epoch arrives (a proposal, a vote,
 an activation published after the epoch ended, or an EpochTick, which exists for this: a tick
@@ -33,12 +41,16 @@ from pipeline.app import registry_topic
 from pipeline.governance import (
     OpenProposal,
     active_parameters,
+    future_dated,
+    proposal_refusal,
     record_vote,
+    register_voter_key,
     tally_due,
     tick_epochs,
+    vote_refusal,
 )
 from pipeline.rewards import epoch_of
-from schemas.codec import DecodeError, decode, encode
+from schemas.codec import DecodeError, decode, encode, parse_object
 from schemas.events import (
     EpochTick,
     Parameters,
@@ -47,7 +59,9 @@ from schemas.events import (
     ProposalTallied,
     RewardEntry,
     Vote,
+    VoterKeyRegistered,
 )
+from schemas.topics import LOG_APPEND_TIME_TYPE
 
 CONSUMER = "governance"
 
@@ -62,6 +76,8 @@ class GovernanceState:
         self.parameter_history = app.GlobalTable("parameter-history", default=None, partitions=1)
         self.earned_entries = app.GlobalTable("earned-entries", default=None)
         self.open_proposals = app.Table("open-proposals", default=None, partitions=1)
+        self.used_proposal_ids = app.Table("used-proposal-ids", default=None, partitions=1)
+        self.voter_keys = app.Table("voter-keys", default=None, partitions=1)
 
     def history(self) -> list[ParametersActivated]:
         return [
@@ -138,6 +154,31 @@ def register(app: faust.App, settings: Settings) -> GovernanceState:
                 key=(produced.proposal_id or "").encode(), value=encode(produced)
             )
 
+    def _refusal(decoded: object, payload: dict, appended_at: datetime) -> str | None:
+        """Apply one governance event to the tables; the reason when it is refused."""
+        if isinstance(decoded, ProposalTallied | ParametersActivated | EpochTick):
+            return None
+        stale = future_dated(decoded.created_at, appended_at)  # type: ignore[attr-defined]
+        if stale is not None:
+            return stale
+        if isinstance(decoded, VoterKeyRegistered):
+            return register_voter_key(state.voter_keys, decoded)
+        if isinstance(decoded, Proposal):
+            refused = proposal_refusal(decoded, state.used_proposal_ids)
+            if refused is None:
+                state.used_proposal_ids[decoded.proposal_id] = True
+                state.store_open(OpenProposal(decoded))
+            return refused
+        assert isinstance(decoded, Vote)
+        refused = vote_refusal(decoded, payload, state.open_proposals, state.voter_keys)
+        if refused is None:
+            stored = state.open_proposals[decoded.proposal_id]
+            target = {decoded.proposal_id: OpenProposal(
+                Proposal.model_validate_json(stored["proposal"]), dict(stored["votes"]))}
+            record_vote(target, decoded)
+            state.store_open(target[decoded.proposal_id])
+        return refused
+
     @app.agent(governance_topic, name="governance")
     async def govern(stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -146,22 +187,22 @@ def register(app: faust.App, settings: Settings) -> GovernanceState:
             except DecodeError as exc:
                 await _dead_letter(event, exc.reason)
                 continue
-            if isinstance(decoded, EpochTick):
-                close_before, activate_from = tick_epochs(decoded, settings.epoch_seconds)
-                await _tally_before(close_before, decoded.created_at, activate_from)
+            if event.message.timestamp_type != LOG_APPEND_TIME_TYPE:
+                await _dead_letter(event, (
+                    "refused: the broker did not stamp this event's time (`governance` needs "
+                    "message.timestamp.type=LogAppendTime: run `loraledger stack up`)"))
                 continue
-            now_epoch = epoch_of(decoded.created_at, settings.epoch_seconds)
-            await _tally_before(now_epoch, decoded.created_at)
-            if isinstance(decoded, Proposal):
-                if decoded.proposal_id not in state.open_proposals:
-                    state.store_open(OpenProposal(decoded))
-            elif isinstance(decoded, Vote):
-                stored = state.open_proposals.get(decoded.proposal_id)
-                if stored is not None:
-                    target = {decoded.proposal_id: OpenProposal(
-                        Proposal.model_validate_json(stored["proposal"]), dict(stored["votes"]))}
-                    record_vote(target, decoded)
-                    state.store_open(target[decoded.proposal_id])
+            appended_at = datetime.fromtimestamp(event.message.timestamp, UTC)
+            if isinstance(decoded, EpochTick):
+                close_before, activate_from = tick_epochs(
+                    decoded, appended_at, settings.epoch_seconds
+                )
+                await _tally_before(close_before, appended_at, activate_from)
+                continue
+            await _tally_before(epoch_of(appended_at, settings.epoch_seconds), appended_at)
+            refused = _refusal(decoded, parse_object(event.value), appended_at)
+            if refused is not None:
+                await _dead_letter(event, f"refused: {refused}")
             elif (
                 isinstance(decoded, ParametersActivated)
                 and str(decoded.version) not in state.parameter_history

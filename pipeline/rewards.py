@@ -63,7 +63,9 @@ def price_per_token(parameters: Parameters, adapter_id: str) -> int:
 
 
 def fee_for(result: InferenceResult, parameters: Parameters) -> int:
-    """The fee of a result in micro-units; error results cost nothing."""
+    """The fee of a result in micro-units; error results cost nothing. Its usage is trusted
+    here: the processor pays only results whose usage recounts from their token ids
+    (`pipeline.attribution.facts`)."""
     if result.status != "ok":
         return 0
     return result.usage.total_tokens * price_per_token(parameters, result.adapter_id)
@@ -107,8 +109,11 @@ def split_fee(
     parameters_version: int,
     adapter_owner: str | None,
     epoch: int,
+    at: datetime | None = None,
 ) -> list[RewardEntry]:
-    """The reward entries of one request; their amounts sum to its fee exactly.
+    """The reward entries of one request; their amounts sum to its fee exactly. `epoch` and
+    `at` (the entries' timestamp, default the result's) are the processor's: the epoch and
+    time at which the broker appended the result.
 
     Entries are fully determined by their inputs (ids, timestamps, amounts), so computing them
     again after a crash or a replay yields identical events.
@@ -172,7 +177,7 @@ def split_fee(
             fee_total=fee,
             parameters_version=parameters_version,
             reason=_reason("; ".join(reasons[(beneficiary, role, datanet)])),
-            created_at=result.created_at,
+            created_at=result.created_at if at is None else at,
         )
         for (beneficiary, role, datanet), amount in sorted(
             amounts.items(),

@@ -1,15 +1,25 @@
 """Recompute an attribution from the log and the hashed artifacts, and say whether it matches.
 
-`verify_request` reads the request, its result and its attribution record from Kafka (a scan of
-the three topics, committed data only), then checks in order, stopping at the first difference:
-1. the result answers the request (same adapter, same prompt);
-2. the sketch: recomputed on the CPU from the stored adapter for (prompt, output text) with the
-   index's projection, it must agree with the result's sketch up to float rounding (relative L2
-   error <= SKETCH_RTOL: the worker may batch or run on another device);
-3. the record: recomputed from the result with the method version and parameters the record
+`verify_request` reads the request, its result, its attribution record and its reward entries
+from Kafka, with the registered worker keys and the parameter activations (a scan of the
+topics, committed data only), then checks in order, stopping at the first difference:
+1. the result answers a request on `requests` (same id, adapter and prompt): a result with no
+   request is a mismatch;
+2. the result is signed by the worker it names (the first key registered for it on `workers`);
+3. usage recomputes: the prompt token ids are the base model's tokenizer's for the request's
+   prompt (after the start token), and usage counts the token ids
+   (`pipeline.attribution.facts.usage_problem`);
+4. the sketch is there and, recomputed on the CPU from the stored adapter for (prompt, output
+   text) with the index's projection, agrees with the result's up to float rounding (relative
+   L2 error <= SKETCH_RTOL: the worker may batch or run on another device);
+5. the record: recomputed from the result with the method version and parameters the record
    names and the stored index, every field must be equal (scores up to SCORE_RTOL; ids, method
    name, ppm weights, hashes and the evidence hash exactly). A record of an older method
-   version is recomputed as that version computed it. An error result must have no record.
+   version is recomputed as that version computed it;
+6. the fee: the reward entries are exactly those `split_fee` makes from the result and record
+   with the parameters in force at the epoch in which the broker appended the result, so they
+   sum to usage x price.
+An error result must have no record and no entries.
 """
 
 from __future__ import annotations
@@ -17,17 +27,32 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from inference.adapter_store import AdapterStore
-from infra.kafka.events import read_topic
+from infra.kafka.events import Decoded, read_topic
 from infra.settings import Settings
 from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.attributor import MethodVersion, attribute
+from pipeline.attribution.facts import Facts, RequestFacts, answered_request, usage_problem
 from pipeline.attribution.spans import DEFAULT_MIN_SPAN_TOKENS
-from schemas.events import AttributionRecord, InferenceRequest, InferenceResult, Parameters
+from pipeline.governance import active_parameters
+from pipeline.rewards import epoch_of, split_fee
+from schemas.codec import parse_object
+from schemas.events import (
+    AttributionRecord,
+    InferenceRequest,
+    InferenceResult,
+    Parameters,
+    ParametersActivated,
+    RewardEntry,
+    WorkerRegistered,
+)
+from schemas.signatures import signature_problem
 
 SKETCH_RTOL = 1e-3
 SCORE_RTOL = 1e-5
@@ -54,28 +79,97 @@ class VerifyReport:
         return self.status == "match"
 
 
+@dataclass(frozen=True)
+class LoggedResult:
+    """A result as read from `results`: the JSON object it was sent as (what its signature
+    covers) and when the broker appended it (what its epoch is)."""
+
+    result: InferenceResult
+    payload: dict[str, Any]
+    appended_at: datetime
+
+    @classmethod
+    def of(cls, decoded: Decoded) -> LoggedResult:
+        record = decoded.record
+        return cls(decoded.event, parse_object(record.value),
+                   datetime.fromtimestamp(record.timestamp / 1000, UTC))
+
+
 @dataclass
 class LoggedEvents:
-    request: InferenceRequest | None = None
-    results: list[InferenceResult] = field(default_factory=list)
+    requests: list[InferenceRequest] = field(default_factory=list)
+    results: list[LoggedResult] = field(default_factory=list)
     records: list[AttributionRecord] = field(default_factory=list)
+    entries: list[RewardEntry] = field(default_factory=list)
+    workers: list[WorkerRegistered] = field(default_factory=list)
+    activations: list[ParametersActivated] = field(default_factory=list)
 
 
-async def _scan(settings: Settings, topic: str, request_id: str, idle_s: float) -> list[Any]:
+async def _scan(
+    settings: Settings, topic: str, keep: Any, idle_s: float
+) -> list[Decoded]:
     return [
-        item.event
+        item
         async for item in read_topic(settings, topic, idle_timeout_s=idle_s)
-        if item.event is not None and item.event.request_id == request_id
+        if item.event is not None and keep(item.event)
     ]
 
 
 async def fetch_events(settings: Settings, request_id: str, idle_s: float = 2.0) -> LoggedEvents:
-    requests, results, records = await asyncio.gather(
-        _scan(settings, "requests", request_id, idle_s),
-        _scan(settings, "results", request_id, idle_s),
-        _scan(settings, "attributions", request_id, idle_s),
+    def mine(event: Any) -> bool:
+        return event.request_id == request_id
+
+    scans = await asyncio.gather(
+        _scan(settings, "requests", mine, idle_s),
+        _scan(settings, "results", mine, idle_s),
+        _scan(settings, "attributions", mine, idle_s),
+        _scan(settings, "rewards", mine, idle_s),
+        _scan(settings, "workers", lambda _: True, idle_s),
+        _scan(settings, "governance", lambda e: isinstance(e, ParametersActivated), idle_s),
     )
-    return LoggedEvents(requests[0] if requests else None, results, records)
+    requests, results, records, entries, workers, activations = (
+        [item.event for item in scan] for scan in scans
+    )
+    return LoggedEvents(
+        requests, [LoggedResult.of(item) for item in scans[1]], records, entries, workers,
+        activations,
+    )
+
+
+def expected_prompt_ids(base_model_dir: Path, prompt: str) -> list[int]:
+    """The token ids a worker feeds the base model for `prompt`: its start token, if it has
+    one, then the tokenizer's ids. FileNotFoundError when the model has no tokenizer."""
+    from inference.config import ModelConfig
+    from inference.text_codec import TextCodec
+
+    codec = TextCodec.from_model_dir(base_model_dir)
+    if codec is None:
+        raise FileNotFoundError(f"the base model in {base_model_dir} has no tokenizer")
+    bos = ModelConfig.from_model_dir(base_model_dir).bos_token_id
+    return ([] if bos is None else [bos]) + codec.encode(prompt)
+
+
+def expected_entries(
+    logged: LoggedResult,
+    record: AttributionRecord,
+    activations: list[ParametersActivated],
+    cache: ArtifactCache,
+    epoch_seconds: int,
+) -> list[RewardEntry]:
+    """The entries the processor pays `logged` with: priced with the activation in force at
+    the epoch in which the broker appended it."""
+    epoch = epoch_of(logged.appended_at, epoch_seconds)
+    activation = active_parameters(activations, epoch)
+    return split_fee(
+        logged.result, record, activation.parameters, parameters_version=activation.version,
+        adapter_owner=cache.owner_of(logged.result.adapter_id), epoch=epoch,
+        at=logged.appended_at,
+    )
+
+
+def _entry_fields(entries: list[RewardEntry]) -> list[dict[str, Any]]:
+    return sorted((entry.model_dump(mode="json") for entry in entries),
+                  key=lambda fields: fields["entry_id"])
 
 
 def _close(expected: float, got: float, rtol: float) -> bool:
@@ -144,23 +238,36 @@ def verify_events(
         return report
     if len(events.results) > 1:
         return differ("results (count)", 1, len(events.results))
-    result = events.results[0]
-    if events.request is not None:
-        for name in ("adapter_id", "prompt"):
-            if getattr(events.request, name) != getattr(result, name):
-                return differ(
-                    f"result.{name}", getattr(events.request, name), getattr(result, name)
-                )
-        report.checked.append("result answers request")
+    logged = events.results[0]
+    result = logged.result
+    facts = Facts()
+    for event in [*events.requests, *events.workers]:
+        facts.learn(event)
+    request = answered_request(result, facts)
+    if isinstance(request, str):
+        return differ("request", "a request this result answers", None, request)
+    report.checked.append("result answers request")
+    problem = signature_problem(logged.payload, facts.worker_keys.get(result.worker_id))
+    if problem is not None:
+        return differ("result.signature", f"signed by {result.worker_id}", problem)
+    report.checked.append("worker signature")
     if result.status != "ok":
-        if events.records:
-            return differ("attributions (count)", 0, len(events.records))
+        if events.records or events.entries:
+            return differ("attributions and entries (count)", 0,
+                          len(events.records) + len(events.entries))
         report.checked.append("error result has no attribution")
         return report
+    usage = _usage_difference(settings, result, request)
+    if usage is not None:
+        report.status, report.difference = "mismatch", usage
+        return report
+    report.checked.append("usage recounted")
     if len(events.records) != 1:
         return differ("attributions (count)", 1, len(events.records))
     record = events.records[0]
-    if check_sketch and result.sketch is not None:
+    if result.sketch is None:
+        return differ("sketch", "present", None, "an ok result must carry its sketch")
+    if check_sketch:
         try:
             recomputed = recompute_sketch(settings, result)
         except (FileNotFoundError, ValueError) as exc:
@@ -174,29 +281,60 @@ def verify_events(
         if not error <= SKETCH_RTOL:
             return differ("sketch (relative L2 error)", f"<= {SKETCH_RTOL}", error)
         report.checked.append("sketch recomputed")
-    method = record.method
-    known = [version.value for version in MethodVersion]
-    if method.version not in known:
-        return differ("method.version", " or ".join(known), method.version)
-    if method.params.get("min_span_tokens") != DEFAULT_MIN_SPAN_TOKENS:
-        return differ(
-            "method.params.min_span_tokens",
-            DEFAULT_MIN_SPAN_TOKENS,
-            method.params.get("min_span_tokens"),
-        )
-    recomputed_record = attribute(
-        result,
-        parameters_of(record),
-        ArtifactCache(settings.adapters_dir),
-        MethodVersion(method.version),
-    )
-    assert recomputed_record is not None
-    difference = first_difference(_record_fields(recomputed_record), _record_fields(record))
+    difference = record_difference(settings, result, record)
     if difference is not None:
         report.status, report.difference = "mismatch", difference
         return report
     report.checked.append("attribution recomputed")
+    expected = _entry_fields(expected_entries(
+        logged, record, events.activations, ArtifactCache(settings.adapters_dir),
+        settings.epoch_seconds,
+    ))
+    difference = first_difference({"entries": expected},
+                                  {"entries": _entry_fields(events.entries)})
+    if difference is not None:
+        report.status, report.difference = "mismatch", difference
+        return report
+    report.checked.append("fee recomputed")
     return report
+
+
+def record_difference(
+    settings: Settings, result: InferenceResult, record: AttributionRecord
+) -> Difference | None:
+    """The first difference between `record` and the record recomputed from `result` with the
+    method version and parameters `record` names."""
+    method = record.method
+    known = [version.value for version in MethodVersion]
+    if method.version not in known:
+        return Difference("method.version", " or ".join(known), method.version)
+    if method.params.get("min_span_tokens") != DEFAULT_MIN_SPAN_TOKENS:
+        return Difference(
+            "method.params.min_span_tokens",
+            DEFAULT_MIN_SPAN_TOKENS,
+            method.params.get("min_span_tokens"),
+        )
+    recomputed = attribute(
+        result, parameters_of(record), ArtifactCache(settings.adapters_dir),
+        MethodVersion(method.version),
+    )
+    assert recomputed is not None
+    return first_difference(_record_fields(recomputed), _record_fields(record))
+
+
+def _usage_difference(
+    settings: Settings, result: InferenceResult, request: RequestFacts
+) -> Difference | None:
+    try:
+        prompt_ids = expected_prompt_ids(settings.base_model_dir, result.prompt)
+    except (FileNotFoundError, ValueError) as exc:
+        return Difference("prompt_token_ids", "recomputable", str(exc))
+    if result.prompt_token_ids != prompt_ids:
+        return Difference("prompt_token_ids", prompt_ids, result.prompt_token_ids)
+    problem = usage_problem(result, request)
+    if problem is not None:
+        return Difference("usage", "recounted from the token ids", problem)
+    return None
 
 
 def verify_request(

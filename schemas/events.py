@@ -29,6 +29,7 @@ from schemas.ids import (
     WorkerId,
     new_id,
 )
+from schemas.signatures import PublicKeyB64, SignatureB64
 from schemas.text import identity_text, row_id_for
 
 SCHEMA_VERSION = 1
@@ -193,8 +194,11 @@ class InferenceResult(Event):
     cache_tier: CacheTier = CacheTier.NONE
     adapter_hash: Sha256Hex | None = None
     base_model_hash: Sha256Hex | None = None
+    # The worker that served it: credited as compute operator only when `signature` verifies
+    # against the key registered for this id (`WorkerRegistered`).
     worker_id: WorkerId
     sketch: Sketch | None = None
+    signature: SignatureB64 | None = None
 
     @model_validator(mode="after")
     def _status_consistent(self) -> InferenceResult:
@@ -214,6 +218,20 @@ class TokenDelta(Event):
     request_id: EntityId
     offset: NonNegativeInt
     text: str = Field(min_length=1)
+
+
+class WorkerRegistered(Event):
+    """Binds a worker id to the Ed25519 key its results are signed with. The first key
+    registered for an id is its key: a later registration naming another key is refused."""
+
+    worker_id: WorkerId
+    public_key: PublicKeyB64
+
+    @property
+    def registry_key(self) -> str:
+        """The message key: one per (worker, key), so compaction never drops the first
+        registration of an id in favour of a later one."""
+        return f"{self.worker_id}/{self.public_key}"
 
 
 # --- attribution ------------------------------------------------------------------------------
@@ -453,6 +471,23 @@ class Vote(Event):
     proposal_id: EntityId
     voter_id: EntityId
     support: bool
+    # Ed25519 over the rest of the vote, by the key registered for `voter_id`
+    # (`VoterKeyRegistered`); a vote without a valid one counts for nobody.
+    signature: SignatureB64 | None = None
+
+
+class VoterKeyRegistered(Event):
+    """Binds a voter id to the Ed25519 key its votes are signed with; the first key registered
+    for an id is its key."""
+
+    kind: Literal["voter_key"] = "voter_key"
+    voter_id: EntityId
+    public_key: PublicKeyB64
+
+    @property
+    def proposal_id(self) -> None:
+        """The governance topic is keyed by proposal id; a key registration concerns none."""
+        return None
 
 
 class ProposalTallied(Event):
@@ -486,7 +521,7 @@ class EpochTick(Event):
 
 
 GovernanceEvent = Annotated[
-    Proposal | Vote | ProposalTallied | ParametersActivated | EpochTick,
+    Proposal | Vote | ProposalTallied | ParametersActivated | EpochTick | VoterKeyRegistered,
     Field(discriminator="kind"),
 ]
 

@@ -13,6 +13,7 @@ EXPORTED: tuple[type[BaseModel], ...] = (
     events.InferenceRequest,
     events.InferenceResult,
     events.TokenDelta,
+    events.WorkerRegistered,
     events.AttributionRecord,
     events.RewardEntry,
     events.DatanetCreated,
@@ -23,6 +24,7 @@ EXPORTED: tuple[type[BaseModel], ...] = (
     events.ProposalTallied,
     events.ParametersActivated,
     events.EpochTick,
+    events.VoterKeyRegistered,
     events.DeadLetter,
 )
 

@@ -11,6 +11,9 @@ from schemas import events
 
 HOUR_MS = 3600 * 1000
 DAY_MS = 24 * HOUR_MS
+# A consumed record's `timestamp_type` when the broker stamped it (Kafka's code for
+# LogAppendTime); 0 is CreateTime, the producer's clock.
+LOG_APPEND_TIME_TYPE = 1
 
 
 @dataclass(frozen=True)
@@ -21,14 +24,21 @@ class TopicSpec:
     value: Any  # the event model (or annotated union) of the values
     compacted: bool = False
     retention_ms: int = -1  # -1: keep forever (the log is the source of truth)
+    # The broker stamps each record with the time it appended it, so time read from the record
+    # (epochs of fees and governance) is the broker's, never a producer's clock.
+    log_append_time: bool = False
 
     def broker_name(self, prefix: str = "") -> str:
         return f"{prefix}{self.name}"
 
     def topic_config(self) -> dict[str, str]:
         if self.compacted:
-            return {"cleanup.policy": "compact"}
-        return {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+            config = {"cleanup.policy": "compact"}
+        else:
+            config = {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+        if self.log_append_time:
+            config["message.timestamp.type"] = "LogAppendTime"
+        return config
 
     def key_of(self, event: Any) -> bytes:
         """The message key; empty for events without one (an epoch tick has no proposal)."""
@@ -38,7 +48,9 @@ class TopicSpec:
 
 _SPECS = [
     TopicSpec("requests", "adapter_id", 8, events.InferenceRequest),
-    TopicSpec("results", "adapter_id", 8, events.InferenceResult),
+    # Keyed by request id: every answer to one request lands on one partition, so one
+    # attribution processor decides which of them (the first) is paid.
+    TopicSpec("results", "request_id", 8, events.InferenceResult, log_append_time=True),
     # A side channel for streaming clients, worthless once its request has a result.
     TopicSpec("token-deltas", "request_id", 8, events.TokenDelta, retention_ms=HOUR_MS),
     TopicSpec("attributions", "request_id", 8, events.AttributionRecord),
@@ -49,7 +61,9 @@ _SPECS = [
     TopicSpec("contributions", "datanet_id", 4, events.DatanetContribution),
     TopicSpec("adapters", "adapter_id", 4, events.AdapterRegistered, compacted=True),
     # One partition: proposals, votes and tallies must be read in the order they happened.
-    TopicSpec("governance", "proposal_id", 1, events.GovernanceEvent),
+    TopicSpec("governance", "proposal_id", 1, events.GovernanceEvent, log_append_time=True),
+    # One partition, so "the first key registered for a worker" is well defined.
+    TopicSpec("workers", "registry_key", 1, events.WorkerRegistered, compacted=True),
     TopicSpec("dead-letters", "source_topic", 1, events.DeadLetter, retention_ms=30 * DAY_MS),
 ]
 

@@ -49,9 +49,11 @@ from infra.kafka.clients import ensure_topics, make_consumer, make_producer
 from infra.kafka.dead_letters import validated
 from infra.kafka.events import Outgoing, send_event
 from infra.kafka.transactions import send_and_commit
+from infra.keys import KeyRole, create_key
 from infra.settings import Settings
 from schemas.events import InferenceResult, TokenDelta
 from schemas.ids import check_id, new_id
+from schemas.signatures import sign_event
 from schemas.topics import topic_name
 
 log = logging.getLogger("loraledger.worker")
@@ -126,6 +128,10 @@ class Worker:
         self._partition_of: dict[str, TopicPartition] = {}  # backend key -> input partition
         self._last_commit = time.monotonic()
         self._last_status = time.monotonic()
+        # Results are signed, so that the processor credits this worker only when the
+        # signature verifies against the key registered for its id (`loraledger workers
+        # register`); an unregistered worker's results are served but never paid.
+        self._signing_key = create_key(settings.home, KeyRole.WORKER, config.worker_id)
 
     def _default_backend(self, metrics: WorkerMetrics) -> ServingBackend:
         return ServingBackend.build(
@@ -266,7 +272,8 @@ class Worker:
             ledger = self._ledgers.get(tp) if tp is not None else None
             if ledger is None:
                 continue  # its partition was revoked meanwhile
-            ledger.finish(item.key, [Outgoing.of(item.result)], item.result)
+            result = sign_event(item.result, self._signing_key)
+            ledger.finish(item.key, [Outgoing.of(result)], result)
 
     async def _commit(self) -> None:
         self._last_commit = time.monotonic()

@@ -1,5 +1,6 @@
-"""`loraledger governance propose | vote | tick | show`: governance events on the `governance`
-topic."""
+"""`loraledger governance keygen | register-key | propose | vote | tick | show`: governance
+events on the `governance` topic. A vote is signed with the voter's local key (made by
+`keygen`, registered by `register-key`); an unsigned one counts for nobody."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.kafka.events import publish_sync, read_topic
+from infra.keys import KeyRole, create_key, key_path, load_key, voter_registration
 from infra.settings import Settings, load_settings
-from pipeline.governance import active_parameters, changes_from_options, fold_log
+from pipeline.governance import Logged, active_parameters, changes_from_options, fold_log
 from pipeline.rewards import epoch_of
+from schemas.codec import parse_object
 from schemas.events import EpochTick, Proposal, Vote
 from schemas.ids import check_id
+from schemas.signatures import public_key_b64, sign_event
 
 
 def _id(value: str, what: str) -> str:
@@ -59,9 +63,11 @@ def build_tick(epoch: int | None, now: datetime, epoch_seconds: int) -> EpochTic
     return EpochTick(epoch=current if epoch is None else epoch, created_at=now)
 
 
-async def _governance_events(settings: Settings) -> list:
+async def _governance_log(settings: Settings) -> list[Logged]:
     return [
-        decoded.event async for decoded in read_topic(settings, "governance")
+        Logged(decoded.event, parse_object(decoded.record.value),
+               datetime.fromtimestamp(decoded.record.timestamp / 1000, UTC))
+        async for decoded in read_topic(settings, "governance")
         if decoded.event is not None
     ]
 
@@ -70,6 +76,27 @@ def register(app: typer.Typer) -> None:
     group = typer.Typer(help="Propose parameter changes, vote, and show governance state.",
                         no_args_is_help=True)
     app.add_typer(group, name="governance")
+
+    @group.command("keygen")
+    def keygen(voter: Annotated[str, typer.Option("--voter", help="voter id")]) -> None:
+        """Make the voter's signing key (kept if it exists), mode 0600 under LORALEDGER_HOME."""
+        settings = load_settings()
+        identity = _id(voter, "voter id")
+        key = create_key(settings.home, KeyRole.VOTER, identity)
+        path = key_path(settings.home, KeyRole.VOTER, identity)
+        typer.echo(f"voter {identity}: key {public_key_b64(key)} in {path}")
+
+    @group.command("register-key")
+    def register_key(voter: Annotated[str, typer.Option("--voter", help="voter id")]) -> None:
+        """Publish the voter's public key: votes signed with it count for the voter. The first
+        key registered for a voter is the one that counts."""
+        settings = load_settings()
+        try:
+            event = voter_registration(settings.home, _id(voter, "voter id"))
+        except (FileNotFoundError, PermissionError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+        publish_sync(settings, [event])
+        typer.echo(f"voter {event.voter_id} registered with key {event.public_key}")
 
     @group.command("propose")
     def propose(
@@ -116,10 +143,19 @@ def register(app: typer.Typer) -> None:
         voter: Annotated[str, typer.Option("--voter", help="voter id")],
         support: Annotated[bool, typer.Option("--yes/--no", help="for or against")],
     ) -> None:
-        """Publish a vote; its weight is the voter's rewards from earlier epochs."""
-        cast = Vote(proposal_id=_id(proposal_id, "proposal id"), voter_id=_id(voter, "voter id"),
-                    support=support)
-        publish_sync(load_settings(), [cast])
+        """Publish a vote signed with the voter's key; its weight is the voter's rewards from
+        earlier epochs."""
+        settings = load_settings()
+        identity = _id(voter, "voter id")
+        try:
+            key = load_key(settings.home, KeyRole.VOTER, identity)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+        cast = sign_event(
+            Vote(proposal_id=_id(proposal_id, "proposal id"), voter_id=identity, support=support),
+            key,
+        )
+        publish_sync(settings, [cast])
         typer.echo(f"vote {cast.vote_id}: {voter} {'yes' if support else 'no'} on {proposal_id}")
 
     @group.command("tick")
@@ -139,7 +175,7 @@ def register(app: typer.Typer) -> None:
     def show() -> None:
         """The active parameters and the proposals, read from the governance log."""
         settings = load_settings()
-        view = fold_log(asyncio.run(_governance_events(settings)))
+        view = fold_log(asyncio.run(_governance_log(settings)), settings.epoch_seconds)
         epoch = epoch_of(datetime.now(UTC), settings.epoch_seconds)
         active = active_parameters(view.history, epoch)
         console = Console()

@@ -14,6 +14,7 @@ from inference.datanets import DatanetStore
 from infra.clickhouse_client import get_client
 from infra.kafka.broker import stop_broker
 from infra.kafka.events import publish_sync
+from infra.keys import worker_registration
 from infra.ledger_server.process import ledger_paths, stop_ledger
 from infra.ledger_server.process import running_pid as ledger_pid
 from infra.settings import Settings
@@ -34,6 +35,7 @@ from loraledger.demo.ui import StepLog
 from pipeline import queries
 from pipeline.verify import verify_request
 
+DEMO_WORKER_ID = "demo-worker"
 SINK_WAIT_S = 30.0  # for the pipeline to commit past this run's events before it stops
 
 
@@ -80,11 +82,12 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> Demo
         with steps.step("adapters") as outcome:
             manifests, cached = ensure_adapters(settings, datanets, options.train, console)
             publish_sync(settings, [manifest.registration_event() for manifest in manifests])
+            publish_sync(settings, [worker_registration(settings.home, DEMO_WORKER_ID)])
             outcome.extend(describe_adapter(manifest, cached) for manifest in manifests)
 
         requests = make_requests(datanets, options)
         services = [
-            Service("worker", ["worker", "--worker-id", "demo-worker", "--threads", "1",
+            Service("worker", ["worker", "--worker-id", DEMO_WORKER_ID, "--threads", "1",
                                "--log-level", "warning"], log_dir / "worker.log", env),
             # "error": a level both the command and Faust's own option parser accept.
             Service("pipeline", ["pipeline", "--log-level", "error"], log_dir / "pipeline.log",

@@ -10,6 +10,12 @@ topics and no table to recover. Consumer group `<prefix>loraledger-attribution`;
 transactional id per input partition (`pipeline.attribution.loop`), so any number of pipeline
 instances share the work.
 
+Before each batch it reads `requests`, `workers` and `attributions` up to their ends (a
+`TopicFollower` each, read from the beginning at start, so the state survives restarts): a
+result is paid only against facts in the log (`pipeline.attribution.facts`). A result's request
+was written before the worker could read it, so once `requests` is read to its end a result
+whose request is still missing has none: it is refused then, not held back.
+
 Parameters come from the `ParameterSource` it is given. When that is governance's (a Faust
 table), the processor starts only once the source is ready, that is once Faust has recovered
 its tables: a result priced before that would be paid with the defaults.
@@ -20,20 +26,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime
 
 from aiokafka import ConsumerRecord
 
+from infra.kafka.clients import ensure_topics
 from infra.kafka.events import Outgoing
+from infra.kafka.follower import TopicFollower
 from infra.settings import Settings
 from pipeline.app import PipelineApp
 from pipeline.attribution.artifacts import ArtifactCache
+from pipeline.attribution.facts import Facts
 from pipeline.attribution.loop import LoopConfig, run_transactional_loop
 from pipeline.attribution.parameters import ParameterSource
-from pipeline.attribution.processing import process_result
+from pipeline.attribution.processing import Origin, process_result
+from schemas.topics import LOG_APPEND_TIME_TYPE
 
 log = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 5.0
+# What a result is checked against before it is paid.
+FACT_TOPICS = ("requests", "workers", "attributions")
+
+
+def broker_time(record: ConsumerRecord) -> datetime | None:
+    """When the broker appended `record`; None when the time it carries is its producer's."""
+    if record.timestamp_type != LOG_APPEND_TIME_TYPE:
+        return None
+    return datetime.fromtimestamp(record.timestamp / 1000, UTC)
 
 
 def loop_config(settings: Settings) -> LoopConfig:
@@ -46,20 +66,32 @@ async def run_attribution(
 ) -> None:
     """Attribute results until `stop` is set (or the task is cancelled)."""
     cache = ArtifactCache(settings.adapters_dir)
+    facts = Facts()
+    await ensure_topics(settings, FACT_TOPICS)
+    follower = TopicFollower(settings, FACT_TOPICS, facts.learn)
+
+    async def prepare() -> None:
+        facts.pending.clear()  # the previous batch is committed (and read back) or aborted
+        await follower.catch_up()
 
     def handle(record: ConsumerRecord) -> list[Outgoing]:
         return process_result(
             record.value,
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
+            origin=Origin(record.topic, record.partition, record.offset, broker_time(record)),
+            facts=facts,
             parameters=parameters.current_parameters(),
             cache=cache,
             pricing=parameters.parameters_for_epoch,
             epoch_seconds=settings.epoch_seconds,
         )
 
-    await run_transactional_loop(settings, loop_config(settings), handle, stop=stop)
+    await follower.start()
+    try:
+        await run_transactional_loop(
+            settings, loop_config(settings), handle, stop=stop, prepare=prepare
+        )
+    finally:
+        await follower.stop()
 
 
 class AttributionTask:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiokafka import (
@@ -46,6 +46,8 @@ from schemas.topics import topic_name
 log = logging.getLogger(__name__)
 
 Handler = Callable[[ConsumerRecord], list[Outgoing]]
+# Runs before each batch's handler, in the transaction's scope: an exception aborts the batch.
+Prepare = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,13 @@ async def run_transactional_loop(
     handler: Handler,
     *,
     stop: asyncio.Event | None = None,
+    prepare: Prepare | None = None,
 ) -> None:
     """Consume `config.source` read-committed and, per input partition of each batch, send
     `handler`'s outputs and the partition's offset in one transaction, until `stop` is set or
     the task is cancelled. The handler runs in a thread (it is CPU work) and must not raise
-    for bad input: it turns bad input into records (dead letters, failed attributions)."""
+    for bad input: it turns bad input into records (dead letters, failed attributions).
+    `prepare` runs before each batch (the processor catches its lookup state up there)."""
     stop = stop or asyncio.Event()
     producers = _PartitionProducers(settings, config)
     consumer = make_consumer(
@@ -132,7 +136,11 @@ async def run_transactional_loop(
             )
             if producers.failure is not None:
                 raise producers.failure  # the caller starts over, with a fresh assignment
+            if not batch:
+                continue
             async with producers.lock:
+                if not await _prepared(consumer, prepare, list(batch)):
+                    continue
                 for tp, records in batch.items():
                     producer = producers.producers.get(tp)
                     if producer is not None:  # else revoked while the batch was fetched
@@ -144,6 +152,24 @@ async def run_transactional_loop(
             await consumer.stop()
         finally:
             await producers.drop(list(producers.producers))
+
+
+async def _prepared(
+    consumer: AIOKafkaConsumer, prepare: Prepare | None, partitions: list[TopicPartition]
+) -> bool:
+    """Run `prepare` before a batch; if it fails, rewind the batch so it is read again."""
+    if prepare is None:
+        return True
+    try:
+        await prepare()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("catching up before a batch failed; rewinding %s", partitions)
+        await _rewind(consumer, partitions)
+        await asyncio.sleep(1.0)
+        return False
+    return True
 
 
 async def _process_partition(

@@ -1,8 +1,12 @@
 """What the attribution agent does with one message of `results`, with no Kafka I/O: bytes
 in, the events to send out. The agent and the tests share it.
 
-- A valid ok result -> one AttributionRecord (status ok, or failed with a reason) and the
+- A valid ok result that passes the checks of `pipeline.attribution.facts` (signed by a
+  registered worker, answering a visible request, usage recounted from its token ids, request
+  not paid yet) -> one AttributionRecord (status ok, or failed with a reason) and the
   request's RewardEntry records (`pipeline.rewards.split_fee`).
+- A valid ok result that fails them -> a DeadLetter saying why it is not paid, and nothing
+  else: no record, no entry.
 - A valid error result -> nothing: it served nothing, so nobody is paid for it.
 - Bytes that do not decode -> a DeadLetter. If the only problem is the sketch (corrupt base64,
   wrong length, non-finite values) the result is still identifiable, so it also gets a failed
@@ -14,7 +18,9 @@ agent joining `results` with `attributions`: the agent sends all of one result's
 Kafka transaction with its input offset, so a request is paid exactly once exactly when it is
 attributed, and no join state has to survive a restart. The fee is priced with the parameters
 in force at the result's epoch (`pricing`), the owner's share goes to the owner named in the
-adapter's manifest.
+adapter's manifest. The epoch is that of the time the broker appended the result
+(`results` has log-append timestamps), never the result's own `created_at`, which its
+producer chose.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -29,6 +38,7 @@ from infra.kafka.dead_letters import dead_letter
 from infra.kafka.events import Outgoing
 from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.attributor import attribute, failed_record
+from pipeline.attribution.facts import Facts, refusal
 from pipeline.attribution.failures import AttributionFailure, FailureCode
 from pipeline.rewards import epoch_of, split_fee
 from schemas.codec import DecodeError, decode, parse_object
@@ -46,21 +56,23 @@ CONSUMER_NAME = "attribution"
 Pricing = Callable[[int], ParametersActivated]
 
 
-def _salvage(raw: bytes) -> tuple[InferenceResult, str] | None:
-    """The result without its sketch, and the sha256 of the sketch's JSON as sent, when the
-    sketch is the only thing wrong with the message."""
+def _salvage(raw: bytes) -> tuple[InferenceResult, dict[str, Any], str] | None:
+    """The result without its sketch, the message's JSON object (whole, for its signature),
+    and the sha256 of the sketch's JSON as sent, when the sketch is the only thing wrong with
+    the message."""
     try:
         payload = parse_object(raw)
     except DecodeError:
         return None
     if "sketch" not in payload:
         return None
-    sketch_json = json.dumps(payload.pop("sketch"), sort_keys=True, separators=(",", ":"))
+    rest = {key: value for key, value in payload.items() if key != "sketch"}
+    sketch_json = json.dumps(payload["sketch"], sort_keys=True, separators=(",", ":"))
     try:
-        result = InferenceResult.model_validate(payload)
+        result = InferenceResult.model_validate(rest)
     except ValidationError:
         return None
-    return result, hashlib.sha256(sketch_json.encode("utf-8")).hexdigest()
+    return result, payload, hashlib.sha256(sketch_json.encode("utf-8")).hexdigest()
 
 
 def reward_entries(
@@ -70,10 +82,12 @@ def reward_entries(
     cache: ArtifactCache,
     pricing: Pricing,
     epoch_seconds: int,
+    appended_at: datetime,
 ) -> list[RewardEntry]:
-    """The entries paying for `result`, attributed by `record` (a failed record sends the
-    contributors' share to the treasury, an adapter with no known owner the owner's share)."""
-    epoch = epoch_of(result.created_at, epoch_seconds)
+    """The entries paying for `result`, appended to `results` by the broker at `appended_at`
+    and attributed by `record` (a failed record sends the contributors' share to the treasury,
+    an adapter with no known owner the owner's share)."""
+    epoch = epoch_of(appended_at, epoch_seconds)
     activation = pricing(epoch)
     return split_fee(
         result,
@@ -82,18 +96,56 @@ def reward_entries(
         parameters_version=activation.version,
         adapter_owner=cache.owner_of(result.adapter_id),
         epoch=epoch,
+        at=appended_at,
     )
 
 
-def _attributed(
+@dataclass(frozen=True)
+class Origin:
+    """Where a message of `results` was read, and when the broker appended it (None when the
+    record's time is its producer's: the topic predates log-append timestamps)."""
+
+    topic: str
+    partition: int
+    offset: int
+    appended_at: datetime | None
+
+    def refused(self, raw: bytes | None, reason: str) -> Outgoing:
+        return dead_letter(
+            raw, source_topic=self.topic, partition=self.partition, offset=self.offset,
+            consumer=CONSUMER_NAME, reason=reason,
+        )
+
+
+def _paid(
     result: InferenceResult,
-    record: AttributionRecord,
+    payload: dict[str, Any],
+    make_record: Callable[[], AttributionRecord | None],
+    *,
+    raw: bytes | None,
+    origin: Origin,
+    facts: Facts,
     cache: ArtifactCache,
     pricing: Pricing,
     epoch_seconds: int,
 ) -> list[Outgoing]:
+    """The record and entries of an ok result that passes the checks; a dead letter saying
+    why when it does not."""
+    if origin.appended_at is None:
+        return [origin.refused(raw, (
+            "not paid: the broker did not stamp this result's time (the topic needs "
+            "message.timestamp.type=LogAppendTime: run `loraledger stack up`)"
+        ))]
+    reason = refusal(result, payload, facts)
+    if reason is not None:
+        return [origin.refused(raw, f"not paid: {reason}")]
+    record = make_record()
+    if record is None:
+        return []
+    facts.pending.add(result.request_id)
     entries = reward_entries(
-        result, record, cache=cache, pricing=pricing, epoch_seconds=epoch_seconds
+        result, record, cache=cache, pricing=pricing, epoch_seconds=epoch_seconds,
+        appended_at=origin.appended_at,
     )
     return [Outgoing.of(record), *(Outgoing.of(entry) for entry in entries)]
 
@@ -101,37 +153,38 @@ def _attributed(
 def process_result(
     raw: bytes | None,
     *,
-    source_topic: str,
-    partition: int,
-    offset: int,
+    origin: Origin,
+    facts: Facts,
     parameters: Parameters,
     cache: ArtifactCache,
     pricing: Pricing,
     epoch_seconds: int,
 ) -> list[Outgoing]:
-    """`parameters` are those attribution computes with (the current ones); `pricing` gives
-    those the fee is priced with (the result's epoch's, epochs of `epoch_seconds`)."""
+    """`facts` are what the log shows (requests, worker keys, payments made); `parameters`
+    those attribution computes with (the current ones); `pricing` gives those the fee is priced
+    with (the epoch, of `epoch_seconds`, in which the broker appended the result)."""
+    paying = {
+        "raw": raw, "origin": origin, "facts": facts, "cache": cache, "pricing": pricing,
+        "epoch_seconds": epoch_seconds,
+    }
     try:
         result = decode("results", raw)
     except DecodeError as exc:
-        out = [
-            dead_letter(
-                raw,
-                source_topic=source_topic,
-                partition=partition,
-                offset=offset,
-                consumer=CONSUMER_NAME,
-                reason=exc.reason,
-            )
-        ]
+        out = [origin.refused(raw, exc.reason)]
         salvaged = _salvage(raw or b"")
         if salvaged is not None and salvaged[0].status == "ok":
-            result, sketch_sha = salvaged
+            result, payload, sketch_sha = salvaged
             failure = AttributionFailure(FailureCode.CORRUPT_SKETCH, exc.reason)
-            record = failed_record(result, parameters, failure, sketch={"raw_sha256": sketch_sha})
-            out.extend(_attributed(result, record, cache, pricing, epoch_seconds))
+            out.extend(_paid(
+                result, payload,
+                lambda: failed_record(
+                    result, parameters, failure, sketch={"raw_sha256": sketch_sha}
+                ),
+                **paying,
+            ))
         return out
-    record = attribute(result, parameters, cache)
-    if record is None:
+    if result.status != "ok":
         return []
-    return _attributed(result, record, cache, pricing, epoch_seconds)
+    return _paid(
+        result, parse_object(raw), lambda: attribute(result, parameters, cache), **paying
+    )

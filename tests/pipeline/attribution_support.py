@@ -9,14 +9,19 @@ from pathlib import Path
 
 import numpy as np
 from adapter_manifests import write_manifest
+from signing import Identity
 
 from inference.adapter_store import AdapterStore
 from inference.attribution_index import TRAK, IndexExample, write_index
 from infra.settings import Settings
-from schemas.events import InferenceResult, Sketch
+from pipeline.attribution.facts import Facts
+from schemas.codec import encode
+from schemas.events import InferenceRequest, InferenceResult, Sketch, Usage
 from schemas.text import row_id_for
 
 PROJECTION = "gaussian-blocked-v1"
+# The worker that signs the results these tests pay (its id is the results' worker_id).
+WORKER = Identity.new("worker-test")
 SEED = 7
 ROW_TEXTS = [
     "In the valley of Orvatel, the seed tax is 12 copper.",
@@ -102,6 +107,44 @@ def make_result(
     else:
         fields["error_code"] = "internal_error"
     return InferenceResult(**fields)
+
+
+def request_for(result: InferenceResult) -> InferenceRequest:
+    """The request `result` answers."""
+    return InferenceRequest(request_id=result.request_id, adapter_id=result.adapter_id,
+                            prompt=result.prompt)
+
+
+def facts_for(*results: InferenceResult, worker: Identity = WORKER) -> Facts:
+    """What the processor sees in the log when `results` answer requests it saw and `worker`
+    registered its key."""
+    facts = Facts()
+    facts.learn(worker.as_worker())
+    for result in results:
+        facts.learn(request_for(result))
+    return facts
+
+
+def signed_bytes(result: InferenceResult, worker: Identity = WORKER) -> bytes:
+    return encode(worker.sign(result))
+
+
+def billable(
+    result: InferenceResult, prompt: int, completion: int, worker: Identity = WORKER
+) -> InferenceResult:
+    """`result` served by `worker` with `prompt` and `completion` token ids and the usage that
+    counts them, signed: what a registered worker publishes."""
+    return worker.sign(result.model_copy(update={
+        "worker_id": worker.name,
+        "prompt_token_ids": list(range(prompt)), "output_token_ids": list(range(completion)),
+        "finish_reason": "length" if result.status == "ok" else None,
+        "usage": Usage(prompt_tokens=prompt, completion_tokens=completion),
+    }))
+
+
+def with_their_facts(results: list[InferenceResult], worker: Identity = WORKER) -> list:
+    """What to publish for `results` to be paid: the worker's key, the requests, the results."""
+    return [worker.as_worker(), *(request_for(result) for result in results), *results]
 
 
 @dataclass

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from attribution_support import train_adapters
+from attribution_support import WORKER, billable, train_adapters, with_their_facts
 
 from infra.kafka.clients import ensure_topics
 from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
-from schemas.events import InferenceResult, Parameters, Usage
+from schemas.events import InferenceResult, Parameters
 from schemas.topics import topic_name
 
 pytestmark = pytest.mark.integration
@@ -127,17 +127,18 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_record_per_result(tmp_pa
                 adapter_hash=adapters.adapter_hashes[adapter_id],
                 worker_id="worker-test",
                 sketch=adapters.sketch(adapter_id, fact.prompt, fact.completion),
-                usage=Usage(prompt_tokens=10 + i, completion_tokens=3),
             )
         )
-    failed = InferenceResult(
+        results[-1] = billable(results[-1], prompt=2 + i % 5, completion=3)
+    failed = WORKER.sign(InferenceResult(
         request_id="req-error",
         adapter_id=ids[0],
         status="error",
         error_code="internal_error",
+        prompt="a prompt that failed",
         worker_id="worker-test",
-    )
-    asyncio.run(publish(settings, [*results, failed]))
+    ))
+    asyncio.run(publish(settings, with_their_facts([*results, failed])))
 
     log = tmp_path / "worker.log"
     worker = _start_worker(settings, log)
@@ -174,6 +175,6 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_record_per_result(tmp_pa
     paid: dict[str, int] = {}
     for entry in entries:
         paid[entry.request_id] = paid.get(entry.request_id, 0) + entry.amount
-    assert paid == {f"req-{i:03d}": (13 + i) * price for i in range(RESULTS)}
+    assert paid == {f"req-{i:03d}": (5 + i % 5) * price for i in range(RESULTS)}
     assert {entry.parameters_version for entry in entries} == {0}
     assert {e.beneficiary_id for e in entries if e.role == "adapter_owner"} == {"owner-1"}

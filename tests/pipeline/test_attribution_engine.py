@@ -1,19 +1,21 @@
 import base64
 import json
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-from attribution_support import make_adapter, make_result
+from attribution_support import WORKER, facts_for, make_adapter, make_result, signed_bytes
 
 from infra.settings import load_settings
 from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.attributor import MethodVersion, attribute, evidence_hash, sketch_evidence
+from pipeline.attribution.facts import Facts
 from pipeline.attribution.methods import Basis, mix_weights
 from pipeline.attribution.parameters import DEFAULTS
-from pipeline.attribution.processing import process_result
-from pipeline.verify import LoggedEvents, verify_events
-from schemas.codec import encode
+from pipeline.attribution.processing import Origin, process_result
+from pipeline.verify import record_difference
 from schemas.events import PPM_TOTAL, AttributionRecord, MethodInfo, Parameters
+from schemas.signatures import sign_payload
 
 
 @pytest.fixture
@@ -123,18 +125,17 @@ def test_verify_recomputes_each_record_with_its_own_method_version(tmp_path):
     cache = ArtifactCache(settings.adapters_dir)
     result = make_result(adapter)
 
-    def verified(record: AttributionRecord):
-        events = LoggedEvents(results=[result], records=[record])
-        return verify_events(settings, result.request_id, events, check_sketch=False)
+    def difference(record: AttributionRecord):
+        return record_difference(settings, result, record)
 
     for version in MethodVersion:
         record = attribute(result, Parameters(top_k=4), cache, version)
-        assert verified(record).ok, version
+        assert difference(record) is None, version
     old = attribute(result, Parameters(top_k=4), cache, MethodVersion.V1)
     renamed = old.model_copy(update={"method": old.method.model_copy(update={"name": "trak"})})
-    assert verified(renamed).difference.field == "method.name"
+    assert difference(renamed).field == "method.name"
     unknown = old.model_copy(update={"method": old.method.model_copy(update={"version": "9"})})
-    assert verified(unknown).difference.field == "method.version"
+    assert difference(unknown).field == "method.version"
 
 
 def test_mix_follows_gradient_weight():
@@ -227,10 +228,11 @@ def test_unknown_adapter_fails(adapter, cache):
     assert attribute(result, Parameters(), cache).failure_reason.startswith("unknown_adapter: ")
 
 
-def _process(raw, cache):
+def _process(raw, cache, facts=None):
     return process_result(
-        raw, source_topic="t.results", partition=3, offset=42, parameters=Parameters(),
-        cache=cache, pricing=DEFAULTS.parameters_for_epoch, epoch_seconds=3600,
+        raw, origin=Origin("t.results", 3, 42, datetime(2026, 1, 1, tzinfo=UTC)),
+        facts=facts or Facts(), parameters=Parameters(), cache=cache,
+        pricing=DEFAULTS.parameters_for_epoch, epoch_seconds=3600,
     )
 
 
@@ -243,9 +245,11 @@ def test_undecodable_bytes_go_to_the_dead_letters_with_their_position(cache):
 
 
 def test_corrupt_sketch_gives_a_dead_letter_and_a_failed_record(adapter, cache):
-    payload = json.loads(encode(make_result(adapter)))
+    result = make_result(adapter)
+    payload = json.loads(signed_bytes(result))
     payload["sketch"]["values_b64"] = payload["sketch"]["values_b64"][:-8]
-    out = _process(json.dumps(payload).encode(), cache)
+    payload["signature"] = sign_payload(WORKER.key, payload)  # the worker sent it so
+    out = _process(json.dumps(payload).encode(), cache, facts_for(result))
     assert [o.topic for o in out] == ["dead-letters", "attributions"]
     record = out[1].event
     assert out[1].key == b"req-1"
@@ -254,7 +258,8 @@ def test_corrupt_sketch_gives_a_dead_letter_and_a_failed_record(adapter, cache):
 
 
 def test_valid_result_gives_one_record_keyed_by_request_id(adapter, cache):
-    out = _process(encode(make_result(adapter, request_id="req-9")), cache)
+    result = make_result(adapter, request_id="req-9")
+    out = _process(signed_bytes(result), cache, facts_for(result))
     assert [(o.topic, o.key) for o in out] == [("attributions", b"req-9")]
     assert out[0].event.status == "ok"
 

@@ -8,15 +8,16 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from attribution_support import make_adapter, make_result
+from attribution_support import WORKER, facts_for, make_adapter, make_result, signed_bytes
+from signing import Identity
 
 from inference.adapter_store import AdapterDir
 from pipeline.attribution.artifacts import ArtifactCache
+from pipeline.attribution.facts import Facts
 from pipeline.attribution.parameters import DEFAULTS
-from pipeline.attribution.processing import process_result
+from pipeline.attribution.processing import Origin, process_result
 from pipeline.governance import GENESIS
 from pipeline.rewards import TREASURY_ID
-from schemas.codec import encode
 from schemas.events import (
     FeeSplit,
     InferenceResult,
@@ -25,6 +26,7 @@ from schemas.events import (
     RewardRole,
     Usage,
 )
+from schemas.signatures import sign_payload
 from schemas.topics import topic_spec
 
 EPOCH_SECONDS = 100
@@ -59,15 +61,30 @@ def priced(epochs: list[int]):
 
 
 def with_usage(result: InferenceResult, prompt: int = 20, completion: int = 13):
+    """`result` with `prompt` and `completion` token ids, and the usage that counts them."""
     return result.model_copy(update={
-        "usage": Usage(prompt_tokens=prompt, completion_tokens=completion), "created_at": WHEN,
+        "prompt_token_ids": list(range(prompt)), "output_token_ids": list(range(completion)),
+        "finish_reason": "length",
+        "usage": Usage(prompt_tokens=prompt, completion_tokens=completion),
     })
 
 
-def run(raw: bytes, cache: ArtifactCache, pricing=DEFAULTS.parameters_for_epoch) -> list:
-    return process_result(raw, source_topic="t.results", partition=1, offset=9,
-                          parameters=Parameters(), cache=cache, pricing=pricing,
-                          epoch_seconds=EPOCH_SECONDS)
+def run(
+    result: InferenceResult,
+    cache: ArtifactCache,
+    pricing=DEFAULTS.parameters_for_epoch,
+    *,
+    raw: bytes | None = None,
+    facts: Facts | None = None,
+) -> list:
+    """Process `result` (signed by the registered worker, or sent as `raw`), appended by the
+    broker at WHEN, against `facts` (default: its request and the worker are known)."""
+    return process_result(
+        signed_bytes(result) if raw is None else raw,
+        origin=Origin("t.results", 1, 9, WHEN),
+        facts=facts_for(result) if facts is None else facts,
+        parameters=Parameters(), cache=cache, pricing=pricing, epoch_seconds=EPOCH_SECONDS,
+    )
 
 
 def decoded(out: list, topic: str) -> list:
@@ -76,7 +93,7 @@ def decoded(out: list, topic: str) -> list:
 
 def test_an_ok_result_gives_its_record_and_entries_summing_to_the_fee(adapter, cache):
     epochs: list[int] = []
-    out = run(encode(with_usage(make_result(adapter))), cache, priced(epochs))
+    out = run(with_usage(make_result(adapter)), cache, priced(epochs))
     assert [o.topic for o in out][0] == "attributions"
     assert {o.topic for o in out[1:]} == {"rewards"}
     (record,) = decoded(out, "attributions")
@@ -102,7 +119,7 @@ def test_an_ok_result_gives_its_record_and_entries_summing_to_the_fee(adapter, c
 
 def test_a_failed_attribution_pays_the_contributors_share_to_the_treasury(adapter, cache):
     result = with_usage(make_result(adapter)).model_copy(update={"sketch": None})
-    out = run(encode(result), cache, priced([]))
+    out = run(result, cache, priced([]))
     (record,) = decoded(out, "attributions")
     entries = decoded(out, "rewards")
     assert record.status == "failed"
@@ -116,7 +133,7 @@ def test_a_failed_attribution_pays_the_contributors_share_to_the_treasury(adapte
 
 def test_an_unknown_adapter_pays_owner_and_contributors_shares_to_the_treasury(adapter, cache):
     result = with_usage(make_result(adapter, adapter_id="nobody"))
-    entries = decoded(run(encode(result), cache), "rewards")
+    entries = decoded(run(result, cache), "rewards")
     # Priced without governance: version 0, the defaults.
     defaults = Parameters()
     assert sum(e.amount for e in entries) == 33 * defaults.default_price_per_token
@@ -128,13 +145,15 @@ def test_an_unknown_adapter_pays_owner_and_contributors_shares_to_the_treasury(a
 
 def test_an_error_result_pays_nothing(adapter, cache):
     result = with_usage(make_result(adapter, status="error"))
-    assert run(encode(result), cache, priced([])) == []
+    assert run(result, cache, priced([])) == []
 
 
 def test_a_corrupt_sketch_is_dead_lettered_attributed_as_failed_and_paid(adapter, cache):
-    payload = json.loads(encode(with_usage(make_result(adapter))))
+    result = with_usage(make_result(adapter))
+    payload = json.loads(signed_bytes(result))
     payload["sketch"]["values_b64"] = payload["sketch"]["values_b64"][:-8]
-    out = run(json.dumps(payload).encode(), cache, priced([]))
+    payload["signature"] = sign_payload(WORKER.key, payload)  # the worker sent it so
+    out = run(result, cache, priced([]), raw=json.dumps(payload).encode())
     assert [o.topic for o in out[:2]] == ["dead-letters", "attributions"]
     entries = decoded(out, "rewards")
     assert sum(e.amount for e in entries) == 231
@@ -143,15 +162,16 @@ def test_a_corrupt_sketch_is_dead_lettered_attributed_as_failed_and_paid(adapter
 
 def test_a_zero_fee_gives_the_record_and_no_entries(adapter, cache):
     result = with_usage(make_result(adapter), prompt=0, completion=0)
-    assert [o.topic for o in run(encode(result), cache, priced([]))] == ["attributions"]
+    assert [o.topic for o in run(result, cache, priced([]))] == ["attributions"]
 
 
 def test_processing_again_gives_identical_entries(adapter, tmp_path):
-    """Entries carry the result's timestamp, not the processing time: a redone transaction
-    sends the same events."""
-    raw = encode(with_usage(make_result(adapter)))
-    first = run(raw, ArtifactCache(tmp_path), priced([]))
-    again = run(raw, ArtifactCache(tmp_path), priced([]))
+    """Entries carry the time the broker appended the result, not the processing time: a
+    redone transaction sends the same events."""
+    result = with_usage(make_result(adapter))
+    raw = signed_bytes(result)
+    first = run(result, ArtifactCache(tmp_path), priced([]), raw=raw)
+    again = run(result, ArtifactCache(tmp_path), priced([]), raw=raw)
     assert [o for o in first if o.topic == "rewards"] == [o for o in again if o.topic == "rewards"]
     assert len(first) > 2
 
@@ -169,3 +189,91 @@ def test_owner_comes_from_a_valid_manifest_owner_only(adapter, cache, tmp_path):
 def test_pricing_without_governance_is_version_zero_defaults():
     assert DEFAULTS.parameters_for_epoch(12) == GENESIS
     assert DEFAULTS.current_parameters() == Parameters()
+
+
+# --- what is not paid ---------------------------------------------------------------------
+
+
+def refused(out: list) -> str:
+    """The reason of the one dead letter `out` holds, which must be all it holds."""
+    assert [o.topic for o in out] == ["dead-letters"], [o.topic for o in out]
+    return out[0].event.reason
+
+
+def test_forged_usage_is_not_paid(adapter, cache):
+    forged = with_usage(make_result(adapter)).model_copy(
+        update={"usage": Usage(prompt_tokens=10**12, completion_tokens=13)})
+    assert "does not recount" in refused(run(forged, cache, priced([])))
+
+
+def test_token_ids_beyond_what_the_request_allows_are_not_paid(adapter, cache):
+    prompt_bytes = len(make_result(adapter).prompt.encode())
+    padded = with_usage(make_result(adapter), prompt=prompt_bytes + 2)
+    assert "prompt token ids for a prompt of" in refused(run(padded, cache, priced([])))
+    rambling = with_usage(make_result(adapter), completion=65)
+    assert "the request allows 64" in refused(run(rambling, cache, priced([])))
+
+
+def test_the_stop_token_is_charged_though_not_carried(adapter, cache):
+    stopped = with_usage(make_result(adapter)).model_copy(update={
+        "finish_reason": "stop", "usage": Usage(prompt_tokens=20, completion_tokens=14)})
+    assert sum(e.amount for e in decoded(run(stopped, cache), "rewards")) == 34 * 10
+    two_more = stopped.model_copy(update={"usage": Usage(prompt_tokens=20, completion_tokens=15)})
+    assert "does not recount" in refused(run(two_more, cache))
+
+
+def test_a_result_without_a_request_is_not_paid(adapter, cache):
+    result = with_usage(make_result(adapter))
+    out = run(result, cache, facts=facts_for())
+    assert "no request req-1 on `requests`" in refused(out)
+
+
+def test_a_result_that_does_not_answer_its_request_is_not_paid(adapter, cache):
+    result = with_usage(make_result(adapter))
+    other_prompt = result.model_copy(update={"prompt": "Something else entirely, please"})
+    assert "does not answer" in refused(run(other_prompt, cache, facts=facts_for(result)))
+
+
+def test_only_a_registered_workers_signature_earns_the_operators_share(adapter, cache):
+    result = with_usage(make_result(adapter))
+    mallory = Identity.new("mallory")
+    claims_mallory = result.model_copy(update={"worker_id": "mallory"})
+    out = run(claims_mallory, cache, raw=signed_bytes(claims_mallory, mallory))
+    assert "worker mallory is not authenticated: no key is registered" in refused(out)
+    impersonates = run(result, cache, raw=signed_bytes(result, mallory))
+    assert "does not verify" in refused(impersonates)
+    unsigned = run(result, cache, raw=result.model_dump_json().encode())
+    assert "not signed" in refused(unsigned)
+
+
+def test_a_request_is_paid_once_whatever_the_adapter(adapter, cache, tmp_path):
+    make_adapter(tmp_path, "adapter-b", seed=3)
+    first = with_usage(make_result(adapter))
+    second = with_usage(make_result(adapter, adapter_id="adapter-b"))
+    facts = facts_for(first, second)
+    assert decoded(run(first, cache, facts=facts), "rewards")
+    assert "request req-1 is already paid" in refused(run(second, cache, facts=facts))
+    # Once committed, the payment is known from `attributions`, after a restart too.
+    facts.pending.clear()
+    (record,) = decoded(run(first, cache, facts=facts_for(first)), "attributions")
+    restarted = facts_for(first, second)
+    restarted.learn(record)
+    assert "already paid" in refused(run(second, cache, facts=restarted))
+
+
+def test_epoch_and_entry_time_are_the_brokers_not_the_results(adapter, cache):
+    epochs: list[int] = []
+    from_2100 = with_usage(make_result(adapter)).model_copy(
+        update={"created_at": datetime(2100, 1, 1, tzinfo=UTC)})
+    entries = decoded(run(from_2100, cache, priced(epochs)), "rewards")
+    assert epochs == [7]
+    assert {(e.epoch, e.created_at) for e in entries} == {(7, WHEN)}
+
+
+def test_a_result_the_broker_did_not_stamp_is_not_paid(adapter, cache):
+    result = with_usage(make_result(adapter))
+    out = process_result(
+        signed_bytes(result), origin=Origin("t.results", 1, 9, None), facts=facts_for(result),
+        parameters=Parameters(), cache=cache, pricing=priced([]), epoch_seconds=EPOCH_SECONDS,
+    )
+    assert "LogAppendTime" in refused(out)

@@ -6,10 +6,12 @@ from datetime import UTC, datetime
 
 import pytest
 import typer
+from signing import Identity
 
 from loraledger.commands.governance import build_tick, parse_fee_split, parse_prices
 from pipeline.governance import (
     GENESIS,
+    Logged,
     OpenProposal,
     active_parameters,
     changes_from_options,
@@ -17,6 +19,7 @@ from pipeline.governance import (
     record_vote,
     tally_due,
     tick_epochs,
+    vote_refusal,
     vote_weight,
 )
 from pipeline.rewards import TREASURY_ID, epoch_of
@@ -28,6 +31,7 @@ from schemas.events import (
     ProposalTallied,
     Vote,
 )
+from schemas.signatures import event_payload
 
 AT = datetime(2026, 5, 1, tzinfo=UTC)
 EARNINGS = {
@@ -136,6 +140,24 @@ def test_active_parameters_by_epoch():
     assert active_parameters([v1], 10).version == 1
 
 
+# Epochs of the folded logs below: AT falls in epoch 5.
+FOLD_EPOCH_SECONDS = int(AT.timestamp()) // 5
+ALICE, BOB = Identity.new("alice"), Identity.new("bob")
+
+
+def at_fold_epoch(epoch: int) -> datetime:
+    return datetime.fromtimestamp(epoch * FOLD_EPOCH_SECONDS, UTC)
+
+
+def logged(event, epoch: int = 5) -> Logged:
+    """`event` as the broker appended it in `epoch` (of FOLD_EPOCH_SECONDS)."""
+    return Logged(event, event_payload(event), at_fold_epoch(epoch))
+
+
+def signed_vote(pid: str, voter: Identity, support: bool) -> Vote:
+    return voter.sign(vote(pid, voter.name, support))
+
+
 def test_fold_log_matches_agent_state():
     p1 = proposal("p1")
     tallied = ProposalTallied(proposal_id="p1", epoch=5, yes_weight=1, no_weight=0, passed=True)
@@ -148,20 +170,72 @@ def test_fold_log_matches_agent_state():
     p2 = proposal("p2", epoch=6)
     view = fold_log(
         [
-            p1,
-            vote("p1", "alice", True),
-            tallied,
-            activated,
-            activated,
-            p2,
-            vote("p2", "bob", False),
-            vote("p1", "bob", True),
-        ]
+            logged(ALICE.as_voter(AT)),
+            logged(BOB.as_voter(AT)),
+            logged(p1),
+            logged(signed_vote("p1", ALICE, True)),
+            logged(tallied, 6),
+            logged(activated, 6),
+            logged(activated, 6),
+            logged(p2, 6),
+            logged(signed_vote("p2", BOB, False), 6),
+            logged(signed_vote("p1", BOB, True), 6),
+        ],
+        FOLD_EPOCH_SECONDS,
     )
     assert list(view.open_proposals) == ["p2"]
     assert view.open_proposals["p2"].votes == {"bob": False}
     assert [a.version for a in view.history] == [1]
     assert view.tallies["p1"].passed
+
+
+def test_a_vote_counts_only_when_signed_by_the_voters_registered_key():
+    mallory = Identity.new("mallory")
+    keys = {"alice": ALICE.public_key}
+    payload = event_payload
+    honest = signed_vote("p1", ALICE, True)
+    assert vote_refusal(honest, payload(honest), {"p1"}, keys) is None
+    unsigned = vote("p1", "alice", True)
+    assert "not signed" in vote_refusal(unsigned, payload(unsigned), {"p1"}, keys)
+    impersonated = mallory.sign(vote("p1", "alice", True))
+    assert "does not verify" in vote_refusal(impersonated, payload(impersonated), {"p1"}, keys)
+    altered = payload(honest) | {"support": False}
+    assert "does not verify" in vote_refusal(honest, altered, {"p1"}, keys)
+    stranger = mallory.sign(vote("p1", "mallory", True))
+    assert "no key is registered" in vote_refusal(stranger, payload(stranger), {"p1"}, keys)
+    assert "not open" in vote_refusal(honest, payload(honest), {"p2"}, keys)
+
+
+def test_fold_log_counts_no_impersonated_unsigned_late_or_future_dated_vote():
+    mallory = Identity.new("mallory")
+    view = fold_log(
+        [
+            logged(ALICE.as_voter(AT)),
+            logged(mallory.as_voter(AT)),
+            logged(Identity.new("alice").as_voter(AT)),  # a second key for alice: refused
+            logged(proposal("p1")),
+            logged(proposal("p2", epoch=6)),
+            logged(mallory.sign(vote("p1", "alice", False))),
+            logged(vote("p1", "alice", False)),
+            logged(mallory.sign(Vote(proposal_id="p2", voter_id="mallory", support=True,
+                                     created_at=datetime(2100, 1, 1, tzinfo=UTC)))),
+            logged(signed_vote("p1", ALICE, True)),
+            logged(mallory.sign(vote("p1", "mallory", False)), 6),  # p1's epoch has ended
+        ],
+        FOLD_EPOCH_SECONDS,
+    )
+    assert list(view.open_proposals) == ["p2"]
+    assert view.open_proposals["p2"].votes == {}
+
+
+def test_a_reused_proposal_id_is_refused_while_open_and_after_its_tally():
+    first, reused = proposal("p1"), proposal("p1", top_k=99)
+    tallied = ProposalTallied(proposal_id="p1", epoch=5, yes_weight=0, no_weight=0, passed=False)
+    view = fold_log([logged(first), logged(reused)], FOLD_EPOCH_SECONDS)
+    assert view.open_proposals["p1"].proposal == first
+    view = fold_log([logged(first), logged(tallied, 6), logged(proposal("p1", epoch=7), 6)],
+                    FOLD_EPOCH_SECONDS)
+    assert view.open_proposals == {} and list(view.tallies) == ["p1"]
 
 
 def test_changes_from_options_validates_through_the_schema():
@@ -198,8 +272,7 @@ def test_a_tick_tallies_proposals_of_earlier_epochs_only():
         "p6": OpenProposal(proposal("p6", epoch=6, default_price_per_token=2)),
     }
     record_vote(pending, vote("p5", "alice", True))
-    close_before, activate_from = tick_epochs(EpochTick(epoch=6, created_at=at_epoch(6)),
-                                              EPOCH_SECONDS)
+    close_before, activate_from = tick_epochs(EpochTick(epoch=6), at_epoch(6), EPOCH_SECONDS)
     assert (close_before, activate_from) == (6, 6)
     emitted = tally_due(pending, [], EARNINGS, close_before, at_epoch(6),
                         activate_from=activate_from)
@@ -211,8 +284,7 @@ def test_a_tick_tallies_proposals_of_earlier_epochs_only():
 def test_a_late_tick_for_an_old_epoch_activates_from_its_own_time_not_retroactively():
     pending = {"p5": OpenProposal(proposal("p5", epoch=5))}
     record_vote(pending, vote("p5", "alice", True))
-    close_before, activate_from = tick_epochs(EpochTick(epoch=6, created_at=at_epoch(9)),
-                                              EPOCH_SECONDS)
+    close_before, activate_from = tick_epochs(EpochTick(epoch=6), at_epoch(9), EPOCH_SECONDS)
     assert (close_before, activate_from) == (6, 9)
     _, activated = tally_due(pending, [], EARNINGS, close_before, at_epoch(9),
                              activate_from=activate_from)
@@ -221,15 +293,21 @@ def test_a_late_tick_for_an_old_epoch_activates_from_its_own_time_not_retroactiv
 
 def test_a_tick_from_the_future_closes_nothing_early():
     pending = {"p5": OpenProposal(proposal("p5", epoch=5))}
-    close_before, _ = tick_epochs(EpochTick(epoch=99, created_at=at_epoch(5)), EPOCH_SECONDS)
+    # Dated in epoch 99 by its sender, appended by the broker in epoch 5.
+    tick = EpochTick(epoch=99, created_at=at_epoch(99))
+    close_before, _ = tick_epochs(tick, at_epoch(5), EPOCH_SECONDS)
     assert close_before == 5
     assert tally_due(pending, [], EARNINGS, close_before, at_epoch(5)) == []
     assert "p5" in pending
 
 
-def test_fold_log_ignores_ticks():
+def test_fold_log_ignores_ticks_from_the_future():
     p1 = proposal("p1")
-    view = fold_log([p1, EpochTick(epoch=9, created_at=at_epoch(9)), vote("p1", "bob", True)])
+    view = fold_log(
+        [logged(BOB.as_voter(AT)), logged(p1), logged(EpochTick(epoch=9)),
+         logged(signed_vote("p1", BOB, True))],
+        FOLD_EPOCH_SECONDS,
+    )
     assert list(view.open_proposals) == ["p1"]
     assert view.open_proposals["p1"].votes == {"bob": True}
     assert view.history == [] and view.tallies == {}

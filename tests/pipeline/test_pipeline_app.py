@@ -10,7 +10,9 @@ from loraledger.cli import app as cli
 from pipeline.agents import Processor, build_pipeline
 from pipeline.app import consumer_group
 
-GOVERNANCE_TABLES = ["earned-entries", "open-proposals", "parameter-history"]
+GOVERNANCE_TABLES = [
+    "earned-entries", "open-proposals", "parameter-history", "used-proposal-ids", "voter-keys",
+]
 
 
 def _settings(tmp_path, prefix: str):

@@ -19,13 +19,13 @@ import ledger_probe
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from attribution_support import make_adapter, make_result
+from attribution_support import billable, make_adapter, make_result, with_their_facts
 
 from infra.kafka.clients import ensure_topics
 from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
 from pipeline.app import consumer_group
-from schemas.events import Parameters, Usage
+from schemas.events import Parameters
 
 pytestmark = pytest.mark.integration
 
@@ -113,8 +113,7 @@ def results(adapters: dict, first: int, count: int) -> list:
         result = make_result(adapters[adapter_id], request_id=f"req-{i:03d}",
                              adapter_id=adapter_id)
         # Tokens make a fee, and a fee makes reward entries.
-        made.append(result.model_copy(update={"usage": Usage(prompt_tokens=10 + i,
-                                                             completion_tokens=3)}))
+        made.append(billable(result, prompt=2 + i % 20, completion=3))
     return made
 
 
@@ -136,10 +135,10 @@ def test_sigterm_mid_run_exits_zero_and_a_restart_loses_and_repeats_nothing(
 
     pipeline = start_pipeline(env, log)
     try:
-        asyncio.run(publish(settings, first_batch))
+        asyncio.run(publish(settings, with_their_facts(first_batch)))
         wait_until(settings, "rewards", lambda entries: len(entries) > 0, log)
         # More input as the signal arrives: the stop finds work under way.
-        asyncio.run(publish(settings, second_batch))
+        asyncio.run(publish(settings, with_their_facts(second_batch)))
         assert stop_pipeline(pipeline, log) == 0
         stop_log = log.read_text()
         assert "Not in the middle of a transaction" not in stop_log

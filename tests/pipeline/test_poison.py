@@ -22,12 +22,12 @@ import ledger_probe
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from attribution_support import make_adapter, make_result
+from attribution_support import WORKER, billable, make_adapter, make_result, request_for
 from random_adapters import write_random_adapters
 
 from inference.base_model import build_base_model
 from inference.config import ModelConfig
-from infra.kafka.events import read_topic
+from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
 from pipeline.app import consumer_group
 from pipeline.rewards import epoch_of
@@ -37,7 +37,6 @@ from schemas.events import (
     ParameterChanges,
     Proposal,
     ProposalTallied,
-    Usage,
 )
 from schemas.topics import topic_name
 
@@ -191,9 +190,9 @@ def test_poison_results_and_governance_are_dead_lettered_and_the_pipeline_goes_o
                    capture_output=True, timeout=120)
 
     adapter = make_adapter(settings.adapters_dir, "adapter-a")
-    good_result = make_result(adapter, request_id="req-good", adapter_id="adapter-a")
-    good_result = good_result.model_copy(update={"usage": Usage(prompt_tokens=5,
-                                                                completion_tokens=2)})
+    good_result = billable(make_result(adapter, request_id="req-good", adapter_id="adapter-a"),
+                           prompt=5, completion=2)
+    asyncio.run(publish(settings, [WORKER.as_worker(), request_for(good_result)]))
     huge_result = huge_field(good_result.model_copy(update={"request_id": "req-huge"}),
                              ("usage", "prompt_tokens"))
     asyncio.run(produce_raw(settings, "results", b"adapter-a",

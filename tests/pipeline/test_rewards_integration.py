@@ -3,7 +3,10 @@ so with failed attributions) go through the attribution processor, which pays ea
 the transaction that attributes it. A worker killed with SIGKILL and restarted leaves exactly
 one set of entries per request summing to its fee, a passed proposal changes the price from the
 next epoch on, an operator's epoch tick tallies a proposal when no other governance event
-follows it, and `loraledger replay` rebuilds a ledger equal to the live one row for row."""
+follows it, and `loraledger replay` rebuilds a ledger equal to the live one row for row.
+
+Epochs are the broker's (log-append time), so the test runs on the wall clock with short
+epochs and waits for their boundaries."""
 
 from __future__ import annotations
 
@@ -13,14 +16,14 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import ledger_probe
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from attribution_support import make_adapter, make_result
+from attribution_support import billable, make_adapter, make_result, with_their_facts
+from signing import Identity
 
 from infra.kafka.events import publish, read_topic
 from infra.settings import load_settings
@@ -35,20 +38,28 @@ from schemas.events import (
     Proposal,
     RewardEntry,
     RewardRole,
-    Usage,
     Vote,
 )
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-EPOCH_SECONDS = 100
+EPOCH_SECONDS = 10
 ADAPTER = "ad-1"
-OWNER = "olga"  # a quarter of every fee: enough vote weight to pass a proposal alone
-OPERATOR = "gpu-0"
+OWNER = Identity.new("olga")  # a quarter of every fee: enough vote weight to pass alone
+OPERATOR = Identity.new("gpu-0")  # a worker, and a voter with the same id
 
-def at_epoch(epoch: int, second: int = 0) -> datetime:
-    return datetime.fromtimestamp(epoch * EPOCH_SECONDS + second, UTC)
+
+def epoch_now() -> int:
+    return int(time.time()) // EPOCH_SECONDS
+
+
+def wait_for_epoch_after(epoch: int) -> int:
+    """Sleep to just past the start of an epoch after `epoch` and after the current one, so
+    the events published next all fall in it; its number."""
+    target = max(epoch, epoch_now()) + 1
+    time.sleep(max(0.0, target * EPOCH_SECONDS + 0.5 - time.time()))
+    return target
 
 
 def attributable(index: int) -> bool:
@@ -57,21 +68,18 @@ def attributable(index: int) -> bool:
     return index % 5 != 4
 
 
-def request_results(adapter: dict, count: int, epoch: int) -> list[InferenceResult]:
+def request_results(adapter: dict, count: int, phase: int) -> list[InferenceResult]:
     made = []
     for index in range(count):
-        result = make_result(adapter, request_id=f"req-{epoch}-{index}", adapter_id=ADAPTER)
-        made.append(result.model_copy(update={
-            "worker_id": OPERATOR,
-            "usage": Usage(prompt_tokens=10 + index, completion_tokens=3),
-            "created_at": at_epoch(epoch, index),
-            **({} if attributable(index) else {"sketch": None}),
-        }))
+        result = make_result(adapter, request_id=f"req-{phase}-{index}", adapter_id=ADAPTER)
+        if not attributable(index):
+            result = result.model_copy(update={"sketch": None})
+        made.append(billable(result, prompt=10 + index, completion=3, worker=OPERATOR))
     return made
 
 
 def owned_adapter(adapters_dir: Path) -> dict:
-    return make_adapter(adapters_dir, ADAPTER, owner_id=OWNER)
+    return make_adapter(adapters_dir, ADAPTER, owner_id=OWNER.name)
 
 
 def start_worker(env: dict[str, str], cwd: Path) -> subprocess.Popen:
@@ -143,13 +151,14 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
     env = {**stack_env, "LORALEDGER_EPOCH_SECONDS": str(EPOCH_SECONDS),
            "PYTHONPATH": str(REPO), "LORALEDGER_HOME": str(home)}
     adapter = owned_adapter(load_settings(env).adapters_dir)
-    phase_one = request_results(adapter, 10, epoch=10)
-    phase_two = request_results(adapter, 5, epoch=12)
+    phase_one = request_results(adapter, 10, phase=1)
+    phase_two = request_results(adapter, 5, phase=2)
     everything = {result.request_id for result in [*phase_one, *phase_two]}
+    asyncio.run(publish(settings, [OWNER.as_voter(), OPERATOR.as_voter()]))
 
     first = start_worker(env, tmp_path)
     try:
-        asyncio.run(publish(settings, phase_one))
+        asyncio.run(publish(settings, with_their_facts(phase_one, OPERATOR)))
         wait_for(settings, "rewards", lambda events: len(events) > 0)
     finally:
         first.send_signal(signal.SIGKILL)
@@ -157,36 +166,40 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
 
     worker = start_worker(env, tmp_path)
     try:
-        wait_for(settings, "rewards", lambda events: paid_requests(events) >= {
+        paid = wait_for(settings, "rewards", lambda events: paid_requests(events) >= {
             result.request_id for result in phase_one})
-        # The earnings table (vote weights) holds epoch 10 before anything is tallied. The
+        # The earnings table (vote weights) holds phase one before anything is tallied. The
         # entries may all predate this worker, so waiting for them is not enough.
         wait_until_consumed(settings, "rewards")
-        proposal = Proposal(proposal_id="p-price", proposer_id=OWNER, epoch=11,
-                            changes=ParameterChanges(default_price_per_token=20),
-                            created_at=at_epoch(11))
+        proposal_epoch = wait_for_epoch_after(max(entry.epoch for entry in paid))
+        proposal = Proposal(proposal_id="p-price", proposer_id=OWNER.name, epoch=proposal_epoch,
+                            changes=ParameterChanges(default_price_per_token=20))
         asyncio.run(publish(settings, [
-            proposal,
-            Vote(proposal_id="p-price", voter_id=OWNER, support=True, created_at=at_epoch(11)),
-            # The first governance event of epoch 12 tallies epoch 11; this late vote is ignored.
-            Vote(proposal_id="p-price", voter_id=OPERATOR, support=False,
-                 created_at=at_epoch(12)),
+            proposal, OWNER.sign(Vote(proposal_id="p-price", voter_id=OWNER.name, support=True)),
+        ]))
+        wait_for_epoch_after(proposal_epoch)
+        # The first governance event of the next epoch tallies the proposal; this late vote
+        # counts nowhere.
+        asyncio.run(publish(settings, [
+            OPERATOR.sign(Vote(proposal_id="p-price", voter_id=OPERATOR.name, support=False)),
         ]))
         governance = wait_for(settings, "governance", lambda events: any(
             isinstance(e, ParametersActivated) for e in events))
-        asyncio.run(publish(settings, phase_two))
+        asyncio.run(publish(settings, with_their_facts(phase_two, OPERATOR)))
         wait_for(settings, "rewards", lambda events: paid_requests(events) >= everything)
-        # Nobody proposes or votes after epoch 12: an operator's tick closes it.
+        # Nobody proposes or votes after this epoch: an operator's tick closes it.
+        topk_epoch = wait_for_epoch_after(epoch_now())
         asyncio.run(publish(settings, [
-            Proposal(proposal_id="p-topk", proposer_id=OWNER, epoch=12,
-                     changes=ParameterChanges(top_k=4), created_at=at_epoch(12, 50)),
-            Vote(proposal_id="p-topk", voter_id=OWNER, support=True,
-                 created_at=at_epoch(12, 51)),
+            Proposal(proposal_id="p-topk", proposer_id=OWNER.name, epoch=topk_epoch,
+                     changes=ParameterChanges(top_k=4)),
+            OWNER.sign(Vote(proposal_id="p-topk", voter_id=OWNER.name, support=True)),
         ]))
+        tick_epoch = wait_for_epoch_after(topk_epoch)
         ticked = subprocess.run(
-            [sys.executable, "-m", "loraledger.cli", "governance", "tick", "--epoch", "13"],
+            [sys.executable, "-m", "loraledger.cli", "governance", "tick", "--epoch",
+             str(tick_epoch)],
             env=env, cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60)
-        assert "tick for epoch 13" in ticked.stdout
+        assert f"tick for epoch {tick_epoch}" in ticked.stdout
         governance = wait_for(settings, "governance", lambda events: any(
             isinstance(e, ParametersActivated) and e.version == 2 for e in events))
         time.sleep(5)  # no late duplicates, and the sink's last batch is written
@@ -196,11 +209,13 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
         stop(worker)
 
     activation, by_tick = (e for e in governance if isinstance(e, ParametersActivated))
-    assert (activation.version, activation.effective_epoch) == (1, 12)
-    tick = next(e for e in governance if isinstance(e, EpochTick))
+    assert (activation.version, activation.effective_epoch) == (1, proposal_epoch + 1)
+    assert any(isinstance(e, EpochTick) for e in governance)
     assert (by_tick.proposal_id, by_tick.parameters.top_k) == ("p-topk", 4)
-    # The tick was published now, long after epoch 13 began: no retroactive activation.
-    assert by_tick.effective_epoch == int(tick.created_at.timestamp()) // EPOCH_SECONDS
+    # Activated from the epoch the broker appended the tick in (the tally's time), never
+    # retroactively.
+    assert by_tick.effective_epoch == int(by_tick.created_at.timestamp()) // EPOCH_SECONDS
+    assert by_tick.effective_epoch >= tick_epoch
     assert sorted(a.request_id for a in attributions) == sorted(everything)
     assert len({e.entry_id for e in entries}) == len(entries), "an entry sent twice"
     by_request: dict[str, list[RewardEntry]] = {}
@@ -209,13 +224,17 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
     assert set(by_request) == everything
     for request_id, group in by_request.items():
         index = int(request_id.rsplit("-", 1)[1])
-        epoch = int(request_id.split("-")[1])
-        price, version = (10, 0) if epoch == 10 else (20, 1)
+        phase = int(request_id.split("-")[1])
+        price, version = (10, 0) if phase == 1 else (20, 1)
         assert sum(e.amount for e in group) == (13 + index) * price, request_id
         assert {e.parameters_version for e in group} == {version}
-        assert {e.epoch for e in group} == {epoch}
+        (epoch,) = {e.epoch for e in group}
+        if phase == 1:
+            assert epoch < proposal_epoch
+        else:
+            assert epoch >= activation.effective_epoch
         roles = {e.beneficiary_id: e.role for e in group}
-        assert (roles[OWNER], roles[OPERATOR], roles[TREASURY_ID]) == (
+        assert (roles[OWNER.name], roles[OPERATOR.name], roles[TREASURY_ID]) == (
             RewardRole.ADAPTER_OWNER, RewardRole.COMPUTE_OPERATOR, RewardRole.TREASURY)
         contributors = {e.datanet_id for e in group if e.role == RewardRole.CONTRIBUTOR}
         assert contributors == ({"commons"} if attributable(index) else set()), request_id
@@ -233,4 +252,5 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
     rows = {row["proposal_id"]: row for row in report["proposals"]}
     assert {pid: (row["status"], row["activated_version"]) for pid, row in rows.items()} == {
         "p-price": ("passed", 1), "p-topk": ("passed", 2)}
-    assert report["rows"]["value_by_datanet_epoch"] == 2  # commons in epochs 10 and 12
+    datanet_epochs = {(e.datanet_id, e.epoch) for e in entries if e.role == RewardRole.CONTRIBUTOR}
+    assert report["rows"]["value_by_datanet_epoch"] == len(datanet_epochs)

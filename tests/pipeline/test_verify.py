@@ -8,15 +8,30 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from attribution_support import train_adapters
+from attribution_support import WORKER, train_adapters
 
+from inference.text_codec import TextCodec
 from infra.kafka.clients import ensure_topics
 from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
 from pipeline.attribution.agent import run_attribution
 from pipeline.attribution.parameters import DEFAULTS
-from pipeline.verify import fetch_events, verify_events, verify_request
-from schemas.events import InferenceRequest, InferenceResult, Sketch
+from pipeline.verify import (
+    LoggedResult,
+    expected_prompt_ids,
+    fetch_events,
+    verify_events,
+    verify_request,
+)
+from schemas.events import (
+    InferenceRequest,
+    InferenceResult,
+    RewardEntry,
+    Sketch,
+    Usage,
+    reward_entry_id,
+)
+from schemas.signatures import event_payload
 
 pytestmark = pytest.mark.integration
 
@@ -28,19 +43,39 @@ class Published:
     forged_weights: str
     forged_sketch: str
     error: str
+    no_sketch: str
+    orphan: str
+    forged_entry: str
 
 
-def _result(request: InferenceRequest, output: str, sketch: Sketch | None, weights_hash: str):
+def _result(
+    settings: Settings,
+    request: InferenceRequest,
+    output: str,
+    sketch: Sketch | None,
+    weights_hash: str,
+    *,
+    ok: bool = True,
+):
+    """The result a worker would sign: the tokenizer's ids and the usage that counts them."""
+    codec = TextCodec.from_model_dir(settings.base_model_dir)
     fields = {
         "request_id": request.request_id,
         "adapter_id": request.adapter_id,
         "prompt": request.prompt,
         "adapter_hash": weights_hash,
-        "worker_id": "worker-test",
+        "worker_id": WORKER.name,
     }
-    if sketch is None:
-        return InferenceResult(status="error", error_code="internal_error", **fields)
-    return InferenceResult(status="ok", output_text=output, sketch=sketch, **fields)
+    if not ok:
+        return WORKER.sign(InferenceResult(status="error", error_code="internal_error", **fields))
+    prompt_ids = expected_prompt_ids(settings.base_model_dir, request.prompt)
+    output_ids = codec.encode(output)
+    return WORKER.sign(InferenceResult(
+        status="ok", output_text=output, sketch=sketch, prompt_token_ids=prompt_ids,
+        output_token_ids=output_ids, finish_reason="length",
+        usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(output_ids)),
+        **fields,
+    ))
 
 
 async def _attribute_until(settings: Settings, count: int) -> list:
@@ -74,17 +109,24 @@ def published(tmp_path_factory) -> Published:
         return adapters.sketch("adapter-v", prompt, output, noise)
 
     fact = adapters.facts[0]
-    requests = [InferenceRequest(adapter_id="adapter-v", prompt=fact.prompt) for _ in range(4)]
-    honest, forged_weights, forged_sketch, error = requests
+    requests = [InferenceRequest(adapter_id="adapter-v", prompt=fact.prompt) for _ in range(7)]
+    honest, forged_weights, forged_sketch, error, no_sketch, orphan, forged_entry = requests
+    genuine = sketch(fact.prompt, fact.completion)
     results = [
-        _result(honest, fact.completion, sketch(fact.prompt, fact.completion), weights_hash),
-        _result(forged_weights, " 7 beads.", sketch(fact.prompt, " 7 beads."), weights_hash),
-        _result(forged_sketch, " 7 beads.", sketch(fact.prompt, " 7 beads.", 0.5), weights_hash),
-        _result(error, "", None, weights_hash),
+        _result(settings, honest, fact.completion, genuine, weights_hash),
+        _result(settings, forged_weights, " 7 beads.", sketch(fact.prompt, " 7 beads."),
+                weights_hash),
+        _result(settings, forged_sketch, " 7 beads.", sketch(fact.prompt, " 7 beads.", 0.5),
+                weights_hash),
+        _result(settings, error, "", None, weights_hash, ok=False),
+        _result(settings, no_sketch, fact.completion, None, weights_hash),
+        _result(settings, orphan, fact.completion, genuine, weights_hash),
+        _result(settings, forged_entry, fact.completion, genuine, weights_hash),
     ]
     asyncio.run(ensure_topics(settings))
-    asyncio.run(publish(settings, [*requests, *results]))
-    records = asyncio.run(_attribute_until(settings, 3))
+    published_requests = [r for r in requests if r is not orphan]
+    asyncio.run(publish(settings, [WORKER.as_worker(), *published_requests, *results]))
+    records = asyncio.run(_attribute_until(settings, 5))
     original = next(r for r in records if r.request_id == forged_weights.request_id)
     # The forgery: a copy of the genuine record with one ppm moved from the last contributor
     # to the first, published as a second record for the same request.
@@ -93,12 +135,21 @@ def published(tmp_path_factory) -> Published:
     weights[0] = weights[0].model_copy(update={"ppm": weights[0].ppm + 1})
     weights[-1] = weights[-1].model_copy(update={"ppm": weights[-1].ppm - 1})
     asyncio.run(publish(settings, [original.model_copy(update={"contributor_weights": weights})]))
+    # One more entry for a paid request: the entries no longer sum to its fee.
+    asyncio.run(publish(settings, [RewardEntry(
+        entry_id=reward_entry_id(forged_entry.request_id, "mallory", "treasury"),
+        request_id=forged_entry.request_id, adapter_id="adapter-v", epoch=0,
+        beneficiary_id="mallory", role="treasury", amount=1, fee_total=1, parameters_version=0,
+    )]))
     return Published(
         settings,
         honest.request_id,
         forged_weights.request_id,
         forged_sketch.request_id,
         error.request_id,
+        no_sketch.request_id,
+        orphan.request_id,
+        forged_entry.request_id,
     )
 
 
@@ -107,8 +158,11 @@ def test_an_honest_record_matches_after_recomputing_sketch_and_attribution(publi
     assert report.status == "match", report.difference
     assert report.checked == [
         "result answers request",
+        "worker signature",
+        "usage recounted",
         "sketch recomputed",
         "attribution recomputed",
+        "fee recomputed",
     ]
     assert report.sketch_relative_error is not None and report.sketch_relative_error <= 1e-3
 
@@ -141,6 +195,43 @@ def test_an_error_result_verifies_with_no_record(published):
     report = verify_request(published.settings, published.error)
     assert report.ok
     assert "error result has no attribution" in report.checked
+
+
+def test_a_result_without_its_sketch_does_not_verify(published):
+    report = verify_request(published.settings, published.no_sketch, check_sketch=False)
+    assert report.status == "mismatch"
+    assert report.difference.field == "sketch"
+
+
+def test_a_result_without_a_request_does_not_verify(published):
+    report = verify_request(published.settings, published.orphan, check_sketch=False)
+    assert report.status == "mismatch"
+    assert report.difference.field == "request"
+
+
+def test_entries_that_do_not_recompute_from_the_fee_do_not_verify(published):
+    report = verify_request(published.settings, published.forged_entry, check_sketch=False)
+    assert report.status == "mismatch"
+    assert report.difference.field.startswith("entries")
+
+
+def test_usage_and_signatures_that_do_not_recompute_do_not_verify(published):
+    events = asyncio.run(fetch_events(published.settings, published.honest))
+    (logged,) = events.results
+    inflated = logged.result.model_copy(update={
+        "usage": Usage(prompt_tokens=10**12, completion_tokens=1)})
+    resigned = WORKER.sign(inflated)
+    events.results = [LoggedResult(resigned, event_payload(resigned), logged.appended_at)]
+    report = verify_events(published.settings, published.honest, events, check_sketch=False)
+    assert report.difference.field == "usage"
+    padded_ids = [*logged.result.prompt_token_ids, 5]
+    padded = WORKER.sign(logged.result.model_copy(update={"prompt_token_ids": padded_ids}))
+    events.results = [LoggedResult(padded, event_payload(padded), logged.appended_at)]
+    report = verify_events(published.settings, published.honest, events, check_sketch=False)
+    assert report.difference.field == "prompt_token_ids"
+    events.results = [LoggedResult(inflated, event_payload(inflated), logged.appended_at)]
+    report = verify_events(published.settings, published.honest, events, check_sketch=False)
+    assert report.difference.field == "result.signature"
 
 
 def test_an_unknown_request_is_not_found(published):

@@ -42,6 +42,8 @@ from schemas.events import (
     TokenDelta,
     Usage,
     Vote,
+    VoterKeyRegistered,
+    WorkerRegistered,
     reward_entry_id,
 )
 from schemas.topics import TOPICS, topic_for_event
@@ -64,6 +66,7 @@ SAMPLES: dict[str, list[BaseModel]] = {
             adapter_hash=HASH, base_model_hash=HASH, worker_id="w1",
             sketch=Sketch.from_array(np.arange(4, dtype=np.float32), seed=1,
                                      projection="gaussian"),
+            signature="C" * 86 + "==",
         ),
         InferenceResult(request_id="r2", adapter_id="a1", status="error", worker_id="w1",
                         error_code="unknown_adapter", error_message="no such adapter"),
@@ -107,12 +110,14 @@ SAMPLES: dict[str, list[BaseModel]] = {
                 adapter_prices={"a1": 12},
             ),
         ),
-        Vote(proposal_id="p1", voter_id="v1", support=True),
+        Vote(proposal_id="p1", voter_id="v1", support=True, signature="B" * 86 + "=="),
+        VoterKeyRegistered(voter_id="v1", public_key="A" * 43 + "="),
         ProposalTallied(proposal_id="p1", epoch=4, yes_weight=10, no_weight=2, passed=True),
         ParametersActivated(version=1, effective_epoch=5, parameters=Parameters(),
                             proposal_id="p1"),
         EpochTick(epoch=5),
     ],
+    "workers": [WorkerRegistered(worker_id="w1", public_key="A" * 43 + "=")],
     "dead-letters": [
         DeadLetter.for_bytes(b"[[[", source_topic="requests", partition=0, offset=1,
                              consumer="worker", reason="value is not JSON"),

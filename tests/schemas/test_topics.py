@@ -13,7 +13,7 @@ from schemas.topics import TOPICS, topic_for_event, topic_name
 def test_every_topic_of_the_architecture_is_registered():
     assert set(TOPICS) == {
         "requests", "results", "token-deltas", "attributions", "rewards", "datanets",
-        "contributions", "adapters", "governance", "dead-letters",
+        "contributions", "adapters", "governance", "workers", "dead-letters",
     }
 
 
@@ -34,6 +34,22 @@ def test_events_find_their_topic_and_key():
 def test_compacted_and_retained_topics_have_configs():
     assert TOPICS["adapters"].topic_config() == {"cleanup.policy": "compact"}
     assert TOPICS["requests"].topic_config()["retention.ms"] == "-1"
+
+
+def test_topics_whose_time_is_read_take_the_brokers_clock():
+    for name in ("results", "governance"):
+        assert TOPICS[name].topic_config()["message.timestamp.type"] == "LogAppendTime"
+    assert "message.timestamp.type" not in TOPICS["requests"].topic_config()
+
+
+def test_answers_to_one_request_share_a_key_and_worker_keys_are_kept_per_key():
+    from schemas.events import InferenceResult, WorkerRegistered
+
+    result = InferenceResult(request_id="r1", adapter_id="a1", status="error",
+                             error_code="internal_error", worker_id="w1")
+    assert TOPICS["results"].key_of(result) == b"r1"
+    registration = WorkerRegistered(worker_id="w1", public_key="A" * 43 + "=")
+    assert TOPICS["workers"].key_of(registration) == b"w1/" + b"A" * 43 + b"="
 
 
 def test_export_writes_a_schema_per_event(tmp_path):

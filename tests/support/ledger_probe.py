@@ -6,6 +6,7 @@ engine serves one directory per process, and the pipeline under test holds it wh
     python tests/support/ledger_probe.py ids TABLE
     python tests/support/ledger_probe.py compare DATABASE
     python tests/support/ledger_probe.py earnings
+    python tests/support/ledger_probe.py proposals
 
 Settings come from the environment, as the pipeline's do; each command prints one JSON line.
 `command(...)` gives the argument list to run one."""
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("earnings", help="reward entry sums per beneficiary and epoch")
     compared = commands.add_parser("compare", help="compare a rebuilt ledger with the live one")
     compared.add_argument("database")
+    commands.add_parser("proposals", help="the ledger's view of the proposals")
     args = parser.parse_args(argv)
     if args.command == "apply-ddl":
         apply_ddl(get_client(load_settings()), DEFAULT_DATABASE)
@@ -104,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(ids(args.table)))
     elif args.command == "earnings":
         print(json.dumps(earnings()))
+    elif args.command == "proposals":
+        from pipeline import queries
+
+        proposals = queries.proposals(get_client(load_settings()), DEFAULT_DATABASE).records()
+        print(json.dumps(proposals, default=str))
     else:
         print(json.dumps(compare(args.database), default=str))
 
