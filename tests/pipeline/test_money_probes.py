@@ -96,11 +96,11 @@ def test_results_are_paid_from_facts_not_claims(kafka_settings):
 
     honest = served("honest")
     forged = served("forged", worker=mallory).model_copy(
-        update={"usage": Usage(prompt_tokens=10**12, completion_tokens=3)})
+        update={"usage": Usage(prompt_tokens=4_000_000_000, completion_tokens=3)})
     forged = mallory.sign(forged)
     # A registered worker cannot inflate usage either: it must count the token ids.
     inflated = WORKER.sign(served("inflated").model_copy(
-        update={"usage": Usage(prompt_tokens=10**12, completion_tokens=3)}))
+        update={"usage": Usage(prompt_tokens=4_000_000_000, completion_tokens=3)}))
     orphan = served("orphan")
     twice_a, twice_b = served("twice"), served("twice", adapter_id="adapter-b")
     impersonating = served("impersonating").model_copy(update={"signature": None})

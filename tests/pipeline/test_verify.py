@@ -219,7 +219,7 @@ def test_usage_and_signatures_that_do_not_recompute_do_not_verify(published):
     events = asyncio.run(fetch_events(published.settings, published.honest))
     (logged,) = events.results
     inflated = logged.result.model_copy(update={
-        "usage": Usage(prompt_tokens=10**12, completion_tokens=1)})
+        "usage": Usage(prompt_tokens=4_000_000_000, completion_tokens=1)})
     resigned = WORKER.sign(inflated)
     events.results = [LoggedResult(resigned, event_payload(resigned), logged.appended_at)]
     report = verify_events(published.settings, published.honest, events, check_sketch=False)
