@@ -2,7 +2,7 @@
 
 `verify_request` reads the request, its result and its attribution record from Kafka (a scan of
 the three topics, committed data only), then checks in order, stopping at the first difference:
-1. the result answers the request (same adapter, same prompt);
+1. the result answers the request (same adapter, same prompt or conversation);
 2. the sketch: recomputed on the CPU from the stored adapter for (prompt, output text) with the
    index's projection, it must agree with the result's sketch up to float rounding (relative L2
    error <= SKETCH_RTOL: the worker may batch or run on another device);
@@ -112,7 +112,7 @@ def recompute_sketch(settings: Settings, result: InferenceResult) -> np.ndarray:
     sketcher = Sketcher(
         settings.base_model_dir, adapter_dir(settings.adapters_dir, result.adapter_id)
     )
-    return sketcher.projected_gradient([(result.prompt, result.output_text)])[0]
+    return sketcher.projected_gradient([(result.prompt_input, result.output_text)])[0]
 
 
 def parameters_of(record: AttributionRecord) -> Parameters:
@@ -146,7 +146,7 @@ def verify_events(
         return differ("results (count)", 1, len(events.results))
     result = events.results[0]
     if events.request is not None:
-        for name in ("adapter_id", "prompt"):
+        for name in ("adapter_id", "prompt_input"):
             if getattr(events.request, name) != getattr(result, name):
                 return differ(
                     f"result.{name}", getattr(events.request, name), getattr(result, name)

@@ -7,6 +7,7 @@ from schemas.codec import DecodeError, decode, encode
 from schemas.events import (
     AdapterRegistered,
     AttributionRecord,
+    ChatMessage,
     DatanetContribution,
     DeadLetter,
     EpochTick,
@@ -24,6 +25,7 @@ __all__ = [
     "TOPICS",
     "AdapterRegistered",
     "AttributionRecord",
+    "ChatMessage",
     "DatanetContribution",
     "DeadLetter",
     "DecodeError",

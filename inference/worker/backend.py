@@ -24,6 +24,7 @@ from inference.adapters import AdapterStore
 from inference.config import LoraServingConfig
 from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 from inference.sketch import Sketcher
+from inference.tokenizer import NoChatTemplate
 from inference.worker.metrics import WorkerMetrics
 from inference.worker.results import error_result, ok_result
 from inference.worker.scheduler import AdmissionScheduler, Residency
@@ -48,7 +49,7 @@ _RESIDENCY = {
 class BackendConfig:
     max_batch: int = 32
     max_seq_len: int = 256
-    adapter_memory_bytes: int = 64 << 20
+    adapter_memory_bytes: int | None = None  # None: sized from the model (slot_plan)
     ready_bonus_s: float = 0.25
     host_bonus_s: float = 0.1
     prefetch_adapters: int = 16  # distinct adapters of queued requests the engine prefetches
@@ -94,7 +95,6 @@ class ServingBackend:
         self._in_engine: dict[str, _Job] = {}
         self._dropped: set[str] = set()  # in the engine, but no longer wanted
         self._held: list[tuple[_Job, GenerationResult]] = []  # ok, waiting for a sketch
-        self._bos = engine.model.config.bos_token_id
 
     @classmethod
     def build(
@@ -196,7 +196,7 @@ class ServingBackend:
                     SketchJob(
                         job.key,
                         job.request.adapter_id,
-                        job.request.prompt,
+                        job.request.prompt_input,
                         generation.output_text or "",
                     )
                     for job, generation in held
@@ -236,7 +236,9 @@ class ServingBackend:
         request = job.request
         job.submitted_at = self.clock()
         try:
-            prompt_ids = self.engine.encode(request.prompt)
+            prompt_ids = self.engine.encode(request.prompt_input)
+        except NoChatTemplate as exc:
+            return Completed(job.key, self._error(job, ErrorCode.INVALID_PARAMETERS, str(exc)))
         except Exception as exc:  # a prompt the tokenizer rejects is the request's problem
             return Completed(
                 job.key,
@@ -244,8 +246,6 @@ class ServingBackend:
                     job, ErrorCode.INVALID_PARAMETERS, f"the prompt does not tokenize: {exc}"
                 ),
             )
-        if self._bos is not None:
-            prompt_ids = [self._bos, *prompt_ids]
         self._in_engine[job.key] = job
         self.engine.submit(
             GenerationRequest(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from inference.adapters import AdapterStore
 from inference.sketch import Sketcher
+from inference.tokenizer import Prompt
 from schemas.events import Sketch
 
 log = logging.getLogger("loraledger.worker")
@@ -49,7 +50,7 @@ class SketchPolicy:
 class SketchJob:
     key: str  # the caller's handle, returned with the sketch
     adapter_id: str
-    prompt: str
+    prompt: Prompt
     completion: str
 
 
