@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
 
 from inference.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from inference.hashing import base_model_hash, sha256_file
@@ -259,7 +260,9 @@ def _convert_gguf(source: Path, metadata: dict[str, object], out_dir: Path) -> N
     tokenizer.save_pretrained(str(out_dir))
 
 
-def _apply_gguf_special_tokens(tokenizer, metadata: dict[str, object]) -> None:  # noqa: ANN001
+def _apply_gguf_special_tokens(
+    tokenizer: PreTrainedTokenizerBase, metadata: dict[str, object]
+) -> None:
     """Name the special tokens the GGUF file declares (transformers' conversion may take the
     end-of-sequence token for the beginning one), and add BOS or EOS to encoded texts as the
     file's add_bos_token / add_eos_token say."""

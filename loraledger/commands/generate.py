@@ -60,8 +60,8 @@ def generate(
         _fail(f"{model_dir} has no tokenizer.json, so text prompts cannot be encoded")
     try:
         prompt_ids = engine.encode([ChatMessage(role="user", content=prompt)] if chat else prompt)
-    except NoChatTemplate as exc:
-        _fail(str(exc).replace("send a prompt instead of messages", "drop --chat"))
+    except NoChatTemplate:
+        _fail(f"the base model in {model_dir} has no chat template: drop --chat")
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         adapter_id=adapter_id,

@@ -5,13 +5,14 @@ imported from its Q4_1 GGUF file. transformers and peft are the references throu
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from smollm2 import smollm2_gguf
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from typer.testing import CliRunner
 
 from inference.attribution_index import AttributionIndex
@@ -52,11 +53,11 @@ def hf_model(smollm2_dir: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_dir: Path):  # noqa: ANN201 - transformers' tokenizer class
+def hf_tokenizer(smollm2_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def _chat_ids(hf_tokenizer, messages: list[ChatMessage]) -> list[int]:  # noqa: ANN001
+def _chat_ids(hf_tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage]) -> list[int]:
     return list(
         hf_tokenizer.apply_chat_template(
             [m.model_dump() for m in messages],
@@ -68,7 +69,7 @@ def _chat_ids(hf_tokenizer, messages: list[ChatMessage]) -> list[int]:  # noqa: 
 
 
 @pytest.fixture(scope="module")
-def base_greedy(hf_model):  # noqa: ANN201 - a memoized function
+def base_greedy(hf_model: torch.nn.Module) -> Callable[[list[int]], list[int]]:
     """transformers' greedy answer of the base model to a prompt's ids, computed once."""
     answers: dict[tuple[int, ...], list[int]] = {}
 
