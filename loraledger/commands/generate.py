@@ -61,7 +61,7 @@ def generate(
     try:
         prompt_ids = engine.encode([ChatMessage(role="user", content=prompt)] if chat else prompt)
     except NoChatTemplate:
-        _fail(f"the base model in {model_dir} has no chat template: drop --chat")
+        _fail("the base model has no chat template: drop --chat")
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         adapter_id=adapter_id,

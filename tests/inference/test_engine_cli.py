@@ -90,4 +90,4 @@ def test_an_invalid_adapter_id_is_refused_before_anything_loads(home: Path, tmp_
 def test_chat_needs_a_chat_template(home: Path) -> None:
     outcome = _run(home, "--prompt", "w1 w2", "--chat")
     assert outcome.exit_code == 1
-    assert "has no chat template: drop --chat" in outcome.output
+    assert "the base model has no chat template: drop --chat" in outcome.output
