@@ -54,6 +54,7 @@ lint: venv
 
 bench: venv
 	$(VPY) bench/multi_lora.py
+	$(VPY) bench/real_model.py
 	$(VPY) bench/ledger.py
 
 clean:

@@ -1,7 +1,8 @@
 """The tiered adapter cache: device slots, host memory, disk store.
 
-- Device: one `LoraPool` per rank class, sized from a byte budget; an adapter takes a slot of
-  the smallest class that holds its rank. Slots with sequences in flight (refcount > 0) or
+- Device: one `LoraPool` per rank class, sized by the slot plan (`inference.slot_plan`: a
+  byte budget, by default derived from the model); an adapter takes a slot of the smallest
+  class that holds its rank. Slots with sequences in flight (refcount > 0) or
   pinned adapters are never evicted; others go least-recently-used first.
 - Host: validated weights, least-recently-used within a byte budget (page-locked on CUDA so
   uploads overlap compute).
@@ -46,6 +47,7 @@ from inference.adapter_store import (
 from inference.adapters import AdapterWeights, load_peft_adapter
 from inference.config import LoraServingConfig, ModelConfig
 from inference.lora_layers import LoraPool, SlotIndex
+from inference.slot_plan import plan_slots
 from schemas.events import CacheTier
 from schemas.ids import AdapterId
 
@@ -240,27 +242,20 @@ class AdapterCache:
         self.counters = CacheCounters()
         fuse = self.serving.fuse_projections
         self.fuse_projections = self.device.type == "cpu" if fuse is None else fuse
-        self.pools: list[LoraPool] = []
-        for rank_class, num_slots in zip(
-            self.serving.rank_classes, self._slots_per_class(), strict=True
-        ):
-            if num_slots > 0:
-                self.pools.append(
-                    LoraPool(
-                        model_config,
-                        rank_class,
-                        num_slots,
-                        self.serving.target_modules,
-                        dtype,
-                        self.device,
-                        fuse=self.fuse_projections,
-                    )
-                )
-        if not self.pools:
-            raise ValueError(
-                f"device_budget_bytes={self.serving.device_budget_bytes} holds no adapter slot; "
-                "raise the budget"
+        self.plan = plan_slots(model_config, self.serving, dtype, self.fuse_projections)
+        self.pools: list[LoraPool] = [
+            LoraPool(
+                model_config,
+                rank_class.rank,
+                rank_class.slots,
+                self.serving.target_modules,
+                dtype,
+                self.device,
+                fuse=self.fuse_projections,
             )
+            for rank_class in self.plan.classes
+            if rank_class.slots > 0
+        ]
         self._free_slots: list[list[SlotIndex]] = [
             [SlotIndex(s) for s in range(pool.num_slots - 1, -1, -1)] for pool in self.pools
         ]
@@ -273,26 +268,6 @@ class AdapterCache:
         self._refcount: dict[AdapterId, int] = {}
         self._pinned: set[AdapterId] = set()
         self._loader = _Loader(self.serving.load_workers, self.serving.load_timeout_s)
-
-    # --- sizing ------------------------------------------------------------------------------
-
-    def _slots_per_class(self) -> list[int]:
-        serving = self.serving
-        if serving.slots_per_class is not None:
-            return list(serving.slots_per_class)
-        shares = serving.class_shares or tuple(1.0 for _ in serving.rank_classes)
-        total = sum(shares)
-        return [
-            int(serving.device_budget_bytes * share / total)
-            // LoraPool.bytes_per_slot(
-                self.model_config,
-                rank_class,
-                serving.target_modules,
-                self.dtype,
-                fuse=self.fuse_projections,
-            )
-            for rank_class, share in zip(serving.rank_classes, shares, strict=True)
-        ]
 
     def _pool_for_rank(self, adapter_id: AdapterId, rank: int) -> int:
         for index, pool in enumerate(self.pools):

@@ -20,15 +20,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from inference.data import CORPUS_VERSION, general_corpus
 from inference.hashing import base_model_hash
-from inference.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from inference.tokenizer import encode_prompts, load_tokenizer, save_tokenizer, train_tokenizer
 
 BUILD_MARKER = "loraledger-build.json"
-# Bumped when the build procedure changes in a way that changes the weights.
-BUILD_VERSION = 1
+# Bumped when the build procedure changes the checkpoint's files (weights or tokenizer).
+# 2: the tokenizer declares its BOS in its own rules (a post-processor template).
+BUILD_VERSION = 2
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, loss)
 
@@ -157,10 +163,11 @@ def llama_config(base: BasePreset, tokenizer: PreTrainedTokenizerFast) -> LlamaC
 def _token_blocks(
     tokenizer: PreTrainedTokenizerFast, texts: list[str], seq_len: int
 ) -> torch.Tensor:
-    """The corpus as one stream (bos doc eos bos doc eos ...) cut into [n, seq_len] blocks."""
+    """The corpus as one stream (bos doc eos bos doc eos ...) cut into [n, seq_len] blocks;
+    each document is encoded as a prompt is, so it starts with the tokenizer's BOS."""
     stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream.extend([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id])
+    for ids in encode_prompts(tokenizer, texts):
+        stream.extend([*ids, tokenizer.eos_token_id])
     usable = len(stream) // seq_len * seq_len
     return torch.tensor(stream[:usable], dtype=torch.long).view(-1, seq_len)
 
@@ -267,7 +274,7 @@ def _replace_dir_contents(source: Path, target: Path) -> None:
 
 def load_base_model(
     directory: Path, device: str | torch.device = "cpu"
-) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """Load a checkpoint (safetensors only) and its tokenizer, in float32, eval mode."""
     directory = Path(directory)
     if not is_checkpoint(directory):

@@ -269,8 +269,9 @@ class LoraServingConfig:
     """How adapters are held: rank classes of the device pools and the tier budgets."""
 
     rank_classes: tuple[int, ...] = (8, 16, 32, 64)
-    # Bytes of device memory for all adapter slots, split across rank classes by `class_shares`.
-    device_budget_bytes: int = 64 << 20
+    # Bytes of device memory for all adapter slots, split across rank classes by `class_shares`;
+    # None: sized from the model, so every rank class has slots (see inference.slot_plan).
+    device_budget_bytes: int | None = None
     # Fraction of the device budget per rank class (same order as rank_classes); None = equal.
     class_shares: tuple[float, ...] | None = None
     # Exact slot counts per rank class (overrides the budget), e.g. for tests and benchmarks.
@@ -295,6 +296,8 @@ class LoraServingConfig:
             raise ValueError("slots_per_class needs one count per rank class")
         if self.load_workers < 1 or not self.load_timeout_s > 0:
             raise ValueError("load_workers must be >= 1 and load_timeout_s > 0")
+        if self.device_budget_bytes is not None and self.device_budget_bytes < 1:
+            raise ValueError(f"device_budget_bytes must be >= 1, got {self.device_budget_bytes}")
         unknown = set(self.target_modules) - set(LORA_TARGETS)
         if unknown:
             raise ValueError(f"unknown target modules {sorted(unknown)}; known: {LORA_TARGETS}")

@@ -32,6 +32,7 @@ from inference.lora_layers import build_active_lora
 from inference.model import ForwardBatch, SequenceChunk, Transformer, load_model
 from inference.sampling import SamplingParams, sample_tokens
 from inference.text_codec import TextCodec
+from inference.tokenizer import Prompt
 from schemas.events import CacheTier, ErrorCode, Timings, Usage
 from schemas.ids import AdapterId, is_valid_id, new_id
 
@@ -276,10 +277,12 @@ class Engine:
         they load while running sequences decode."""
         self._expected = list(adapter_ids)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids by the checkpoint's own rules (a conversation through its chat
+        template; NoChatTemplate when it has none)."""
         if self.codec is None:
             raise ValueError("this model directory has no tokenizer.json; pass token ids")
-        return self.codec.encode(text)
+        return self.codec.encode(prompt)
 
     # --- validation --------------------------------------------------------------------------
 

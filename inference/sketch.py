@@ -4,8 +4,9 @@ training time, and the worker and the verifier call them on generated text, so b
 the TRAK score come from exactly the same computation.
 
 Loss: the mean token negative log-likelihood over the completion tokens only, teacher-forced,
-on the sequence bos + prompt + completion (each part tokenized on its own; a training row is
-the pair ("", text)).
+on the sequence prompt + completion: the prompt encoded as the checkpoint encodes it (its
+special tokens, such as a BOS, included; a conversation through its chat template), the
+completion tokenized on its own without special tokens. A training row is the pair ("", text).
 
 Per-example gradients come from one batched forward and backward: for a linear map y = x W^T
 the gradient of example b's loss is sum_t g[b,t] x[b,t]^T, with x the layer's input and g the
@@ -45,6 +46,7 @@ from transformers import PreTrainedTokenizerBase
 
 from inference.adapter_store import AdapterDir
 from inference.attribution_index import meta_path, read_index_meta
+from inference.tokenizer import Prompt, added_prefix_length, encode_prompts
 
 PROJECTION_KIND = "gaussian-blocked-v1"
 LOSS_DEFINITION = "mean-nll-completion-tokens-teacher-forced"
@@ -66,37 +68,41 @@ _CONFIG_FIELDS_IGNORED = frozenset({"base_model_name_or_path", "revision", "infe
 @dataclass(frozen=True)
 class EncodedPair:
     input_ids: list[int]
-    labels: list[int]  # IGNORE on bos and prompt tokens
+    labels: list[int]  # IGNORE on the prompt's tokens (its special tokens included)
 
 
 def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, completion: str, max_length: int
 ) -> EncodedPair:
-    """bos + prompt + completion, at most `max_length` tokens: the completion keeps its first
-    tokens, then the prompt keeps its last ones."""
+    """The prompt as the checkpoint encodes it, then the completion, at most `max_length`
+    tokens: the special tokens the tokenizer puts before a text stay, the completion keeps its
+    first tokens, then the prompt keeps its last ones."""
     return encode_pairs(tokenizer, [(prompt, completion)], max_length)[0]
 
 
 def encode_pairs(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], max_length: int
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[Prompt, str]], max_length: int
 ) -> list[EncodedPair]:
     """`encode_pair` of each pair, with the prompts and the completions each tokenized in one
     call."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    room = max_length - len(bos)
-    if room < 1:
+    lead = added_prefix_length(tokenizer)
+    if max_length - lead < 1:
         raise ValueError(f"max_length {max_length} leaves no room for a completion token")
     completions = _token_ids(tokenizer, [completion for _, completion in pairs])
-    prompts = _token_ids(tokenizer, [prompt for prompt, _ in pairs])
+    prompts = encode_prompts(tokenizer, [prompt for prompt, _ in pairs])
     encoded = []
-    for prompt_ids, completion_ids in zip(prompts, completions, strict=True):
+    for (prompt, _), prompt_ids, completion_ids in zip(pairs, prompts, completions, strict=True):
         if not completion_ids:
             raise ValueError("the completion is empty: there is no token to compute a loss on")
+        # A rendered conversation begins with the template's own text, not added tokens.
+        pinned = prompt_ids[:lead] if isinstance(prompt, str) else []
+        rest = prompt_ids[len(pinned) :]
+        room = max_length - len(pinned)
         completion_ids = completion_ids[:room]
         keep = room - len(completion_ids)
-        prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep else []
-        ids = bos + prompt_ids + completion_ids
-        labels = [IGNORE] * (len(bos) + len(prompt_ids)) + completion_ids
+        rest = rest[len(rest) - keep :] if keep else []
+        ids = pinned + rest + completion_ids
+        labels = [IGNORE] * (len(pinned) + len(rest)) + completion_ids
         encoded.append(EncodedPair(ids, labels))
     return encoded
 
@@ -271,7 +277,7 @@ def per_example_gradients(
 def projected_gradient(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[tuple[Prompt, str]],
     projector: Projector,
     max_length: int = DEFAULT_MAX_LENGTH,
     batch_size: int = 16,
@@ -482,7 +488,7 @@ class Sketcher:
     def projection(self) -> str:
         return PROJECTION_KIND
 
-    def projected_gradient(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    def projected_gradient(self, pairs: Sequence[tuple[Prompt, str]]) -> np.ndarray:
         if self._model is None or self.adapter_dir is None:
             raise RuntimeError("no adapter loaded: call use_adapter(adapter_dir) first")
         return projected_gradient(

@@ -3,11 +3,11 @@
 `verify_request` reads the request, its result, its attribution record and its reward entries
 from Kafka, with the registered worker keys and the parameter activations (a scan of the
 topics, committed data only), then checks in order, stopping at the first difference:
-1. the result answers a request on `requests` (same id, adapter and prompt): a result with no
-   request is a mismatch;
+1. the result answers a request on `requests` (same id, adapter and prompt or conversation):
+   a result with no request is a mismatch;
 2. the result is signed by the worker it names (the first key registered for it on `workers`);
 3. usage recomputes: the prompt token ids are the base model's tokenizer's for the request's
-   prompt (after the start token), and usage counts the token ids
+   prompt or conversation (`inference.tokenizer.encode_prompt`), and usage counts the token ids
    (`pipeline.attribution.facts.usage_problem`);
 4. the sketch is there and, recomputed on the CPU from the stored adapter for (prompt, output
    text) with the index's projection, agrees with the result's up to float rounding (relative
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from inference.adapter_store import AdapterStore
+from inference.tokenizer import Prompt, encode_prompt, load_tokenizer
 from infra.kafka.events import Decoded, read_topic
 from infra.settings import Settings
 from pipeline.attribution.artifacts import ArtifactCache
@@ -136,17 +137,11 @@ async def fetch_events(settings: Settings, request_id: str, idle_s: float = 2.0)
     )
 
 
-def expected_prompt_ids(base_model_dir: Path, prompt: str) -> list[int]:
-    """The token ids a worker feeds the base model for `prompt`: its start token, if it has
-    one, then the tokenizer's ids. FileNotFoundError when the model has no tokenizer."""
-    from inference.config import ModelConfig
-    from inference.text_codec import TextCodec
-
-    codec = TextCodec.from_model_dir(base_model_dir)
-    if codec is None:
-        raise FileNotFoundError(f"the base model in {base_model_dir} has no tokenizer")
-    bos = ModelConfig.from_model_dir(base_model_dir).bos_token_id
-    return ([] if bos is None else [bos]) + codec.encode(prompt)
+def expected_prompt_ids(base_model_dir: Path, prompt: Prompt) -> list[int]:
+    """The token ids a worker feeds the base model for `prompt` (a text or a conversation), by
+    the checkpoint's own tokenizer rules. FileNotFoundError when the model has no tokenizer;
+    ValueError (NoChatTemplate) for a conversation on a checkpoint without a chat template."""
+    return encode_prompt(load_tokenizer(base_model_dir), prompt)
 
 
 def expected_entries(
@@ -206,7 +201,7 @@ def recompute_sketch(settings: Settings, result: InferenceResult) -> np.ndarray:
 
     adapter_dir = AdapterStore.from_settings(settings).adapter_dir(result.adapter_id)
     sketcher = Sketcher(settings.base_model_dir, adapter_dir.path)
-    return sketcher.projected_gradient([(result.prompt, result.output_text)])[0]
+    return sketcher.projected_gradient([(result.prompt_input, result.output_text)])[0]
 
 
 def parameters_of(record: AttributionRecord) -> Parameters:
@@ -326,7 +321,7 @@ def _usage_difference(
     settings: Settings, result: InferenceResult, request: RequestFacts
 ) -> Difference | None:
     try:
-        prompt_ids = expected_prompt_ids(settings.base_model_dir, result.prompt)
+        prompt_ids = expected_prompt_ids(settings.base_model_dir, result.prompt_input)
     except (FileNotFoundError, ValueError) as exc:
         return Difference("prompt_token_ids", "recomputable", str(exc))
     if result.prompt_token_ids != prompt_ids:

@@ -7,6 +7,7 @@ from schemas.codec import DecodeError, decode, encode
 from schemas.events import (
     AdapterRegistered,
     AttributionRecord,
+    ChatMessage,
     DatanetContribution,
     DatanetCreated,
     DeadLetter,
@@ -25,6 +26,7 @@ __all__ = [
     "TOPICS",
     "AdapterRegistered",
     "AttributionRecord",
+    "ChatMessage",
     "DatanetContribution",
     "DatanetCreated",
     "DeadLetter",

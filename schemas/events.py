@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -34,6 +35,8 @@ from schemas.text import identity_text, row_id_for
 
 SCHEMA_VERSION = 1
 MAX_PROMPT_CHARS = 8192
+MAX_CHAT_MESSAGES = 64
+MAX_CHAT_CHARS = 4 * MAX_PROMPT_CHARS  # all messages' contents together
 MAX_NEW_TOKENS = 2048
 MAX_CONTRIBUTION_CHARS = 16384
 PPM_TOTAL = 1_000_000
@@ -95,10 +98,34 @@ class Part(BaseModel):
 # --- requests and results -------------------------------------------------------------------
 
 
+class ChatMessage(Part):
+    """One turn of a conversation, rendered with the base model's chat template."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+def _bounded_chat(messages: list[ChatMessage]) -> list[ChatMessage]:
+    if sum(len(message.content) for message in messages) > MAX_CHAT_CHARS:
+        raise ValueError(f"the messages hold more than {MAX_CHAT_CHARS} characters together")
+    return messages
+
+
+Messages = Annotated[
+    list[ChatMessage],
+    Field(min_length=1, max_length=MAX_CHAT_MESSAGES),
+    AfterValidator(_bounded_chat),
+]
+
+
 class InferenceRequest(Event):
+    """A completion of `prompt`, or the assistant's next turn of the conversation `messages`:
+    exactly one of the two."""
+
     request_id: EntityId = Field(default_factory=new_id)
     adapter_id: AdapterId
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    messages: Messages | None = None
     max_new_tokens: int = Field(default=64, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -109,6 +136,17 @@ class InferenceRequest(Event):
     client_id: EntityId | None = None
     # Ask the worker to publish token deltas on `token-deltas` as they are generated.
     stream: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> InferenceRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a request carries exactly one of prompt and messages")
+        return self
+
+    @property
+    def prompt_input(self) -> str | list[ChatMessage]:
+        """What the model is asked: the prompt text or the conversation."""
+        return self.prompt if self.messages is None else self.messages
 
 
 class ErrorCode(StrEnum):
@@ -185,6 +223,7 @@ class InferenceResult(Event):
     error_code: ErrorCode | None = None
     error_message: str | None = Field(default=None, max_length=1024)
     prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    messages: Messages | None = None  # the conversation of a chat request (prompt is then "")
     output_text: str = ""
     prompt_token_ids: list[NonNegativeInt] = Field(default_factory=list)
     output_token_ids: list[NonNegativeInt] = Field(default_factory=list)
@@ -199,6 +238,18 @@ class InferenceResult(Event):
     worker_id: WorkerId
     sketch: Sketch | None = None
     signature: SignatureB64 | None = None
+
+    @property
+    def prompt_input(self) -> str | list[ChatMessage]:
+        """What the model was asked: the prompt text or the conversation."""
+        return self.prompt if self.messages is None else self.messages
+
+    @property
+    def prompt_text(self) -> str:
+        """The text the client supplied: the prompt, or the messages' contents, one per line."""
+        if self.messages is None:
+            return self.prompt
+        return "\n".join(message.content for message in self.messages)
 
     @model_validator(mode="after")
     def _status_consistent(self) -> InferenceResult:

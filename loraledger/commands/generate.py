@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from infra.settings import load_settings
+from schemas.events import ChatMessage
 from schemas.ids import parse_adapter_id
 
 console = Console()
@@ -31,10 +32,15 @@ def generate(
         typer.Option("--model-dir", help="Base model checkpoint (default: LORALEDGER_BASE_MODEL)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    chat: Annotated[
+        bool,
+        typer.Option("--chat", help="Send the prompt as a user message through the chat template."),
+    ] = False,
 ) -> None:
     """Generate a completion for PROMPT with one adapter (or the base model)."""
     # Imported here so other commands do not pay for loading torch.
     from inference.engine import Engine, EngineConfig, GenerationRequest
+    from inference.tokenizer import NoChatTemplate
 
     try:
         adapter_id = None if adapter.lower() == NO_ADAPTER else parse_adapter_id(adapter)
@@ -52,10 +58,10 @@ def generate(
     )
     if engine.codec is None:
         _fail(f"{model_dir} has no tokenizer.json, so text prompts cannot be encoded")
-    prompt_ids = engine.encode(prompt)
-    bos = engine.model.config.bos_token_id
-    if bos is not None and prompt_ids[:1] != [bos]:
-        prompt_ids = [bos, *prompt_ids]  # as the worker does: the model was trained with it
+    try:
+        prompt_ids = engine.encode([ChatMessage(role="user", content=prompt)] if chat else prompt)
+    except NoChatTemplate:
+        _fail("the base model has no chat template: drop --chat")
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         adapter_id=adapter_id,
@@ -74,6 +80,7 @@ def generate(
             "error_code": result.error_code.value if result.error_code else None,
             "error_message": result.error_message,
             "output_text": result.output_text,
+            "prompt_token_ids": result.prompt_ids,
             "output_token_ids": result.output_ids,
             "finish_reason": result.finish_reason,
             "usage": result.usage.model_dump(),

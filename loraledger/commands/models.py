@@ -1,5 +1,5 @@
-"""`loraledger base-model build`, `loraledger train`, `loraledger train-batch` and
-`loraledger adapters list | show`."""
+"""`loraledger base-model build | import`, `loraledger train`, `loraledger train-batch` and
+`loraledger adapters list | show | plan`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from inference.base_model import PRESETS, build_base_model
 from inference.datanets import DatanetStore, Snapshot, parse_ref
 from inference.factory import TrainConfig, subset_specs, train_adapter, train_many
 from infra.settings import Settings, load_settings
+from loraledger.commands.checkpoint import adapters_plan, import_base_model
 
 console = Console()
 err_console = Console(stderr=True)
@@ -95,10 +96,13 @@ def _publish(settings: Settings, manifests: list[AdapterManifest]) -> None:
     console.print(f"published {len(manifests)} AdapterRegistered event(s)")
 
 
-def _config(rank: int, steps: int, lr: float, seed: int, batch_size: int, k: int) -> TrainConfig:
+def _config(
+    rank: int, steps: int, lr: float, seed: int, batch_size: int, k: int,
+    estimator: str = TrainConfig.index_estimator,
+) -> TrainConfig:  # fmt: skip
     try:
         return TrainConfig(rank=rank, alpha=2.0 * rank, steps=steps, lr=lr, seed=seed,
-                           batch_size=batch_size, index_k=k)  # fmt: skip
+                           batch_size=batch_size, index_k=k, index_estimator=estimator)  # fmt: skip
     except ValueError as exc:
         raise _fail(str(exc)) from None
 
@@ -113,12 +117,16 @@ def train(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of LoRA init and data order."),
     batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", help="Rows per step."),
     k: int = typer.Option(TrainConfig.index_k, "--k", help="Attribution sketch dimensions."),
+    estimator: str = typer.Option(
+        TrainConfig.index_estimator, "--index-estimator",
+        help="ekfac-projected, or trak (far cheaper on large models).",
+    ),
     publish: bool = typer.Option(True, "--publish/--no-publish", help="Announce on `adapters`."),
 ) -> None:
     """Fine-tune a LoRA adapter on a datanet snapshot and build its attribution index."""
     settings = load_settings()
     snapshot = _snapshot(settings, datanet)
-    config = _config(rank, steps, lr, seed, batch_size, k)
+    config = _config(rank, steps, lr, seed, batch_size, k, estimator)
     with _progress(f"training {adapter_id}") as progress:
         task = progress.add_task(f"training {adapter_id}", total=config.steps, loss="-")
 
@@ -212,6 +220,8 @@ def adapters_show(adapter_id: str = typer.Argument(..., help="Adapter id.")) -> 
 
 
 def register(app: typer.Typer) -> None:
+    base_model_app.command("import")(import_base_model)
+    adapters_app.command("plan")(adapters_plan)
     app.add_typer(base_model_app, name="base-model")
     app.add_typer(adapters_app, name="adapters")
     app.command("train")(train)

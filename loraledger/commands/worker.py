@@ -8,6 +8,7 @@ import logging
 import typer
 from rich.console import Console
 
+from inference.slot_plan import SlotBudgetTooSmall
 from inference.worker.backend import BackendConfig
 from inference.worker.service import WorkerConfig, run_worker
 from inference.worker.sketching import SketchMode, SketchPolicy
@@ -27,8 +28,9 @@ def worker(
     max_seq_len: int = typer.Option(
         256, "--max-seq-len", min=2, help="Prompt plus completion tokens per sequence."
     ),
-    adapter_memory: int = typer.Option(
-        64 << 20, "--adapter-memory", min=1, help="Bytes of device memory for adapter slots."
+    adapter_memory: int | None = typer.Option(
+        None, "--adapter-memory", min=1,
+        help="Bytes of device memory for adapter slots (default: sized from the model).",
     ),
     sketch: str = typer.Option(
         "always", "--sketch", help="Attach attribution sketches: always, sampled or off."
@@ -81,7 +83,7 @@ def worker(
         raise typer.BadParameter(str(exc)) from None
     try:
         asyncio.run(run_worker(settings, config))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, SlotBudgetTooSmall) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
 

@@ -186,7 +186,7 @@ def failed_record(
             index_hash=index_hash,
             method=method,
             output_text=result.output_text,
-            prompt=result.prompt,
+            prompt=result.prompt_text,
         ),
     )
 
@@ -199,7 +199,7 @@ def attribute_with(
     examples = top_examples(artifacts, result.sketch.to_array(), parameters.top_k)
     weights, basis = mix_weights(
         gradient_influence(examples),
-        span_influence(artifacts, result.output_text, DEFAULT_MIN_SPAN_TOKENS, result.prompt),
+        span_influence(artifacts, result.output_text, DEFAULT_MIN_SPAN_TOKENS, result.prompt_text),
         artifacts.example_counts(),
         gradient_weight_ppm=parameters.gradient_weight_ppm,
         min_weight_ppm=parameters.min_weight_ppm,
@@ -258,6 +258,6 @@ def attribute(
             index_hash=artifacts.index_hash,
             method=method,
             output_text=result.output_text,
-            prompt=result.prompt,
+            prompt=result.prompt_text,
         ),
     )

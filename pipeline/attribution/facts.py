@@ -22,19 +22,48 @@ by being read again; `attributions` is written in the same transaction as the pa
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.events import AttributionRecord, InferenceRequest, InferenceResult, WorkerRegistered
+from schemas.events import (
+    AttributionRecord,
+    ChatMessage,
+    InferenceRequest,
+    InferenceResult,
+    WorkerRegistered,
+)
 from schemas.signatures import signature_problem
 
 # Special tokens the worker puts before a prompt's own tokens (the start token).
 PROMPT_SPECIAL_TOKENS = 1
 
 
-def prompt_sha256(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+# A chat template wraps each message in role markers; the processor has no tokenizer to render
+# it, so it allows this many bytes per message beyond the contents (`verify` re-tokenizes
+# exactly).
+CHAT_TEMPLATE_BYTES_PER_MESSAGE = 64
+
+
+def prompt_sha256(prompt_input: str | Sequence[ChatMessage]) -> str:
+    """The digest of what the model was asked: the prompt text, or the conversation's
+    canonical JSON."""
+    if isinstance(prompt_input, str):
+        data = prompt_input.encode("utf-8")
+    else:
+        data = json.dumps([message.model_dump(mode="json") for message in prompt_input],
+                          sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+def prompt_bytes_bound(request: InferenceRequest) -> int:
+    """At most how many bytes the model's rendered input holds (each byte is at most a token)."""
+    prompt_input = request.prompt_input
+    if isinstance(prompt_input, str):
+        return len(prompt_input.encode("utf-8"))
+    contents = sum(len(message.content.encode("utf-8")) for message in prompt_input)
+    return contents + CHAT_TEMPLATE_BYTES_PER_MESSAGE * (len(prompt_input) + 1)
 
 
 @dataclass(frozen=True)
@@ -48,8 +77,8 @@ class RequestFacts:
     def of(cls, request: InferenceRequest) -> RequestFacts:
         return cls(
             adapter_id=request.adapter_id,
-            prompt_sha256=prompt_sha256(request.prompt),
-            prompt_bytes=len(request.prompt.encode("utf-8")),
+            prompt_sha256=prompt_sha256(request.prompt_input),
+            prompt_bytes=prompt_bytes_bound(request),
             max_new_tokens=request.max_new_tokens,
         )
 
@@ -103,7 +132,7 @@ def answered_request(result: InferenceResult, facts: Facts) -> RequestFacts | st
     candidates = facts.requests.get(result.request_id)
     if not candidates:
         return f"no request {result.request_id} on `requests`"
-    digest = prompt_sha256(result.prompt)
+    digest = prompt_sha256(result.prompt_input)
     for request in candidates:
         if request.adapter_id == result.adapter_id and request.prompt_sha256 == digest:
             return request

@@ -14,6 +14,7 @@ from inference.adapter_store import AdapterRefused, AdapterStore, UnknownAdapter
 from inference.adapters import save_peft_adapter
 from inference.config import LORA_TARGETS, LoraServingConfig, ModelConfig
 from inference.lora_layers import LoraPool
+from inference.slot_plan import SlotBudgetTooSmall
 from schemas.events import CacheTier
 
 TINY = ModelConfig.from_preset("tiny")
@@ -245,7 +246,7 @@ def test_device_budget_sizes_the_pools(tmp_path: Path) -> None:
     assert per_slot[16] == 2 * per_slot[8]
     fused = LoraPool.bytes_per_slot(TINY, 8, LORA_TARGETS, torch.float32, fuse=True)
     assert fused > per_slot[8]  # block-diagonal B costs memory
-    with pytest.raises(ValueError, match="holds no adapter slot"):
+    with pytest.raises(SlotBudgetTooSmall, match="leaves rank class 8 without a slot"):
         AdapterCache(AdapterStore(tmp_path), TINY, LoraServingConfig(device_budget_bytes=10))
 
 

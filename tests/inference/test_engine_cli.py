@@ -11,6 +11,7 @@ from multi_lora_fixtures import save_tiny_llama
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.processors import TemplateProcessing
 from typer.testing import CliRunner
 
 from inference.adapters import save_peft_adapter
@@ -26,6 +27,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir = save_tiny_llama(home / "base-model")
     tokenizer = Tokenizer(WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
     tokenizer.pre_tokenizer = Whitespace()
+    # The tokenizer's own rules put its BOS ("w1") before every prompt; nothing else adds one.
+    tokenizer.post_processor = TemplateProcessing(single="w1 $A", special_tokens=[("w1", 1)])
     tokenizer.save(str(model_dir / "tokenizer.json"))
     generator = torch.Generator().manual_seed(0)
     modules = {}
@@ -52,6 +55,7 @@ def test_generate_with_an_adapter_and_without(home: Path) -> None:
     result = json.loads(with_adapter.output)
     assert result["status"] == "ok" and result["cache_tier"] == "disk"
     assert result["usage"] == {"prompt_tokens": 4, "completion_tokens": 5}  # bos + 3 words
+    assert result["prompt_token_ids"] == [1, 5, 9, 77]
     assert len(result["adapter_hash"]) == 64 and len(result["base_model_hash"]) == 64
     base = json.loads(_run(home, "--adapter", "none", *common).output)
     assert base["adapter_hash"] is None and base["cache_tier"] == "none"
@@ -81,3 +85,9 @@ def test_an_invalid_adapter_id_is_refused_before_anything_loads(home: Path, tmp_
                    "--model-dir", str(tmp_path))  # no model there: the id is checked first
     assert outcome.exit_code == 1
     assert "invalid adapter id '../adapters/demo-adapter'" in outcome.output
+
+
+def test_chat_needs_a_chat_template(home: Path) -> None:
+    outcome = _run(home, "--prompt", "w1 w2", "--chat")
+    assert outcome.exit_code == 1
+    assert "the base model has no chat template: drop --chat" in outcome.output

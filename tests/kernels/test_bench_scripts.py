@@ -90,3 +90,19 @@ def test_multi_lora_flop_count_follows_the_pool_layout() -> None:
         + 8 * (inter + hidden)
     )
     assert fused == config.num_layers * expected_layer
+
+
+@pytest.mark.slow
+def test_real_model_bench_reports_the_four_configurations(tmp_path: Path, smollm2_dir) -> None:
+    out = tmp_path / "real_model.json"
+    result = run_script(
+        "bench/real_model.py",
+        *("--steps", "2", "--batch", "2", "--adapters", "2", "--prompt-len", "8"),
+        *("--out", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["decode_tokens_per_s"]) == {"a", "b", "c", "d"}
+    assert all(value > 0 for value in report["decode_tokens_per_s"].values())
+    assert set(report["ratios"]) == set(report["targets"]) == {"(b)/(a)", "(b)/(c)", "(a)/(d)"}
+    assert "| (b)/(c) |" in result.stdout

@@ -23,6 +23,8 @@ from schemas import (
     encode,
 )
 from schemas.events import (
+    MAX_CHAT_CHARS,
+    MAX_CHAT_MESSAGES,
     MAX_DEAD_LETTER_BYTES,
     MAX_PROMPT_CHARS,
     ContributorWeight,
@@ -275,3 +277,46 @@ def test_epoch_tick_is_a_governance_event():
         decode("governance", b'{"kind": "tick", "epoch": -1}')
     with pytest.raises(DecodeError):
         decode("governance", b'{"kind": "tick", "epoch": 1, "proposal_id": "x"}')
+
+
+def test_a_request_carries_a_prompt_or_a_conversation_never_both():
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    request = InferenceRequest(adapter_id="a", messages=chat)
+    assert request.prompt is None and request.prompt_input == request.messages
+    assert decode("requests", encode(request)) == request
+    for fields in ({}, {"prompt": "p", "messages": chat}):
+        with pytest.raises(ValidationError, match="exactly one of prompt and messages"):
+            InferenceRequest(adapter_id="a", **fields)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "tool", "content": "x"}],
+        [{"role": "user", "content": "x", "name": "n"}],
+        [{"role": "user", "content": "x" * (MAX_PROMPT_CHARS + 1)}],
+        [{"role": "user", "content": "x"}] * (MAX_CHAT_MESSAGES + 1),
+        [{"role": "user", "content": "x" * MAX_PROMPT_CHARS}]
+        * (MAX_CHAT_CHARS // MAX_PROMPT_CHARS + 1),
+    ],
+)
+def test_conversation_bounds_are_enforced(messages):
+    with pytest.raises(ValidationError):
+        InferenceRequest(adapter_id="a", messages=messages)
+
+
+def test_events_of_the_current_version_written_before_conversations_still_decode():
+    raw = (
+        b'{"schema_version": 1, "created_at": "2026-01-01T00:00:00Z", "request_id": "r1",'
+        b' "adapter_id": "a", "prompt": "p", "max_new_tokens": 4, "temperature": 0.0,'
+        b' "top_p": 1.0, "seed": 0, "stop": [], "client_id": null}'
+    )
+    request = decode("requests", raw)
+    assert request.prompt_input == "p" and request.messages is None
+    result = decode(
+        "results",
+        b'{"request_id": "r1", "adapter_id": "a", "status": "ok", "prompt": "p",'
+        b' "worker_id": "w"}',
+    )
+    assert result.messages is None and result.prompt_text == "p"

@@ -57,7 +57,8 @@ def test_export_writes_a_schema_per_event(tmp_path):
     assert len(written) == len(EXPORTED)
     schema = json.loads((tmp_path / "InferenceRequest.schema.json").read_text())
     assert schema["additionalProperties"] is False
-    assert "prompt" in schema["required"]
+    assert schema["required"] == ["adapter_id"]  # and exactly one of prompt and messages
+    assert {"prompt", "messages"} <= schema["properties"].keys()
 
 
 def test_events_without_a_key_value_get_an_empty_key():

@@ -1,0 +1,177 @@
+"""Decode throughput on a real checkpoint on the CPU: SmolLM2-135M-Instruct, imported from its
+GGUF file (fetched once into the cache, see tests/support/smollm2.py), with random PEFT adapters
+on every projection:
+  (a) this engine, the base model only,
+  (b) this engine, a mixed batch where every request has its own adapter,
+  (c) transformers + peft, the same mixed batch (`adapter_names=[...]`),
+  (d) transformers, the base model only.
+Every configuration decodes the same batch of prompts (real text, cut to one length so peft needs
+no padding) greedily for a fixed number of steps, after a warm-up run; tokens/s counts decode
+steps only. The issue's targets: (b)/(a) >= 0.85, (b)/(c) >= 3, (a)/(d) >= 1.5. Prints a
+markdown table and writes JSON.
+
+    python bench/real_model.py                       # 1 thread, batch 8, 8 adapters of rank 16
+    python bench/real_model.py --steps 4 --batch 2 --adapters 2     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from multi_lora import load_peft, peft_decode  # noqa: E402
+from random_adapters import write_random_adapter  # noqa: E402
+from smollm2 import smollm2_checkpoint  # noqa: E402
+
+from inference.config import LORA_TARGETS, ModelConfig  # noqa: E402
+from inference.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from inference.tokenizer import encode_prompts, load_tokenizer  # noqa: E402
+from infra.settings import load_settings  # noqa: E402
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "real_model.json"
+TEXTS = (
+    "The history of the printing press begins in the fifteenth century, when",
+    "To make a simple bread dough, mix flour, water, salt and yeast, then",
+    "The mitochondria are the organelles that produce most of the energy in",
+    "In the early days of aviation, pilots navigated by following railways and",
+    "A good unit test checks one behaviour, runs quickly, and fails with a message",
+    "The river flooded the lower town every spring until the engineers built",
+    "When the market opened on Monday, the price of copper rose sharply because",
+    "The old lighthouse keeper climbed the spiral stairs each evening to light",
+)
+TARGETS = {"(b)/(a)": 0.85, "(b)/(c)": 3.0, "(a)/(d)": 1.5}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--adapters", type=int, default=8, help="distinct adapters in (b), (c)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=12, help="prompt tokens per request")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps measured")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def prompts(model_dir: Path, batch: int, length: int) -> list[list[int]]:
+    """`batch` prompts of exactly `length` tokens, encoded as the checkpoint encodes text."""
+    encoded = encode_prompts(load_tokenizer(model_dir), list(TEXTS))
+    if min(len(ids) for ids in encoded) < length:
+        raise SystemExit(f"--prompt-len {length} is longer than the shortest prompt")
+    return [encoded[i % len(encoded)][:length] for i in range(batch)]
+
+
+def engine_decode(
+    engine: Engine, batch: list[list[int]], adapters: list[str] | None, steps: int
+) -> float:
+    """Decode tokens/s of one batch run to `steps` decode steps (stop tokens off)."""
+    for i, prompt_ids in enumerate(batch):
+        engine.submit(
+            GenerationRequest(
+                prompt_ids, adapter_id=None if adapters is None else adapters[i],
+                max_new_tokens=steps + 1, stop_token_ids=[],
+            )
+        )  # fmt: skip
+    tokens = seconds = 0.0
+    while engine.has_work():
+        results = engine.step()
+        if any(result.status != "ok" for result in results):
+            raise SystemExit(f"the engine failed a request: {results[0].error_message}")
+        stats = engine.last_step
+        if stats.prefill_tokens == 0 and stats.decode_tokens:
+            tokens += stats.decode_tokens
+            seconds += stats.seconds
+    return tokens / seconds
+
+
+def markdown(tps: dict[str, float], ratios: dict[str, float]) -> str:
+    names = {
+        "a": "(a) this engine, base model",
+        "b": "(b) this engine, mixed adapters",
+        "c": "(c) transformers + peft, mixed adapters (adapter_names)",
+        "d": "(d) transformers, base model",
+    }
+    lines = ["| configuration | decode tokens/s |", "| --- | ---: |"]
+    lines += [f"| {names[key]} | {value:,.1f} |" for key, value in tps.items()]
+    lines += ["", "| ratio | measured | target |", "| --- | ---: | ---: |"]
+    lines += [
+        f"| {name} | {value:.2f} | >= {TARGETS[name]} |" for name, value in ratios.items()
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_dir = smollm2_checkpoint(load_settings().cache_dir)
+    config = ModelConfig.from_model_dir(model_dir)
+    batch = prompts(model_dir, args.batch, args.prompt_len)
+    adapter_ids = [f"bench-r{args.rank}-{i:02d}" for i in range(args.adapters)]
+    adapters = [adapter_ids[i % len(adapter_ids)] for i in range(args.batch)]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp)
+        for number, adapter_id in enumerate(adapter_ids):
+            write_random_adapter(store, adapter_id, config, rank=args.rank,
+                                 targets=LORA_TARGETS, seed=number)  # fmt: skip
+        engine = Engine.from_model_dir(
+            model_dir, store,
+            config=EngineConfig(max_batch_size=args.batch,
+                                max_seq_len=args.prompt_len + args.steps + 2),
+        )  # fmt: skip
+        tps: dict[str, float] = {}
+        for key, names in (("a", None), ("b", adapters)):
+            engine_decode(engine, batch, names, 2)  # warm-up: adapters loaded, caches touched
+            tps[key] = engine_decode(engine, batch, names, args.steps)
+            print(f"{key} {tps[key]:.1f} tok/s", file=sys.stderr)
+        engine.close()
+        del engine
+        reference = load_peft(model_dir, store, adapters)
+        peft_decode(reference, batch, adapters, 2)
+        tps["c"] = args.batch * args.steps / peft_decode(reference, batch, adapters, args.steps)
+        print(f"c {tps['c']:.1f} tok/s", file=sys.stderr)
+        base = reference.unload()
+        del reference
+        peft_decode(base, batch, None, 2)
+        tps["d"] = args.batch * args.steps / peft_decode(base, batch, None, args.steps)
+        print(f"d {tps['d']:.1f} tok/s", file=sys.stderr)
+    ratios = {
+        "(b)/(a)": tps["b"] / tps["a"],
+        "(b)/(c)": tps["b"] / tps["c"],
+        "(a)/(d)": tps["a"] / tps["d"],
+    }
+    print(markdown(tps, ratios))
+    result = {
+        "benchmark": "real_model",
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
+        "args": {k: v.name if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "load_average": os.getloadavg(),
+        },
+        "decode_tokens_per_s": tps,
+        "ratios": ratios,
+        "targets": TARGETS,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
