@@ -7,8 +7,9 @@ that compose sets no variable this module does not read.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 ENV_VARS: dict[str, str] = {
     "LORALEDGER_HOME": "directory for local state (broker data, ClickHouse, adapters, datanets)",
@@ -21,7 +22,14 @@ ENV_VARS: dict[str, str] = {
     "LORALEDGER_METRICS_PORT": "port of the worker's Prometheus endpoint (0 disables it)",
     "LORALEDGER_CACHE": "cache for slow-to-build artifacts shared by checkouts (base model, jars)",
     "LORALEDGER_EPOCH_SECONDS": "length of a reward and governance epoch in seconds",
+    "LORALEDGER_KAFKA_SECURITY": "scram (default), scram-tls for a TLS listener, or plaintext",
+    "LORALEDGER_PRINCIPAL": "Kafka principal of this process, instead of its command's default",
+    "LORALEDGER_CREDENTIALS_DIR": "directory of the principals' password files",
+    "LORALEDGER_KAFKA_PASSWORD": "password of LORALEDGER_PRINCIPAL, instead of its password file",
 }
+
+# How clients reach Kafka. Plaintext (no authentication, no ACLs) is only ever an explicit choice.
+KAFKA_SECURITY_MODES = ("scram", "scram-tls", "plaintext")
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,10 @@ class Settings:
     metrics_port: int
     cache_dir: Path
     epoch_seconds: int
+    kafka_security: str  # one of KAFKA_SECURITY_MODES
+    principal: str | None  # None: the command's own principal (see `acting_as`)
+    credentials_dir: Path
+    kafka_password: str | None = field(repr=False)  # never printed with the settings
 
     @property
     def adapters_dir(self) -> Path:
@@ -49,6 +61,15 @@ class Settings:
     def kafka_dir(self) -> Path:
         return self.home / "kafka"
 
+    def acting_as(self, principal: str) -> Settings:
+        """These settings for a component whose own principal is `principal`, unless
+        LORALEDGER_PRINCIPAL chose one for the whole process."""
+        return self if self.principal else replace(self, principal=principal)
+
+    def as_principal(self, principal: str) -> Settings:
+        """These settings authenticating as `principal`, whatever was chosen before."""
+        return replace(self, principal=principal)
+
 
 def _positive_int(env: dict[str, str], name: str, default: int) -> int:
     raw = env.get(name, str(default))
@@ -61,9 +82,29 @@ def _positive_int(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
+def _choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: use one of {', '.join(choices)}")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user part replaced, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Read settings from `env` (default: the process environment), with local defaults."""
     env = dict(os.environ if env is None else env)
+    if env.get("LORALEDGER_KAFKA_PASSWORD") and not env.get("LORALEDGER_PRINCIPAL"):
+        raise ValueError(
+            "LORALEDGER_KAFKA_PASSWORD is the password of LORALEDGER_PRINCIPAL: set both"
+        )
     home = Path(env.get("LORALEDGER_HOME", ".loraledger")).expanduser().resolve()
     return Settings(
         home=home,
@@ -76,4 +117,10 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         metrics_port=int(env.get("LORALEDGER_METRICS_PORT", "0")),
         cache_dir=Path(env.get("LORALEDGER_CACHE", "~/.cache/loraledger")).expanduser(),
         epoch_seconds=_positive_int(env, "LORALEDGER_EPOCH_SECONDS", 3600),
+        kafka_security=_choice(env, "LORALEDGER_KAFKA_SECURITY", "scram", KAFKA_SECURITY_MODES),
+        principal=env.get("LORALEDGER_PRINCIPAL") or None,
+        credentials_dir=Path(
+            env.get("LORALEDGER_CREDENTIALS_DIR", str(home / "credentials"))
+        ).expanduser().resolve(),
+        kafka_password=env.get("LORALEDGER_KAFKA_PASSWORD") or None,
     )

@@ -2,7 +2,9 @@
 
 Kafka runs as one KRaft node from jars fetched with Maven; ClickHouse is the embedded engine
 (chdb) unless CLICKHOUSE_URL names a server, so `up` only has to start the broker, create the
-topics from the registry and apply the ClickHouse DDL.
+topics from the registry, provision the principals (password files, SCRAM credentials, ACLs)
+and apply the ClickHouse DDL. Every step is idempotent, and all but starting the broker also
+work on a broker started elsewhere (`--external`), given its admin's password.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 
 from infra.kafka.broker import StackError, broker_paths, port_open, running_pid, start_broker
 from infra.kafka.clients import ensure_topics, make_admin
-from infra.settings import Settings
+from infra.kafka.provisioning import provision
+from infra.kafka.security import ADMIN, ensure_credentials, scram_enabled
+from infra.settings import Settings, redact_url
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,8 @@ class StackStatus:
     broker_answers: bool
     topics: list[str]
     bootstrap: str
-    clickhouse_url: str
+    security: str
+    clickhouse_url: str  # its password redacted
 
 
 async def _list_topics(settings: Settings) -> list[str]:
@@ -49,18 +54,25 @@ def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> None:
 
 
 def stack_up(settings: Settings, *, start_local_broker: bool = True) -> list[str]:
-    """Start what the local stack needs and return the topics created."""
+    """Start what the local stack needs and return the topics created. Runs as the admin
+    principal unless LORALEDGER_PRINCIPAL says otherwise."""
     from infra.clickhouse_client import apply_ddl, get_client
 
+    settings = settings.acting_as(ADMIN)
+    if scram_enabled(settings):
+        ensure_credentials(settings)
     if start_local_broker:
         start_broker(settings)
     wait_for_broker(settings)
     created = asyncio.run(ensure_topics(settings))
+    if scram_enabled(settings):
+        asyncio.run(provision(settings))
     apply_ddl(get_client(settings))
     return created
 
 
 def stack_status(settings: Settings) -> StackStatus:
+    settings = settings.acting_as(ADMIN)
     answers = port_open(settings.kafka_bootstrap)
     topics: list[str] = []
     if answers:
@@ -73,5 +85,6 @@ def stack_status(settings: Settings) -> StackStatus:
         broker_answers=answers,
         topics=topics,
         bootstrap=settings.kafka_bootstrap,
-        clickhouse_url=settings.clickhouse_url,
+        security=settings.kafka_security,
+        clickhouse_url=redact_url(settings.clickhouse_url),
     )

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import NoReturn
 
 import typer
+
+from infra.kafka.security import AUTHORIZATION_ERRORS, CredentialsError
 
 # Each module under loraledger/commands exposes `register(app)`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -35,7 +39,17 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except CredentialsError as exc:
+        _fail(str(exc))
+    except AUTHORIZATION_ERRORS as exc:
+        _fail(f"the broker's ACLs do not allow this command's Kafka principal to do that ({exc})")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

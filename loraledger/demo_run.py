@@ -42,6 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from inference.data.synthetic import COMMON_PLACES, PlantedFact, generate_datanet
 from inference.datanets import DatanetStore, Snapshot, snapshot_hash
 from inference.factory import AdapterSpec, TrainConfig, list_adapters, registration_event
+from infra.kafka.security import kafka_client_options
 from infra.settings import Settings
 from pipeline.rewards import fee_for
 from schemas.codec import DecodeError, decode
@@ -436,6 +437,7 @@ async def _start_collector(settings: Settings) -> AIOKafkaConsumer:
         group_id=None,
         isolation_level="read_committed",
         enable_auto_commit=False,
+        **kafka_client_options(settings),
     )
     await consumer.start()
     existing = await consumer.topics()
@@ -529,11 +531,10 @@ async def wait_for_pipeline_commits(
     """Wait until the pipeline's consumer group has committed past every event of this run.
     Faust commits an offset once every agent reading the topic is done with the event, the
     ledger sink included, so this is the sink catching up; False if it did not in time."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
+    from infra.kafka.clients import make_admin
     from pipeline.app import app
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         deadline = time.monotonic() + timeout_s
@@ -686,6 +687,8 @@ def child_env(settings: Settings) -> dict[str, str]:
         "LORALEDGER_BASE_MODEL": str(settings.base_model_dir),
         "LORALEDGER_CACHE": str(settings.cache_dir),
         "LORALEDGER_DEVICE": settings.device,
+        "LORALEDGER_KAFKA_SECURITY": settings.kafka_security,
+        "LORALEDGER_CREDENTIALS_DIR": str(settings.credentials_dir),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # their logs, not progress bars
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 
+from infra.kafka.security import GOVERNANCE, SINK, faust_credentials
 from infra.settings import load_settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ class PipelineApp(faust.App):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stop_hooks: list[StopHook] = []
+
+    def main(self) -> NoReturn:
+        """Run the Faust worker, authenticated as `pipeline_principal()`."""
+        self.conf.broker_credentials = faust_credentials(settings.acting_as(pipeline_principal()))
+        super().main()
 
     def stop_first(self, hook: StopHook) -> StopHook:
         """Register `hook` to run (and be awaited) first when the app stops."""
@@ -98,6 +105,14 @@ class PipelineApp(faust.App):
 
 async def _no_commit(*args: Any, **kwargs: Any) -> bool:
     return False
+
+
+def pipeline_principal() -> str:
+    """The Kafka principal of the app's own consumer and producers, known once the agents are
+    imported: governance when the governance agent runs here (its tables' changelogs hold the
+    parameter history and it writes `governance-decisions`, which only governance may), the
+    sink otherwise. The attribution processor has clients of its own, as the processor."""
+    return GOVERNANCE if "pipeline.governance_agent" in sys.modules else SINK
 
 settings = load_settings()
 

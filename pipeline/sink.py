@@ -18,7 +18,9 @@ from pipeline.ledger import LEDGER_EVENTS, LedgerWriter
 from schemas.codec import DecodeError, decode
 from schemas.topics import topic_name
 
-SINK_TOPICS = ("results", "attributions", "rewards", "governance")
+SINK_TOPICS = (
+    "results", "attributions", "rewards", "governance", "governance-decisions",
+)
 BATCH_SIZE = 1000
 BATCH_WITHIN_S = 1.0
 
@@ -49,7 +51,8 @@ async def sink(stream: faust.StreamT) -> None:
             except DecodeError:
                 # Another agent of this app consumes each of these topics and dead-letters
                 # what does not decode (attribution: results; rewards: attributions;
-                # governance: rewards and governance); one dead letter per bad value is enough.
+                # governance: rewards and both governance topics); one dead letter per bad
+                # value is enough.
                 continue
             if isinstance(decoded, LEDGER_EVENTS):
                 events.append(decoded)

@@ -45,6 +45,7 @@ from infra.kafka.clients import (
     make_producer,
     validated,
 )
+from infra.kafka.security import WORKER
 from infra.settings import Settings
 from schemas.codec import encode
 from schemas.events import InferenceResult
@@ -119,7 +120,8 @@ class Worker:
         config: WorkerConfig,
         backend_factory: Callable[[WorkerMetrics], ServingBackend] | None = None,
     ) -> None:
-        self.settings = settings
+        # The worker principal: the only one the broker lets write `results`.
+        self.settings = settings.acting_as(WORKER)
         self.config = config
         self.metrics = WorkerMetrics()
         self._backend_factory = backend_factory or self._default_backend

@@ -15,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from pydantic import BaseModel
 
+from infra.kafka.security import kafka_client_options
 from infra.settings import Settings
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import DeadLetter
@@ -48,7 +49,9 @@ async def ensure_topics(settings: Settings, names: Iterable[str] | None = None) 
 
 
 def make_admin(settings: Settings, **options: Any) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **options)
+    return AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, **kafka_client_options(settings), **options
+    )
 
 
 def make_producer(settings: Settings, transactional_id: str | None = None) -> AIOKafkaProducer:
@@ -58,30 +61,33 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> AI
         acks="all",
         transactional_id=transactional_id,
         max_request_size=4 * 1024 * 1024,
+        **kafka_client_options(settings),
     )
 
 
-async def send_event(producer: AIOKafkaProducer, settings: Settings, event: BaseModel) -> None:
-    """Send one event to its topic, keyed by the registry's key field."""
+async def send_event(
+    producer: AIOKafkaProducer, settings: Settings, event: BaseModel
+) -> asyncio.Future:
+    """Send one event to its topic, keyed by the registry's key field; returns the future of
+    its delivery."""
     spec = topic_for_event(event)
-    await producer.send(
+    return await producer.send(
         spec.broker_name(settings.topic_prefix), encode(event), key=spec.key_of(event)
     )
 
 
 async def publish(settings: Settings, events: Iterable[BaseModel]) -> int:
-    """Publish events and wait until the broker has them all; returns how many were sent."""
+    """Publish events and wait until the broker has them all; returns how many were sent.
+    Raises if the broker refused any (an ACL, for one)."""
     producer = make_producer(settings)
     await producer.start()
-    count = 0
     try:
-        for event in events:
-            await send_event(producer, settings, event)
-            count += 1
+        deliveries = [await send_event(producer, settings, event) for event in events]
         await producer.flush()
+        await asyncio.gather(*deliveries)
     finally:
         await producer.stop()
-    return count
+    return len(deliveries)
 
 
 def publish_sync(settings: Settings, events: Iterable[BaseModel]) -> int:
@@ -132,6 +138,7 @@ def make_consumer(
         isolation_level="read_committed",
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
+        **kafka_client_options(settings),
         **options,
     )
 

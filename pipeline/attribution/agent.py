@@ -8,7 +8,8 @@ computed together (`pipeline.attribution.processing`) and committed in one trans
 the result's offset, so every attributed request is paid exactly once, with no join between
 topics and no table to recover. Consumer group `<prefix>loraledger-attribution`;
 transactional id `<prefix>loraledger-attribution-<worker id>`, so run one attribution worker
-per LORALEDGER_WORKER_ID.
+per LORALEDGER_WORKER_ID. It authenticates as the processor principal, the only one the broker
+lets write `attributions` and `rewards`.
 
 When the governance agent runs in the same worker, fees are priced with its parameter history
 (a Faust table), so the processor starts only once Faust has recovered its tables: a result
@@ -24,6 +25,7 @@ import logging
 from aiokafka import ConsumerRecord
 from aiokafka.errors import ProducerFenced
 
+from infra.kafka.security import PROCESSOR
 from infra.settings import Settings
 from pipeline.app import app, settings
 from pipeline.attribution.artifacts import ArtifactCache
@@ -47,6 +49,7 @@ def loop_config(settings: Settings) -> LoopConfig:
 
 async def run_attribution(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Attribute results until `stop` is set (or the task is cancelled)."""
+    settings = settings.acting_as(PROCESSOR)
     cache = ArtifactCache(settings.adapters_dir)
 
     def handle(record: ConsumerRecord) -> list[Outgoing]:

@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import ProducerFenced
 
 from infra.kafka.clients import make_producer
+from infra.kafka.security import kafka_client_options
 from infra.settings import Settings
 from pipeline.attribution.processing import Outgoing
 from schemas.topics import topic_name
@@ -67,6 +68,7 @@ async def run_transactional_loop(
         auto_offset_reset="earliest",
         session_timeout_ms=config.session_timeout_ms,
         heartbeat_interval_ms=max(1000, config.session_timeout_ms // 3),
+        **kafka_client_options(settings),
     )
     producer = make_producer(settings, transactional_id=config.transactional_id)
     await producer.start()

@@ -16,6 +16,7 @@ from infra.kafka.clients import (
     read_topic,
     validated,
 )
+from infra.kafka.security import kafka_client_options
 from schemas.events import MAX_PROMPT_CHARS, InferenceRequest
 from schemas.topics import topic_name
 
@@ -33,7 +34,8 @@ BAD_VALUES = {
 
 async def _scenario(settings):
     good = InferenceRequest(adapter_id="legal-eu", prompt="What is the seed tax?")
-    raw = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    raw = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+                           **kafka_client_options(settings))
     await raw.start()
     requests_topic = topic_name("requests", settings.topic_prefix)
     try:

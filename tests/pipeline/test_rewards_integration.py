@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from attribution_support import make_adapter, make_result
 
-from infra.kafka.clients import publish, read_topic
+from infra.kafka.clients import make_admin, publish, read_topic
 from infra.settings import load_settings
 from pipeline.attribution.artifacts import MANIFEST_FILE
 from pipeline.rewards import TREASURY_ID
@@ -129,7 +128,7 @@ async def consumed_by_pipeline(settings, topic: str) -> bool:
     async for item in read_topic(settings, topic, idle_timeout_s=2.0):
         tp = TopicPartition(item.record.topic, item.record.partition)
         last[tp] = max(last.get(tp, -1), item.record.offset)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         group = f"{settings.topic_prefix}loraledger-pipeline"
@@ -197,7 +196,7 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
             Vote(proposal_id="p-price", voter_id=OPERATOR, support=False,
                  created_at=at_epoch(12)),
         ]))
-        governance = wait_for(settings, "governance", lambda events: any(
+        wait_for(settings, "governance-decisions", lambda events: any(
             isinstance(e, ParametersActivated) for e in events))
         asyncio.run(publish(settings, phase_two))
         wait_for(settings, "rewards", lambda events: paid_requests(events) >= everything)
@@ -212,15 +211,16 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
             [sys.executable, "-m", "loraledger.cli", "governance", "tick", "--epoch", "13"],
             env=env, cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60)
         assert "tick for epoch 13" in ticked.stdout
-        governance = wait_for(settings, "governance", lambda events: any(
+        decisions = wait_for(settings, "governance-decisions", lambda events: any(
             isinstance(e, ParametersActivated) and e.version == 2 for e in events))
+        governance = asyncio.run(read_all(settings, "governance"))
         time.sleep(5)  # no late duplicates, and the sink's last batch is written
         entries: list[RewardEntry] = asyncio.run(read_all(settings, "rewards"))
         attributions: list[AttributionRecord] = asyncio.run(read_all(settings, "attributions"))
     finally:
         stop(worker)
 
-    activation, by_tick = (e for e in governance if isinstance(e, ParametersActivated))
+    activation, by_tick = (e for e in decisions if isinstance(e, ParametersActivated))
     assert (activation.version, activation.effective_epoch) == (1, 12)
     tick = next(e for e in governance if isinstance(e, EpochTick))
     assert (by_tick.proposal_id, by_tick.parameters.top_k) == ("p-topk", 4)
