@@ -124,7 +124,7 @@ def stack_acls(prefix: str, topics: list[str]) -> list[Acl]:
     rules += _each((GOVERNANCE,), Resource.TOPIC, prefix + PIPELINE_INTERNAL, internal_topic,
                    prefixed=True)
     rules += _each((SINK,), Resource.TOPIC, prefix + FAUST_LEADER_TOPIC, internal_topic)
-    # Progress checks (the demo, `verify`) read the groups' committed offsets.
+    # Progress checks (the demo's, the tests') read the groups' committed offsets.
     rules += _each((CLIENT,), Resource.GROUP, prefix + GROUPS, (Operation.DESCRIBE,),
                    prefixed=True)
     return rules

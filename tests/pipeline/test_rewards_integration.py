@@ -3,7 +3,8 @@ so with failed attributions) go through the attribution processor, which pays ea
 the transaction that attributes it. A worker killed with SIGKILL and restarted leaves exactly
 one set of entries per request summing to its fee, a passed proposal changes the price from the
 next epoch on, an operator's epoch tick tallies a proposal when no other governance event
-follows it, and `loraledger replay` rebuilds a ledger equal to the live one row for row."""
+follows it, an activation forged by a client on `governance` is dead-lettered and prices
+nothing, and `loraledger replay` rebuilds a ledger equal to the live one row for row."""
 
 from __future__ import annotations
 
@@ -20,15 +21,18 @@ import pytest
 from aiokafka import TopicPartition
 from attribution_support import make_adapter, make_result
 
-from infra.kafka.clients import make_admin, publish, read_topic
+from infra.kafka.clients import make_admin, make_producer, publish, read_topic
 from infra.settings import load_settings
 from pipeline.attribution.artifacts import MANIFEST_FILE
 from pipeline.rewards import TREASURY_ID
+from schemas.codec import encode
 from schemas.events import (
     AttributionRecord,
+    DeadLetter,
     EpochTick,
     InferenceResult,
     ParameterChanges,
+    Parameters,
     ParametersActivated,
     Proposal,
     RewardEntry,
@@ -36,6 +40,7 @@ from schemas.events import (
     Usage,
     Vote,
 )
+from schemas.topics import topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -156,6 +161,19 @@ def stop(worker: subprocess.Popen) -> None:
         worker.wait()
 
 
+async def send_forged_activation(settings) -> None:
+    """Every fee at 1000 per token from epoch 0, as version 1, with no proposal."""
+    forged = ParametersActivated(version=1, effective_epoch=0,
+                                 parameters=Parameters(default_price_per_token=1000))
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic_name("governance", settings.topic_prefix),
+                                     encode(forged), key=b"")
+    finally:
+        await producer.stop()
+
+
 def paid_requests(entries: list[RewardEntry]) -> set[str]:
     return {entry.request_id for entry in entries}
 
@@ -186,6 +204,9 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
         # The earnings table (vote weights) holds epoch 10 before anything is tallied. The
         # entries may all predate this worker, so waiting for them is not enough.
         wait_until_consumed(settings, "rewards")
+        # Clients may write `governance`, but an activation there is not a decision: it goes
+        # to the dead letters and prices nothing (the prices below say so).
+        asyncio.run(send_forged_activation(settings.as_principal("client")))
         proposal = Proposal(proposal_id="p-price", proposer_id=OWNER, epoch=11,
                             changes=ParameterChanges(default_price_per_token=20),
                             created_at=at_epoch(11))
@@ -216,10 +237,13 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
         governance = asyncio.run(read_all(settings, "governance"))
         time.sleep(5)  # no late duplicates, and the sink's last batch is written
         entries: list[RewardEntry] = asyncio.run(read_all(settings, "rewards"))
+        dead_letters: list[DeadLetter] = asyncio.run(read_all(settings, "dead-letters"))
         attributions: list[AttributionRecord] = asyncio.run(read_all(settings, "attributions"))
     finally:
         stop(worker)
 
+    assert [(letter.source_topic, letter.consumer) for letter in dead_letters] == [
+        (topic_name("governance", settings.topic_prefix), "governance")]
     activation, by_tick = (e for e in decisions if isinstance(e, ParametersActivated))
     assert (activation.version, activation.effective_epoch) == (1, 12)
     tick = next(e for e in governance if isinstance(e, EpochTick))
