@@ -231,6 +231,8 @@ def start_broker(settings: Settings, timeout_s: float = 90.0) -> int:
     fetch_jars(settings)
     for directory in (paths.data, paths.logs):
         directory.mkdir(parents=True, exist_ok=True)
+    # The log segments and the metadata (SCRAM hashes) are read by the broker alone.
+    paths.root.chmod(0o700)
     try:
         _write_config(settings, paths)
         _format_storage(settings, paths)
