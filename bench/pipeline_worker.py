@@ -45,6 +45,8 @@ from inference.worker.service import Worker, WorkerConfig  # noqa: E402
 from inference.worker.sketching import SketchMode, SketchPolicy  # noqa: E402
 from infra.kafka.clients import ensure_topics, make_consumer, make_producer  # noqa: E402
 from infra.kafka.events import send_event  # noqa: E402
+from infra.kafka.provisioning import provision_acls  # noqa: E402
+from infra.kafka.security import ADMIN, scram_enabled  # noqa: E402
 from infra.settings import Settings, load_settings  # noqa: E402
 from schemas.codec import decode  # noqa: E402
 from schemas.events import InferenceRequest  # noqa: E402
@@ -91,7 +93,11 @@ async def run_phase(
 ) -> dict:
     """Serve `requests` with one in-process worker. `rate` None: publish all first."""
     settings = replace(settings, topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.")
-    await ensure_topics(settings, ["requests", "results", "dead-letters"])
+    # The bench publishes as the client and the worker serves as the worker, as deployed.
+    admin = settings.as_principal(ADMIN)
+    await ensure_topics(admin, ["requests", "results", "dead-letters"])
+    if scram_enabled(admin):
+        await provision_acls(admin)
     consumer = make_consumer(settings, ["results"], group_id=None)
     await consumer.start()
     producer = make_producer(settings)

@@ -42,8 +42,9 @@ _SPECS = [
     TopicSpec("rewards", "beneficiary_id", 8, events.RewardEntry),
     TopicSpec("contributions", "datanet_id", 4, events.DatanetContribution),
     TopicSpec("adapters", "adapter_id", 4, events.AdapterRegistered, compacted=True),
-    # One partition: proposals, votes and tallies must be read in the order they happened.
-    TopicSpec("governance", "proposal_id", 1, events.GovernanceEvent),
+    # One partition each: proposals, votes and tallies must be read in the order they happened.
+    TopicSpec("governance", "proposal_id", 1, events.GovernanceInput),
+    TopicSpec("governance-decisions", "proposal_id", 1, events.GovernanceDecision),
     TopicSpec("dead-letters", "source_topic", 1, events.DeadLetter, retention_ms=30 * DAY_MS),
 ]
 
@@ -70,7 +71,7 @@ def value_adapter(name: str) -> TypeAdapter:
 
 
 def topic_for_event(event: Any) -> TopicSpec:
-    """The topic an event belongs on (governance events share one topic)."""
+    """The topic an event belongs on."""
     for spec in _SPECS:
         value = spec.value
         members = getattr(value, "__metadata__", None) and value.__origin__.__args__

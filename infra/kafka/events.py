@@ -34,30 +34,35 @@ class Outgoing:
         return cls(spec.name, spec.key_of(event), event)
 
 
-async def send(producer: AIOKafkaProducer, settings: Settings, message: Outgoing) -> None:
-    await producer.send(
+async def send(
+    producer: AIOKafkaProducer, settings: Settings, message: Outgoing
+) -> asyncio.Future:
+    """Queue one message; returns the future of its delivery."""
+    return await producer.send(
         topic_name(message.topic, settings.topic_prefix), encode(message.event), key=message.key
     )
 
 
-async def send_event(producer: AIOKafkaProducer, settings: Settings, event: BaseModel) -> None:
-    """Send one event to its topic, keyed by the registry's key field."""
-    await send(producer, settings, Outgoing.of(event))
+async def send_event(
+    producer: AIOKafkaProducer, settings: Settings, event: BaseModel
+) -> asyncio.Future:
+    """Send one event to its topic, keyed by the registry's key field; returns the future of
+    its delivery."""
+    return await send(producer, settings, Outgoing.of(event))
 
 
 async def publish(settings: Settings, events: Iterable[BaseModel]) -> int:
-    """Publish events and wait until the broker has them all; returns how many were sent."""
+    """Publish events and wait until the broker has them all; returns how many were sent.
+    Raises if the broker refused any (an ACL, for one)."""
     producer = make_producer(settings)
     await producer.start()
-    count = 0
     try:
-        for event in events:
-            await send_event(producer, settings, event)
-            count += 1
+        deliveries = [await send_event(producer, settings, event) for event in events]
         await producer.flush()
+        await asyncio.gather(*deliveries)
     finally:
         await producer.stop()
-    return count
+    return len(deliveries)
 
 
 def publish_sync(settings: Settings, events: Iterable[BaseModel]) -> int:

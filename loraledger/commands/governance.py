@@ -60,8 +60,11 @@ def build_tick(epoch: int | None, now: datetime, epoch_seconds: int) -> EpochTic
 
 
 async def _governance_events(settings: Settings) -> list:
+    """Proposals and votes, then the tallies and activations decided on them."""
     return [
-        decoded.event async for decoded in read_topic(settings, "governance")
+        decoded.event
+        for topic in ("governance", "governance-decisions")
+        async for decoded in read_topic(settings, topic)
         if decoded.event is not None
     ]
 

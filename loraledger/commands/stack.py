@@ -6,8 +6,10 @@ import typer
 from rich.console import Console
 
 from infra.kafka.broker import StackError, stop_broker
+from infra.kafka.provisioning import ProvisioningError
+from infra.kafka.security import CredentialsError, scram_enabled
 from infra.ledger_server.process import stop_ledger
-from infra.settings import load_settings
+from infra.settings import load_settings, redact_url
 from infra.stack import stack_status, stack_up
 
 console = Console()
@@ -22,18 +24,20 @@ def up(
         False, "--external", help="Use the broker at KAFKA_BOOTSTRAP; start none locally."
     ),
 ) -> None:
-    """Start the local Kafka broker and ledger server, create the topics and apply the
-    ClickHouse DDL."""
+    """Start the local Kafka broker and ledger server, create the topics, provision the
+    principals (password files, SCRAM credentials, ACLs) and apply the ClickHouse DDL."""
     settings = load_settings()
     try:
         with console.status("starting the stack"):
             created = stack_up(settings, start_local_broker=not external)
-    except StackError as exc:
+    except (StackError, CredentialsError, ProvisioningError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
+    security = (f"principals provisioned, credentials in {settings.credentials_dir}"
+                if scram_enabled(settings) else "PLAINTEXT: no authentication, no ACLs")
     console.print(
-        f"stack up: broker {settings.kafka_bootstrap}, {len(created)} topics created, "
-        f"ClickHouse {settings.clickhouse_url}"
+        f"stack up: broker {settings.kafka_bootstrap} ({security}), {len(created)} topics "
+        f"created, ClickHouse {redact_url(settings.clickhouse_url)}"
     )
 
 
@@ -53,7 +57,7 @@ def status() -> None:
     state = stack_status(load_settings())
     pid = state.broker_pid if state.broker_pid is not None else "-"
     answers = "[green]answers[/green]" if state.broker_answers else "[red]does not answer[/red]"
-    console.print(f"broker {state.bootstrap}: pid {pid}, {answers}")
+    console.print(f"broker {state.bootstrap} ({state.security}): pid {pid}, {answers}")
     console.print(f"topics: {', '.join(state.topics) or '-'}")
     if state.local_ledger:
         pid = state.ledger_pid if state.ledger_pid is not None else "-"

@@ -8,7 +8,8 @@ computed together (`pipeline.attribution.processing`) and committed in one trans
 the result's offset, so every attributed request is paid exactly once, with no join between
 topics and no table to recover. Consumer group `<prefix>loraledger-attribution`;
 transactional id `<prefix>loraledger-attribution-<worker id>`, so run one attribution worker
-per LORALEDGER_WORKER_ID.
+per LORALEDGER_WORKER_ID. It authenticates as the processor principal, the only one the broker
+lets write `attributions` and `rewards`.
 
 Parameters come from the `ParameterSource` it is given. When that is governance's (a Faust
 table), the processor starts only once the source is ready, that is once Faust has recovered
@@ -25,6 +26,7 @@ from aiokafka import ConsumerRecord
 from aiokafka.errors import ProducerFenced
 
 from infra.kafka.events import Outgoing
+from infra.kafka.security import PROCESSOR
 from infra.settings import Settings
 from pipeline.app import PipelineApp
 from pipeline.attribution.artifacts import ArtifactCache
@@ -48,6 +50,7 @@ async def run_attribution(
     settings: Settings, parameters: ParameterSource, stop: asyncio.Event | None = None
 ) -> None:
     """Attribute results until `stop` is set (or the task is cancelled)."""
+    settings = settings.acting_as(PROCESSOR)
     cache = ArtifactCache(settings.adapters_dir)
 
     def handle(record: ConsumerRecord) -> list[Outgoing]:

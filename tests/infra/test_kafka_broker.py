@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import stat
+
 import pytest
 
 from infra.kafka import broker as kafka_broker
 from infra.kafka.broker import BrokerPaths, StackError, require_java, start_broker
+from infra.kafka.security import ensure_credentials
 from infra.settings import load_settings
 
 
@@ -30,14 +33,49 @@ def test_a_port_taken_by_another_process_is_refused(monkeypatch, tmp_path):
         start_broker(settings)
 
 
-def test_the_config_follows_the_bootstrap_port(tmp_path):
-    paths = BrokerPaths(tmp_path)
-    kafka_broker._write_config(paths, "127.0.0.1:19092")
+def _config(tmp_path, **env: str) -> str:
+    settings = load_settings({"LORALEDGER_HOME": str(tmp_path),
+                              "KAFKA_BOOTSTRAP": "127.0.0.1:19092", **env})
+    ensure_credentials(settings)
+    paths = BrokerPaths(tmp_path / "kafka")
+    paths.root.mkdir()
+    kafka_broker._write_config(settings, paths)
+    assert stat.S_IMODE(paths.config.stat().st_mode) == 0o600  # it holds the admin password
     config = paths.config.read_text()
+    assert f"log.dirs={paths.data}" in config
+    assert "controller.quorum.bootstrap.servers=127.0.0.1:19093" in config
+    assert "9092," not in config.replace("19092,", "")
+    return config
+
+
+def test_the_secured_config_authenticates_every_listener_and_denies_by_default(tmp_path):
+    config = _config(tmp_path)
+    assert "listeners=CLIENT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093" in config
+    assert "advertised.listeners=CLIENT://127.0.0.1:19092" in config
+    assert "CONTROLLER:SASL_PLAINTEXT,CLIENT:SASL_PLAINTEXT" in config
+    assert "PLAINTEXT://" not in config
+    assert "listener.name.client.sasl.enabled.mechanisms=SCRAM-SHA-512" in config
+    assert "listener.name.controller.sasl.enabled.mechanisms=PLAIN" in config
+    assert "StandardAuthorizer" in config
+    assert "allow.everyone.if.no.acl.found=false" in config
+    assert "super.users=User:admin\n" in config  # no ANONYMOUS super user
+    password = load_settings({"LORALEDGER_HOME": str(tmp_path)}).credentials_dir
+    assert (password / "admin" / "password").read_text() in config
+
+
+def test_the_plaintext_config_only_when_chosen(tmp_path):
+    config = _config(tmp_path, LORALEDGER_KAFKA_SECURITY="plaintext")
     assert "listeners=PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093" in config
     assert "advertised.listeners=PLAINTEXT://127.0.0.1:19092" in config
-    assert f"log.dirs={paths.data}" in config
-    assert "9092," not in config.replace("19092,", "")
+    assert "sasl" not in config and "authorizer" not in config
+
+
+def test_the_local_broker_refuses_tls_it_cannot_serve(monkeypatch, tmp_path):
+    settings = load_settings({"LORALEDGER_HOME": str(tmp_path), "KAFKA_BOOTSTRAP": "127.0.0.1:1",
+                              "LORALEDGER_KAFKA_SECURITY": "scram-tls"})
+    monkeypatch.setattr(kafka_broker, "port_open", lambda bootstrap: False)
+    with pytest.raises(StackError, match="LORALEDGER_KAFKA_SECURITY=scram"):
+        start_broker(settings)
 
 
 def test_no_pid_file_means_not_running(tmp_path):

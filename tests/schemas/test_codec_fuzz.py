@@ -103,10 +103,12 @@ SAMPLES: dict[str, list[BaseModel]] = {
             ),
         ),
         Vote(proposal_id="p1", voter_id="v1", support=True),
+        EpochTick(epoch=5),
+    ],
+    "governance-decisions": [
         ProposalTallied(proposal_id="p1", epoch=4, yes_weight=10, no_weight=2, passed=True),
         ParametersActivated(version=1, effective_epoch=5, parameters=Parameters(),
                             proposal_id="p1"),
-        EpochTick(epoch=5),
     ],
     "dead-letters": [
         DeadLetter.for_bytes(b"[[[", source_topic="requests", partition=0, offset=1,

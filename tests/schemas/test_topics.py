@@ -13,7 +13,7 @@ from schemas.topics import TOPICS, topic_for_event, topic_name
 def test_every_topic_of_the_architecture_is_registered():
     assert set(TOPICS) == {
         "requests", "results", "attributions", "rewards", "contributions", "adapters",
-        "governance", "dead-letters",
+        "governance", "governance-decisions", "dead-letters",
     }
 
 
