@@ -47,6 +47,9 @@ def test_each_topic_is_writable_by_its_producers_alone():
     assert _writers("attributions") == _writers("rewards") == {"processor"}
     assert _writers("governance") == {"client"}
     assert _writers("governance-decisions") == {"governance"}
+    assert _writers("token-deltas") == {"worker"}
+    assert _writers("workers") == {"worker"}  # and the admin, a super user, at `stack up`
+    assert _writers("datanets") == {"client"}
     assert _writers("dead-letters") == {"client", "worker", "processor", "governance", "sink"}
 
 
@@ -65,7 +68,8 @@ def test_granted_names_are_the_ones_the_components_use():
         PREFIX + WORKER_TRANSACTIONS)
     attribution = loop_config(settings)
     assert attribution.group_id == PREFIX + ATTRIBUTION_GROUP
-    assert attribution.transactional_id.startswith(PREFIX + ATTRIBUTION_TRANSACTIONS)
+    assert attribution.transactional_id(TopicPartition("x", 3)).startswith(
+        PREFIX + ATTRIBUTION_TRANSACTIONS)
     app = build_pipeline(settings)
     assert app.conf.id == PREFIX + PIPELINE_APP
     assert f"{app.conf.id}-parameter-history-changelog".startswith(PREFIX + PIPELINE_INTERNAL)

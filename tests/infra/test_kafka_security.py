@@ -129,6 +129,6 @@ def test_stack_status_redacts_the_clickhouse_password(tmp_path):
         "KAFKA_BOOTSTRAP": "127.0.0.1:1",  # nothing answers: status still reports
         "CLICKHOUSE_URL": "http://ledger:hunter2@clickhouse:8123",
     }))
-    assert not state.broker_answers
+    assert not state.answers
     assert "hunter2" not in state.clickhouse_url
     assert state.clickhouse_url == "http://ledger:***@clickhouse:8123"
