@@ -308,8 +308,8 @@ def quorum_leader(settings: Settings, nodes: list[BrokerNode]) -> int | None:
         return None
     command = _java_command(
         settings, nodes[0].paths, "org.apache.kafka.tools.MetadataQuorumCommand",
-        "--bootstrap-server", cluster_bootstrap(nodes), "describe", "--status",
-        *_admin_tool_config(settings, nodes[0].paths),
+        "--bootstrap-server", cluster_bootstrap(nodes),
+        *_admin_tool_config(settings, nodes[0].paths), "describe", "--status",
     )
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=60)

@@ -45,7 +45,7 @@ def forged_result() -> InferenceResult:
     return InferenceResult(
         request_id="req-forged", adapter_id="ad-1", status="ok", prompt="p", output_text="o",
         adapter_hash="0" * 64, worker_id="mallory",
-        usage=Usage(prompt_tokens=10**12, completion_tokens=1),
+        usage=Usage(prompt_tokens=2**32 - 1, completion_tokens=1),  # the schema's largest
     )
 
 
