@@ -16,7 +16,12 @@ COPY loraledger ./loraledger
 COPY infra ./infra
 RUN pip install --prefer-binary .
 
-RUN useradd --create-home --uid 10001 loraledger && mkdir -p /data && chown loraledger /data
+# One directory per principal, owned by the service user with mode 0700: docker-compose mounts
+# a volume on each, and a new volume takes over the directory's owner and mode.
+RUN useradd --create-home --uid 10001 loraledger \
+    && mkdir -p /data /credentials/client /credentials/worker /credentials/processor \
+       /credentials/governance /credentials/sink \
+    && chown -R loraledger /data /credentials && chmod 700 /credentials /credentials/*
 USER loraledger
 VOLUME ["/data"]
 CMD ["loraledger", "--help"]

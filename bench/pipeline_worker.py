@@ -44,7 +44,10 @@ from inference.worker.backend import BackendConfig  # noqa: E402
 from inference.worker.service import Worker, WorkerConfig  # noqa: E402
 from inference.worker.sketching import SketchMode, SketchPolicy  # noqa: E402
 from infra.kafka.clients import ensure_topics, make_consumer, make_producer  # noqa: E402
+from infra.kafka.events import publish as publish_events  # noqa: E402
 from infra.kafka.events import send_event  # noqa: E402
+from infra.kafka.provisioning import provision_acls  # noqa: E402
+from infra.kafka.security import ADMIN, scram_enabled  # noqa: E402
 from infra.keys import worker_registration  # noqa: E402
 from infra.settings import Settings, load_settings  # noqa: E402
 from schemas.codec import decode  # noqa: E402
@@ -92,15 +95,20 @@ async def run_phase(
 ) -> dict:
     """Serve `requests` with one in-process worker. `rate` None: publish all first."""
     settings = replace(settings, topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.")
-    await ensure_topics(settings, ["requests", "results", "dead-letters", "workers"])
+    # The bench publishes as the client and the worker serves as the worker, as deployed.
+    admin = settings.as_principal(ADMIN)
+    await ensure_topics(admin, ["requests", "results", "dead-letters", "workers"])
+    if scram_enabled(admin):
+        await provision_acls(admin)
     consumer = make_consumer(settings, ["results"], group_id=None)
     await consumer.start()
     producer = make_producer(settings)
     await producer.start()
     sent_at: dict[str, float] = {}
     received: dict[str, tuple[float, object]] = {}
-    # As `stack up` does: results are credited only to a worker whose key is registered.
-    await send_event(producer, settings, worker_registration(settings.home, config.worker_id))
+    # As `stack up` does (as the admin): results are credited only to a worker whose key is
+    # registered.
+    await publish_events(admin, [worker_registration(settings.home, config.worker_id)])
     worker = Worker(settings, config)
     worker_task = asyncio.create_task(worker.run())
     rng = random.Random(seed)

@@ -25,7 +25,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
 
 from infra.ledger_server.ownership import DirectoryClaim, DirectoryInUse, claim_directory
-from infra.settings import Settings
+from infra.settings import Settings, redact_url
 
 DEFAULT_DATABASE = "loraledger"
 DDL_DIR = Path(__file__).resolve().parent / "clickhouse"
@@ -126,7 +126,7 @@ def _server_client(settings: Settings) -> Client:
             error = exc
     if local_ledger:
         raise LedgerUnavailableError(f"no ledger at {url}: run `loraledger stack up`")
-    raise LedgerUnavailableError(f"no ClickHouse server answers at {url}"
+    raise LedgerUnavailableError(f"no ClickHouse server answers at {redact_url(url)}"
                                  + (f": {error}" if error else ""))
 
 

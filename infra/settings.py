@@ -7,8 +7,9 @@ that compose sets no variable this module does not read.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 ENV_VARS: dict[str, str] = {
     "LORALEDGER_HOME": "directory for local state (broker data, ClickHouse, adapters, datanets)",
@@ -29,7 +30,14 @@ ENV_VARS: dict[str, str] = {
     "LORALEDGER_GATEWAY_PORT": "port of the OpenAI-compatible gateway (`loraledger serve`)",
     "LORALEDGER_GATEWAY_TIMEOUT_S": "seconds the gateway waits for a result before answering 504",
     "LORALEDGER_GATEWAY_MAX_IN_FLIGHT": "requests a gateway holds at once before answering 429",
+    "LORALEDGER_KAFKA_SECURITY": "scram (default), scram-tls for a TLS listener, or plaintext",
+    "LORALEDGER_PRINCIPAL": "Kafka principal of this process, instead of its command's default",
+    "LORALEDGER_CREDENTIALS_DIR": "directory of the principals' password files",
+    "LORALEDGER_KAFKA_PASSWORD": "password of LORALEDGER_PRINCIPAL, instead of its password file",
 }
+
+# How clients reach Kafka. Plaintext (no authentication, no ACLs) is only ever an explicit choice.
+KAFKA_SECURITY_MODES = ("scram", "scram-tls", "plaintext")
 
 LEDGER_HOST = "127.0.0.1"
 
@@ -52,6 +60,10 @@ class Settings:
     epoch_seconds: int
     ledger_port: int
     ledger_password: str
+    kafka_security: str  # one of KAFKA_SECURITY_MODES
+    principal: str | None  # None: the command's own principal (see `acting_as`)
+    credentials_dir: Path
+    kafka_password: str | None = field(repr=False)  # never printed with the settings
     gateway_port: int = 8000
     gateway_timeout_s: float = 60.0
     gateway_max_in_flight: int = 256
@@ -76,6 +88,15 @@ class Settings:
     @property
     def ledger_url(self) -> str:
         return _ledger_url(self.ledger_port)
+
+    def acting_as(self, principal: str) -> Settings:
+        """These settings for a component whose own principal is `principal`, unless
+        LORALEDGER_PRINCIPAL chose one for the whole process."""
+        return self if self.principal else replace(self, principal=principal)
+
+    def as_principal(self, principal: str) -> Settings:
+        """These settings authenticating as `principal`, whatever was chosen before."""
+        return replace(self, principal=principal)
 
 
 def _positive_int(env: dict[str, str], name: str, default: int) -> int:
@@ -107,9 +128,29 @@ def _port(env: dict[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
+def _choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: use one of {', '.join(choices)}")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user part replaced, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Read settings from `env` (default: the process environment), with local defaults."""
     env = dict(os.environ if env is None else env)
+    if env.get("LORALEDGER_KAFKA_PASSWORD") and not env.get("LORALEDGER_PRINCIPAL"):
+        raise ValueError(
+            "LORALEDGER_KAFKA_PASSWORD is the password of LORALEDGER_PRINCIPAL: set both"
+        )
     home = Path(env.get("LORALEDGER_HOME", ".loraledger")).expanduser().resolve()
     ledger_port = _port(env, "LORALEDGER_LEDGER_PORT", 8123)
     return Settings(
@@ -128,4 +169,10 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         gateway_port=_positive_int(env, "LORALEDGER_GATEWAY_PORT", 8000),
         gateway_timeout_s=_positive_float(env, "LORALEDGER_GATEWAY_TIMEOUT_S", 60.0),
         gateway_max_in_flight=_positive_int(env, "LORALEDGER_GATEWAY_MAX_IN_FLIGHT", 256),
+        kafka_security=_choice(env, "LORALEDGER_KAFKA_SECURITY", "scram", KAFKA_SECURITY_MODES),
+        principal=env.get("LORALEDGER_PRINCIPAL") or None,
+        credentials_dir=Path(
+            env.get("LORALEDGER_CREDENTIALS_DIR", str(home / "credentials"))
+        ).expanduser().resolve(),
+        kafka_password=env.get("LORALEDGER_KAFKA_PASSWORD") or None,
     )

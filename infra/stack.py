@@ -3,8 +3,11 @@
 Kafka runs as one KRaft node (or, with `--brokers N`, a cluster of N nodes on loopback) from
 jars fetched with Maven; the ledger is the local ledger server (ClickHouse's HTTP interface over
 the embedded engine) unless CLICKHOUSE_URL names another server or a chdb:// directory, so `up`
-only has to start the brokers and the ledger server, create the topics from the registry and
-apply the ClickHouse DDL.
+only has to start the brokers and the ledger server, create the topics from the registry,
+provision the principals (password files, SCRAM credentials, ACLs), register the local worker's
+key (as the admin: only the admin and the worker principal may write `workers`) and apply the
+ClickHouse DDL. Every step is idempotent, and all but starting the brokers also work on a broker
+started elsewhere (`--external`), given its admin's password.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from infra.kafka.broker import (
 )
 from infra.kafka.clients import ensure_topics, make_admin
 from infra.kafka.events import publish_sync
+from infra.kafka.provisioning import provision
+from infra.kafka.security import ADMIN, ensure_credentials, scram_enabled
 from infra.keys import worker_registration
 from infra.ledger_server.process import ledger_answers, ledger_paths, start_ledger
 from infra.ledger_server.process import running_pid as ledger_pid
-from infra.settings import Settings
+from infra.settings import Settings, redact_url
 from schemas.topics import TOPICS
 
 
@@ -47,7 +52,8 @@ class StackStatus:
     under_replicated: list[str]  # "topic/partition" with fewer in-sync replicas than replicas
     topics: list[str]
     bootstrap: str
-    clickhouse_url: str
+    security: str
+    clickhouse_url: str  # its password redacted
     local_ledger: bool  # CLICKHOUSE_URL is this stack's ledger server, so `up` starts it
     ledger_pid: int | None
     ledger_answers: bool
@@ -95,7 +101,6 @@ async def _under_replicated(settings: Settings) -> list[str]:
     )
 
 
-
 async def stamp_with_broker_time(settings: Settings) -> None:
     """Give topics whose time is read (`results`, `governance`) log-append timestamps, also
     when they were created before the registry asked for them."""
@@ -116,19 +121,23 @@ async def stamp_with_broker_time(settings: Settings) -> None:
         await admin.close()
 
 
-
 def stack_up(
     settings: Settings, *, start_local_broker: bool = True, brokers: int = 1
 ) -> list[str]:
     """Start what the local stack needs (`brokers` local nodes) and return the topics
-    created."""
+    created. Runs as the admin principal unless LORALEDGER_PRINCIPAL says otherwise."""
     from infra.clickhouse_client import apply_ddl, get_client
 
+    settings = settings.acting_as(ADMIN)
+    if scram_enabled(settings):
+        ensure_credentials(settings)
     if start_local_broker:
         start_broker(settings, brokers)
     wait_for_broker(settings)
     created = asyncio.run(ensure_topics(settings))
     asyncio.run(stamp_with_broker_time(settings))
+    if scram_enabled(settings):
+        asyncio.run(provision(settings))
     # The local worker's key, so that its results are credited to it.
     publish_sync(settings, [worker_registration(settings.home, settings.worker_id)])
     if uses_local_ledger(settings):
@@ -145,6 +154,7 @@ def uses_local_ledger(settings: Settings) -> bool:
 def stack_status(settings: Settings) -> StackStatus:
     """Each local node (or the external broker), the quorum's leader, the topics and the
     partitions short of in-sync replicas. Reports; does not fail."""
+    settings = settings.acting_as(ADMIN)
     nodes = local_nodes(settings)
     states = [NodeStatus(node.node_id, node.address, running_pid(node.paths),
                          port_open(node.address)) for node in nodes]
@@ -165,7 +175,8 @@ def stack_status(settings: Settings) -> StackStatus:
         under_replicated=under_replicated,
         topics=topics,
         bootstrap=settings.kafka_bootstrap,
-        clickhouse_url=settings.clickhouse_url,
+        security=settings.kafka_security,
+        clickhouse_url=redact_url(settings.clickhouse_url),
         local_ledger=uses_local_ledger(settings),
         ledger_pid=ledger_pid(ledger_paths(settings)),
         ledger_answers=uses_local_ledger(settings) and ledger_answers(settings),

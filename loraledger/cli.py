@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
 from infra.clickhouse_client import ClickHouseConfigError
+from infra.kafka.security import AUTHORIZATION_ERRORS, CredentialsError
 
 # Each module under loraledger/commands exposes `register(app)`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -30,15 +31,25 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 class _Cli(typer.Typer):
-    """Ends an unusable ledger setting (no ledger server, a directory another process holds)
-    in its one-line message rather than a traceback, whichever command met it."""
+    """Ends an unusable ledger setting (no ledger server, a directory another process holds),
+    missing Kafka credentials and a refusal by the broker's ACLs in a one-line message rather
+    than a traceback, whichever command met it."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
-        except ClickHouseConfigError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise SystemExit(1) from None
+        except (ClickHouseConfigError, CredentialsError) as exc:
+            _fail(str(exc))
+        except AUTHORIZATION_ERRORS as exc:
+            _fail(
+                "the broker's ACLs do not allow this command's Kafka principal to do that "
+                f"({exc})"
+            )
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(1) from None
 
 
 app = _Cli(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from enum import StrEnum
 
+from infra.kafka.security import GOVERNANCE, SINK
 from infra.settings import Settings
 from pipeline import governance_agent, sink
 from pipeline.app import PipelineApp, build_app
@@ -20,13 +21,21 @@ class Processor(StrEnum):
     SINK = "sink"
 
 
+def pipeline_principal(processors: Collection[Processor]) -> str:
+    """The Kafka principal of the app's own consumer and producers: governance when the
+    governance processor runs in it (its tables' changelogs hold the parameter history and it
+    writes `governance-decisions`, which only governance may), the sink otherwise. The
+    attribution processor has clients of its own, as the processor."""
+    return GOVERNANCE if Processor.GOVERNANCE in processors else SINK
+
+
 def build_pipeline(
     settings: Settings, processors: Collection[Processor] = tuple(Processor), replicas: int = 1
 ) -> PipelineApp:
     """The app with `processors` registered, its own topics created with `replicas` copies.
     Attribution prices with governance's parameter history when governance runs in the same
     worker, else with the defaults (version 0)."""
-    app = build_app(settings, replicas)
+    app = build_app(settings.acting_as(pipeline_principal(processors)), replicas)
     parameters: ParameterSource = DEFAULTS
     if Processor.GOVERNANCE in processors:
         parameters = governance_agent.register(app, settings)

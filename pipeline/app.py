@@ -28,11 +28,12 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from infra.kafka.security import faust_credentials
 from infra.settings import Settings
 from schemas.topics import topic_spec
 
@@ -71,9 +72,16 @@ class _Transport(faust_aiokafka.Transport):
 class PipelineApp(faust.App):
     """faust.App with the stop order above, and changelog highwaters read from the broker."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, kafka_settings: Settings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stop_hooks: list[StopHook] = []
+        self.kafka_settings = kafka_settings  # its principal: the app's own Kafka clients'
+
+    def main(self) -> NoReturn:
+        """Run the Faust worker, authenticated as its settings' principal (read only now, so
+        building an app needs no credentials)."""
+        self.conf.broker_credentials = faust_credentials(self.kafka_settings)
+        super().main()
 
     def stop_first(self, hook: StopHook) -> StopHook:
         """Register `hook` to run (and be awaited) first when the app stops."""
@@ -127,17 +135,20 @@ class PipelineApp(faust.App):
 async def _no_commit(*args: Any, **kwargs: Any) -> bool:
     return False
 
+
 def consumer_group(settings: Settings) -> str:
     """The app's id, which is also its Kafka consumer group: one per stack (topic prefix)."""
     return f"{settings.topic_prefix}loraledger-pipeline"
 
 
 def build_app(settings: Settings, replicas: int = 1) -> PipelineApp:
-    """A Faust app with nothing registered on it yet; the topics it creates (table changelogs)
-    get `replicas` copies (`infra.kafka.clients.cluster_replication` says how many a cluster
-    gives; the brokers' `min.insync.replicas` applies to them)."""
+    """A Faust app with nothing registered on it yet; its own consumer and producers
+    authenticate as the settings' principal. The topics it creates (table changelogs) get
+    `replicas` copies (`infra.kafka.clients.cluster_replication` says how many a cluster gives;
+    the brokers' `min.insync.replicas` applies to them)."""
     return PipelineApp(
         consumer_group(settings),
+        kafka_settings=settings,
         broker=[f"kafka://{server}" for server in settings.kafka_bootstrap.split(",")],
         processing_guarantee="exactly_once",
         store="memory://",  # tables are rebuilt from their changelog topics on start

@@ -1,5 +1,8 @@
-"""The governance agent: proposals, votes, tallies and parameter activations on `governance`,
-and the tables the other agents read the active parameters and vote weights from.
+"""The governance agent: proposals, votes and ticks on `governance`, the tallies and parameter
+activations it decides on `governance-decisions`, and the tables the other agents read the
+active parameters and vote weights from. Only the governance principal may write
+`governance-decisions`, and a tally or an activation on `governance` does not decode (it goes
+to the dead letters), so no one else can activate parameters.
 
 `register(app, settings)` declares the topics, tables and agents on `app` and returns the
 `GovernanceState` over the tables, the parameter source the attribution processor prices with.
@@ -24,9 +27,9 @@ dead-lettered with the reason. Epochs come from the time the broker appended eac
 Tallies run when the first governance event from a later epoch arrives (a proposal, a vote,
 an activation published after the epoch ended, or an EpochTick, which exists for this: a tick
 published at epoch boundaries tallies proposals when there is no other traffic; a tick's epoch
-is capped by its timestamp's). The events they cause go back onto
-`governance`, and the activation is recorded in the history at once so that a second tally
-before it comes back cannot reuse its version number.
+is capped by its timestamp's). The events they cause go onto
+`governance-decisions`, which this agent reads too, and the activation is recorded in the
+history at once so that a second tally before it comes back cannot reuse its version number.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from schemas.events import (
     Vote,
     VoterKeyRegistered,
 )
-from schemas.topics import LOG_APPEND_TIME_TYPE
+from schemas.topics import LOG_APPEND_TIME_TYPE, topic_name
 
 CONSUMER = "governance"
 
@@ -124,7 +127,13 @@ class GovernanceState:
 
 def register(app: faust.App, settings: Settings) -> GovernanceState:
     """Declare governance's topics, tables and agents on `app`."""
-    governance_topic = registry_topic(app, "governance", settings.topic_prefix)
+    decisions_topic = registry_topic(app, "governance-decisions", settings.topic_prefix)
+    logical = {topic_name(name, settings.topic_prefix): name
+               for name in ("governance", "governance-decisions")}
+    # Both topics have one partition: one agent instance sees every governance event.
+    governance_channel = app.topic(
+        *logical, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
     rewards_topic = registry_topic(app, "rewards", settings.topic_prefix)
     dead_letters = registry_topic(app, "dead-letters", settings.topic_prefix)
     state = GovernanceState(app, settings.epoch_seconds)
@@ -150,7 +159,7 @@ def register(app: faust.App, settings: Settings) -> GovernanceState:
                 state.open_proposals.pop(produced.proposal_id, None)
             else:
                 state.parameter_history[str(produced.version)] = produced.model_dump_json()
-            await governance_topic.send(
+            await decisions_topic.send(
                 key=(produced.proposal_id or "").encode(), value=encode(produced)
             )
 
@@ -179,15 +188,19 @@ def register(app: faust.App, settings: Settings) -> GovernanceState:
             state.store_open(target[decoded.proposal_id])
         return refused
 
-    @app.agent(governance_topic, name="governance")
+    @app.agent(governance_channel, name="governance")
     async def govern(stream: faust.StreamT) -> None:
         async for event in stream.events():
             try:
-                decoded = decode("governance", event.value)
+                decoded = decode(logical[event.message.topic], event.value)
             except DecodeError as exc:
                 await _dead_letter(event, exc.reason)
                 continue
-            if event.message.timestamp_type != LOG_APPEND_TIME_TYPE:
+            # Decisions are this agent's own; what anyone else submits is dated by the broker.
+            if (
+                logical[event.message.topic] == "governance"
+                and event.message.timestamp_type != LOG_APPEND_TIME_TYPE
+            ):
                 await _dead_letter(event, (
                     "refused: the broker did not stamp this event's time (`governance` needs "
                     "message.timestamp.type=LogAppendTime: run `loraledger stack up`)"))

@@ -1,9 +1,9 @@
 """Rebuild the ClickHouse ledger from the Kafka log, the source of truth.
 
-`replay_into` reads results, attributions, rewards and governance from the beginning (committed
-records only) into a fresh database through the same LedgerWriter the sink uses, so base tables
-and materialized rollups are rebuilt together. `promote` then replaces the live database's
-contents with the rebuilt ones; stop the sink while it runs.
+`replay_into` reads results, attributions, rewards and governance (inputs and decisions) from
+the beginning (committed records only) into a fresh database through the same LedgerWriter the
+sink uses, so base tables and materialized rollups are rebuilt together. `promote` then
+replaces the live database's contents with the rebuilt ones; stop the sink while it runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from infra.kafka.events import read_topic
 from infra.settings import Settings
 from pipeline.ledger import LEDGER_EVENTS, TABLES, LedgerWriter
 
-REPLAY_TOPICS = ("results", "attributions", "rewards", "governance")
+REPLAY_TOPICS = (
+    "results", "attributions", "rewards", "governance", "governance-decisions",
+)
 ROLLUP_TABLES = (
     "rewards_by_beneficiary_epoch",
     "usage_by_adapter_day",

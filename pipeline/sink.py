@@ -31,7 +31,9 @@ from schemas.topics import topic_name
 
 log = logging.getLogger(__name__)
 
-SINK_TOPICS = ("results", "attributions", "rewards", "governance")
+SINK_TOPICS = (
+    "results", "attributions", "rewards", "governance", "governance-decisions",
+)
 BATCH_SIZE = 1000
 BATCH_WITHIN_S = 1.0
 RETRY_FIRST_DELAY_S = 0.5
@@ -90,9 +92,10 @@ def register(app: faust.App, settings: Settings) -> None:
                     decoded = decode(logical[event.message.topic], event.value)
                 except DecodeError:
                     # Skipped, not dead-lettered: the processors reading these topics do that
-                    # (attribution: results; governance: rewards and governance), and one dead
-                    # letter per bad value is enough. No processor reads attributions: a bad
-                    # one did not come from the attribution processor, and is skipped too.
+                    # (attribution: results; governance: rewards and both governance topics),
+                    # and one dead letter per bad value is enough. No processor reads
+                    # attributions: a bad one did not come from the attribution processor, and
+                    # is skipped too.
                     continue
                 if isinstance(decoded, LEDGER_EVENTS):
                     events.append(decoded)

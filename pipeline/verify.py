@@ -126,7 +126,8 @@ async def fetch_events(settings: Settings, request_id: str, idle_s: float = 2.0)
         _scan(settings, "attributions", mine, idle_s),
         _scan(settings, "rewards", mine, idle_s),
         _scan(settings, "workers", lambda _: True, idle_s),
-        _scan(settings, "governance", lambda e: isinstance(e, ParametersActivated), idle_s),
+        _scan(settings, "governance-decisions",
+              lambda e: isinstance(e, ParametersActivated), idle_s),
     )
     requests, results, records, entries, workers, activations = (
         [item.event for item in scan] for scan in scans

@@ -571,10 +571,13 @@ class EpochTick(Event):
         return None
 
 
-GovernanceEvent = Annotated[
-    Proposal | Vote | ProposalTallied | ParametersActivated | EpochTick | VoterKeyRegistered,
-    Field(discriminator="kind"),
+# What anyone allowed to govern submits (the `governance` topic) and what only the governance
+# agent decides (`governance-decisions`, which the broker lets no one else write): a tally or
+# an activation on `governance` does not decode.
+GovernanceInput = Annotated[
+    Proposal | Vote | EpochTick | VoterKeyRegistered, Field(discriminator="kind")
 ]
+GovernanceDecision = Annotated[ProposalTallied | ParametersActivated, Field(discriminator="kind")]
 
 
 # --- dead letters -----------------------------------------------------------------------------

@@ -60,8 +60,9 @@ _SPECS = [
     TopicSpec("datanets", "datanet_id", 1, events.DatanetCreated),
     TopicSpec("contributions", "datanet_id", 4, events.DatanetContribution),
     TopicSpec("adapters", "adapter_id", 4, events.AdapterRegistered, compacted=True),
-    # One partition: proposals, votes and tallies must be read in the order they happened.
-    TopicSpec("governance", "proposal_id", 1, events.GovernanceEvent, log_append_time=True),
+    # One partition each: proposals, votes and tallies must be read in the order they happened.
+    TopicSpec("governance", "proposal_id", 1, events.GovernanceInput, log_append_time=True),
+    TopicSpec("governance-decisions", "proposal_id", 1, events.GovernanceDecision),
     # One partition, so "the first key registered for a worker" is well defined.
     TopicSpec("workers", "registry_key", 1, events.WorkerRegistered, compacted=True),
     TopicSpec("dead-letters", "source_topic", 1, events.DeadLetter, retention_ms=30 * DAY_MS),
@@ -90,7 +91,7 @@ def value_adapter(name: str) -> TypeAdapter:
 
 
 def topic_for_event(event: Any) -> TopicSpec:
-    """The topic an event belongs on (governance events share one topic)."""
+    """The topic an event belongs on."""
     for spec in _SPECS:
         value = spec.value
         members = getattr(value, "__metadata__", None) and value.__origin__.__args__

@@ -1,16 +1,14 @@
 """Shared fixtures. Integration tests need the real broker that `loraledger stack up` starts
-(`make test` does); without it they fail with a message saying so rather than skip."""
+(`make test` does); without it they fail with a message saying so rather than skip. How a test
+reaches it (topic prefix, principals, ACLs): tests/support/kafka_stack.py."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import uuid
 from pathlib import Path
 
 import pytest
+from kafka_stack import provisioned_settings, stack_environment
 
-from infra.kafka.broker import port_open
 from infra.settings import Settings, load_settings
 
 
@@ -18,27 +16,14 @@ from infra.settings import Settings, load_settings
 def stack_env(tmp_path) -> dict[str, str]:
     """Environment for one test: its own topic prefix and ClickHouse directory, the shared
     broker."""
-    env = dict(os.environ)
-    env["LORALEDGER_TOPIC_PREFIX"] = f"t{uuid.uuid4().hex[:10]}."
-    env["CLICKHOUSE_URL"] = f"chdb://{tmp_path / 'clickhouse'}"
-    env.setdefault("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
-    return env
+    return stack_environment(tmp_path / "clickhouse")
 
 
 @pytest.fixture
 def kafka_settings(stack_env) -> Settings:
-    """Settings for an integration test, with the registry's topics created under a fresh
-    prefix."""
-    from infra.kafka.clients import ensure_topics
-
-    settings = load_settings(stack_env)
-    if not port_open(settings.kafka_bootstrap):
-        pytest.fail(
-            f"no Kafka broker at {settings.kafka_bootstrap}: run `loraledger stack up` "
-            "(make test does) before the integration tests"
-        )
-    asyncio.run(ensure_topics(settings))
-    return settings
+    """Settings for an integration test, as the admin, with the registry's topics and their
+    ACLs created under a fresh prefix."""
+    return provisioned_settings(stack_env)
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ from inference.worker.sketching import SketchPolicy
 from infra.kafka.clients import ensure_topics, make_consumer, make_producer
 from infra.kafka.dead_letters import validated
 from infra.kafka.events import Outgoing, send_event
+from infra.kafka.security import WORKER
 from infra.kafka.transactions import send_and_commit
 from infra.keys import KeyRole, create_key
 from infra.settings import Settings
@@ -112,7 +113,8 @@ class Worker:
         config: WorkerConfig,
         backend_factory: Callable[[WorkerMetrics], ServingBackend] | None = None,
     ) -> None:
-        self.settings = settings
+        # The worker principal: the only one the broker lets write `results`.
+        self.settings = settings.acting_as(WORKER)
         self.config = config
         self.metrics = WorkerMetrics()
         self._backend_factory = backend_factory or self._default_backend

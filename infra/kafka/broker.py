@@ -6,11 +6,21 @@ the brokers' data and logs live under the stack's home: `kafka/` for the single 
 `kafka/node-N/` for node N of a cluster. Node N of a cluster serves clients on the bootstrap
 port + 2(N-1) and its controller on the port after that (9092/9093, 9094/9095, 9096/9097 by
 default); every node is formatted with the same cluster id and the same initial controllers.
+
+Secured (the default), clients authenticate with SASL/SCRAM-SHA-512 on the client listener and
+the StandardAuthorizer allows only what an ACL allows (`infra.kafka.acls`); the admin principal
+is the one super user, and the nodes of a cluster talk to each other as the admin. The admin's
+SCRAM credential is written at storage-format time; every node's controller listener accepts
+only the admin too (SASL/PLAIN against the node's own config), so no anonymous connection on
+any port has any right. A node's config holds the admin password and is readable by its owner
+alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -23,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.kafka.clients import Replication
+from infra.kafka.security import ADMIN, CredentialsError, password_for, scram_enabled
 from infra.settings import Settings
 
 KAFKA_VERSION = "4.1.1"
@@ -53,6 +64,11 @@ class BrokerPaths:
     def pid_file(self) -> Path:
         return self.root / "broker.pid"
 
+    @property
+    def admin_marker(self) -> Path:
+        """Present once the storage holds the admin's SCRAM credential."""
+        return self.root / "admin-credential"
+
 
 @dataclass(frozen=True)
 class BrokerNode:
@@ -80,7 +96,7 @@ def broker_nodes(settings: Settings, brokers: int = 1) -> list[BrokerNode]:
     """The nodes of a local stack of `brokers` nodes, from KAFKA_BOOTSTRAP's first address."""
     if brokers < 1:
         raise StackError(f"--brokers {brokers}: a stack needs at least one broker")
-    host, port = _host_port(settings.kafka_bootstrap)
+    host, port = host_port(settings.kafka_bootstrap)
     if brokers == 1:
         return [BrokerNode(1, host, port, port + 1, broker_paths(settings))]
     return [
@@ -143,14 +159,14 @@ def fetch_jars(settings: Settings) -> Path:
     return target
 
 
-def _host_port(bootstrap: str) -> tuple[str, int]:
+def host_port(bootstrap: str) -> tuple[str, int]:
     first = bootstrap.split(",")[0].strip()
     host, _, port = first.rpartition(":")
     return host or "127.0.0.1", int(port or 9092)
 
 
 def port_open(bootstrap: str, timeout: float = 0.5) -> bool:
-    host, port = _host_port(bootstrap)
+    host, port = host_port(bootstrap)
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -158,13 +174,48 @@ def port_open(bootstrap: str, timeout: float = 0.5) -> bool:
         return False
 
 
-def _write_config(node: BrokerNode, nodes: list[BrokerNode]) -> None:
-    template = (_KAFKA_SRC / "server.properties").read_text()
-    config = template.replace("127.0.0.1:9092", node.address).replace(
-        "127.0.0.1:9093", node.controller_address
+def _listeners(settings: Settings, node: BrokerNode, nodes: list[BrokerNode]) -> str:
+    client, controller = node.address, node.controller_address
+    common = "controller.quorum.bootstrap.servers={}\n".format(
+        ",".join(n.controller_address for n in nodes)
     )
-    node.paths.config.write_text(config + f"log.dirs={node.paths.data}\n"
-                                 + _cluster_overrides(node, nodes))
+    if not scram_enabled(settings):
+        return common + (
+            f"listeners=PLAINTEXT://{client},CONTROLLER://{controller}\n"
+            f"advertised.listeners=PLAINTEXT://{client}\n"
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n"
+            "inter.broker.listener.name=PLAINTEXT\n"
+        )
+    password = password_for(settings, ADMIN)
+    return common + (
+        f"listeners=CLIENT://{client},CONTROLLER://{controller}\n"
+        f"advertised.listeners=CLIENT://{client}\n"
+        "listener.security.protocol.map=CONTROLLER:SASL_PLAINTEXT,CLIENT:SASL_PLAINTEXT\n"
+        "inter.broker.listener.name=CLIENT\n"
+        "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512\n"
+        "listener.name.client.sasl.enabled.mechanisms=SCRAM-SHA-512\n"
+        "listener.name.client.scram-sha-512.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required "
+        f'username="{ADMIN}" password="{password}";\n'
+        "sasl.mechanism.controller.protocol=PLAIN\n"
+        "listener.name.controller.sasl.enabled.mechanisms=PLAIN\n"
+        "listener.name.controller.plain.sasl.jaas.config="
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{ADMIN}" password="{password}" user_{ADMIN}="{password}";\n'
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n"
+        "allow.everyone.if.no.acl.found=false\n"
+        f"super.users=User:{ADMIN}\n"
+    )
+
+
+def _write_config(settings: Settings, node: BrokerNode, nodes: list[BrokerNode]) -> None:
+    template = (_KAFKA_SRC / "server.properties").read_text()
+    config = (template + _listeners(settings, node, nodes) + f"log.dirs={node.paths.data}\n"
+              + _cluster_overrides(node, nodes))
+    node.paths.config.unlink(missing_ok=True)
+    descriptor = os.open(node.paths.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(config)
 
 
 def _cluster_overrides(node: BrokerNode, nodes: list[BrokerNode]) -> str:
@@ -175,7 +226,6 @@ def _cluster_overrides(node: BrokerNode, nodes: list[BrokerNode]) -> str:
     replicas, min_isr = replication.replicas, replication.min_in_sync
     settings = {
         "node.id": node.node_id,
-        "controller.quorum.bootstrap.servers": ",".join(n.controller_address for n in nodes),
         "default.replication.factor": replicas,
         "min.insync.replicas": min_isr,
         "offsets.topic.replication.factor": replicas,
@@ -230,19 +280,25 @@ def _format_storage(settings: Settings, nodes: list[BrokerNode]) -> None:
                      for node in nodes}
     voters = ",".join(f"{node.node_id}@{node.controller_address}:{directory_ids[node.node_id]}"
                       for node in nodes)
+    scram = []
+    if scram_enabled(settings):
+        scram = ["--add-scram",
+                 f"SCRAM-SHA-512=[name={ADMIN},password={password_for(settings, ADMIN)}]"]
     for node in nodes:
         if _meta(node.paths):
             continue
         quorum = ["--standalone"] if len(nodes) == 1 else ["--initial-controllers", voters]
         command = _java_command(
             settings, node.paths, "kafka.tools.StorageTool",
-            "format", "-t", cluster_id, "-c", str(node.paths.config), *quorum,
+            "format", "-t", cluster_id, "-c", str(node.paths.config), *quorum, *scram,
         )
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0:
             raise StackError(
                 f"formatting node {node.node_id}'s storage failed: {completed.stderr.strip()}"
             )
+        if scram:
+            node.paths.admin_marker.touch()
 
 
 def quorum_leader(settings: Settings, nodes: list[BrokerNode]) -> int | None:
@@ -252,7 +308,8 @@ def quorum_leader(settings: Settings, nodes: list[BrokerNode]) -> int | None:
         return None
     command = _java_command(
         settings, nodes[0].paths, "org.apache.kafka.tools.MetadataQuorumCommand",
-        "--bootstrap-server", cluster_bootstrap(nodes), "describe", "--status",
+        "--bootstrap-server", cluster_bootstrap(nodes),
+        *_admin_tool_config(settings, nodes[0].paths), "describe", "--status",
     )
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -263,6 +320,23 @@ def quorum_leader(settings: Settings, nodes: list[BrokerNode]) -> int | None:
         if key.strip() == "LeaderId" and value.strip().isdigit():
             return int(value.strip())
     return None
+
+
+def _admin_tool_config(settings: Settings, paths: BrokerPaths) -> list[str]:
+    """`--command-config` for a Kafka tool that connects as the admin (none on plaintext)."""
+    if not scram_enabled(settings):
+        return []
+    config = paths.root / "admin-client.properties"
+    config.unlink(missing_ok=True)
+    descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(
+            "security.protocol=SASL_PLAINTEXT\n"
+            "sasl.mechanism=SCRAM-SHA-512\n"
+            "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule "
+            f'required username="{ADMIN}" password="{password_for(settings, ADMIN)}";\n'
+        )
+    return ["--command-config", str(config)]
 
 
 def running_pid(paths: BrokerPaths) -> int | None:
@@ -287,16 +361,36 @@ def start_broker(settings: Settings, brokers: int = 1, timeout_s: float = 90.0) 
                 f"something else already listens on {node.address}: stop it, or set "
                 "KAFKA_BOOTSTRAP to use that broker without `stack up`"
             )
+    if settings.kafka_security == "scram-tls":
+        raise StackError(
+            "the local broker listens on the loopback interface without TLS: use "
+            "LORALEDGER_KAFKA_SECURITY=scram (scram-tls is for a remote broker's TLS listener)"
+        )
     require_java()
     fetch_jars(settings)
+    stopped = [node for node in nodes if running_pid(node.paths) is None]
     for node in nodes:
         for directory in (node.paths.data, node.paths.logs):
             directory.mkdir(parents=True, exist_ok=True)
-        if running_pid(node.paths) is None:
-            _write_config(node, nodes)
-    _format_storage(settings, nodes)
-    started = {node.node_id: _launch(settings, node) for node in nodes
-               if running_pid(node.paths) is None}
+        # The log segments and the metadata (SCRAM hashes) are read by the broker alone.
+        node.paths.root.chmod(0o700)
+    settings.kafka_dir.chmod(0o700)
+    try:
+        for node in stopped:
+            _write_config(settings, node, nodes)
+        _format_storage(settings, nodes)
+        if scram_enabled(settings) and any(not n.paths.admin_marker.exists() for n in stopped):
+            _add_admin_credential(settings, stopped, nodes, timeout_s)
+    except CredentialsError as exc:
+        raise StackError(str(exc)) from None
+    started = {node.node_id: _launch(settings, node) for node in stopped}
+    _wait_until_answering(nodes, started, timeout_s)
+    return [pid for node in nodes if (pid := running_pid(node.paths)) is not None]
+
+
+def _wait_until_answering(
+    nodes: list[BrokerNode], started: dict[int, subprocess.Popen], timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     for node in nodes:
         process = started.get(node.node_id)
@@ -308,7 +402,41 @@ def start_broker(settings: Settings, brokers: int = 1, timeout_s: float = 90.0) 
                 raise StackError(f"broker {node.node_id} did not answer within "
                                  f"{timeout_s:.0f}s; see {node.paths.logs}")
             time.sleep(0.5)
-    return [pid for node in nodes if (pid := running_pid(node.paths)) is not None]
+
+
+def _add_admin_credential(
+    settings: Settings, stopped: list[BrokerNode], nodes: list[BrokerNode], timeout_s: float
+) -> None:
+    """Storage formatted before the broker was secured has no admin credential, and only the
+    admin could add one: start the nodes once as they were (plaintext, no authorizer), add it,
+    stop them."""
+    from infra.kafka.provisioning import upsert_scram_users
+
+    plaintext = dataclasses.replace(settings, kafka_security="plaintext")
+    for node in stopped:
+        _write_config(plaintext, node, nodes)
+    started = {node.node_id: _launch(plaintext, node) for node in stopped}
+    try:
+        _wait_until_answering(stopped, started, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                asyncio.run(upsert_scram_users(plaintext, [ADMIN]))
+                break
+            except Exception as exc:  # noqa: BLE001 - retried until the broker is ready
+                if time.monotonic() > deadline:
+                    raise StackError(f"adding the admin credential failed: {exc}") from exc
+                time.sleep(1.0)
+    finally:
+        for process in started.values():
+            process.terminate()
+        for process in started.values():
+            process.wait(timeout=60)
+        for node in stopped:
+            node.paths.pid_file.unlink(missing_ok=True)
+    for node in stopped:
+        node.paths.admin_marker.touch()
+        _write_config(settings, node, nodes)
 
 
 def _launch(settings: Settings, node: BrokerNode) -> subprocess.Popen:

@@ -13,13 +13,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from infra.kafka.security import kafka_client_options
 from infra.settings import Settings
 from schemas.codec import MAX_VALUE_BYTES
 from schemas.topics import TOPICS, topic_name
 
 
 def make_admin(settings: Settings, **options: Any) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **options)
+    return AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, **kafka_client_options(settings), **options
+    )
 
 
 def make_producer(settings: Settings, transactional_id: str | None = None) -> AIOKafkaProducer:
@@ -29,6 +32,7 @@ def make_producer(settings: Settings, transactional_id: str | None = None) -> AI
         acks="all",
         transactional_id=transactional_id,
         max_request_size=MAX_VALUE_BYTES,
+        **kafka_client_options(settings),
     )
 
 
@@ -49,6 +53,7 @@ def make_consumer(
         isolation_level="read_committed",
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
+        **kafka_client_options(settings),
         **options,
     )
 

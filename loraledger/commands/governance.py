@@ -64,10 +64,12 @@ def build_tick(epoch: int | None, now: datetime, epoch_seconds: int) -> EpochTic
 
 
 async def _governance_log(settings: Settings) -> list[Logged]:
+    """Proposals, votes, keys and ticks, then the tallies and activations decided on them."""
     return [
         Logged(decoded.event, parse_object(decoded.record.value),
                datetime.fromtimestamp(decoded.record.timestamp / 1000, UTC))
-        async for decoded in read_topic(settings, "governance")
+        for topic in ("governance", "governance-decisions")
+        async for decoded in read_topic(settings, topic)
         if decoded.event is not None
     ]
 

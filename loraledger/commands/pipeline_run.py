@@ -12,7 +12,7 @@ import typer
 
 from infra.kafka.clients import cluster_replication
 from infra.settings import Settings, load_settings
-from pipeline.agents import Processor, build_pipeline
+from pipeline.agents import Processor, build_pipeline, pipeline_principal
 
 # Faust's own names for the levels.
 _FAUST_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "error",
@@ -26,7 +26,9 @@ def run_pipeline(
 ) -> None:
     """Run a Faust worker with `processors` until it is stopped. It serves no web endpoint:
     several stacks share a machine, and nothing reads it."""
-    app = build_pipeline(settings, processors, _replicas(settings))
+    # Asked as the app's own principal: its process may hold no other credentials.
+    replicas = _replicas(settings.acting_as(pipeline_principal(processors)))
+    app = build_pipeline(settings, processors, replicas)
     # Faust creates its data directory but not the parents.
     Path(app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
     sys.argv = [sys.argv[0], "worker", "-l", _FAUST_LEVELS[log_level], "--without-web"]

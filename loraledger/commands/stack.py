@@ -6,8 +6,10 @@ import typer
 from rich.console import Console
 
 from infra.kafka.broker import StackError, broker_nodes, cluster_bootstrap, stop_broker
+from infra.kafka.provisioning import ProvisioningError
+from infra.kafka.security import CredentialsError, scram_enabled
 from infra.ledger_server.process import stop_ledger
-from infra.settings import load_settings
+from infra.settings import load_settings, redact_url
 from infra.stack import stack_status, stack_up
 
 console = Console()
@@ -25,18 +27,21 @@ def up(
         1, "--brokers", min=1, help="Local KRaft nodes: 3 makes a cluster on loopback."
     ),
 ) -> None:
-    """Start the local Kafka broker (or cluster) and ledger server, create the topics and
-    apply the ClickHouse DDL. Nodes already running are kept."""
+    """Start the local Kafka broker (or cluster) and ledger server, create the topics,
+    provision the principals (password files, SCRAM credentials, ACLs) and apply the ClickHouse
+    DDL. Nodes already running are kept."""
     settings = load_settings()
     try:
         with console.status("starting the stack"):
             created = stack_up(settings, start_local_broker=not external, brokers=brokers)
-    except StackError as exc:
+    except (StackError, CredentialsError, ProvisioningError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
+    security = (f"principals provisioned, credentials in {settings.credentials_dir}"
+                if scram_enabled(settings) else "PLAINTEXT: no authentication, no ACLs")
     console.print(
-        f"stack up: broker {settings.kafka_bootstrap}, {len(created)} topics created, "
-        f"ClickHouse {settings.clickhouse_url}"
+        f"stack up: broker {settings.kafka_bootstrap} ({security}), {len(created)} topics "
+        f"created, ClickHouse {redact_url(settings.clickhouse_url)}"
     )
     if brokers > 1 and not external:
         everyone = cluster_bootstrap(broker_nodes(settings, brokers))
@@ -59,6 +64,7 @@ def status() -> None:
     """Report each broker node, the quorum's leader, the topics and any under-replicated
     partitions."""
     state = stack_status(load_settings())
+    console.print(f"security: {state.security}")
     for node in state.nodes:
         pid = node.pid if node.pid is not None else "-"
         answers = "[green]answers[/green]" if node.answers else "[red]does not answer[/red]"

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from infra.kafka.events import publish_sync
+from infra.kafka.security import WORKER
 from infra.keys import KeyRole, key_path, worker_registration
 from infra.settings import load_settings
 from schemas.ids import check_id
@@ -23,8 +24,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Make the worker's key (kept if it exists, mode 0600 under LORALEDGER_HOME) and
         publish its public half on `workers`: results signed with it are credited to the
-        worker. The first key registered for an id is the one that counts."""
-        settings = load_settings()
+        worker. The first key registered for an id is the one that counts. Runs as the
+        worker principal: only it (and the admin, at `stack up`) may write `workers`."""
+        settings = load_settings().acting_as(WORKER)
         try:
             identity = check_id(worker_id or settings.worker_id, "worker id")
         except ValueError as exc:

@@ -34,6 +34,8 @@ def child_env(settings: Settings) -> dict[str, str]:
         "LORALEDGER_BASE_MODEL": str(settings.base_model_dir),
         "LORALEDGER_CACHE": str(settings.cache_dir),
         "LORALEDGER_DEVICE": settings.device,
+        "LORALEDGER_KAFKA_SECURITY": settings.kafka_security,
+        "LORALEDGER_CREDENTIALS_DIR": str(settings.credentials_dir),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # their logs, not progress bars
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),

@@ -14,6 +14,7 @@ from inference.datanets import DatanetStore
 from infra.clickhouse_client import get_client
 from infra.kafka.broker import stop_broker
 from infra.kafka.events import publish_sync
+from infra.kafka.security import WORKER
 from infra.keys import worker_registration
 from infra.ledger_server.process import ledger_paths, stop_ledger
 from infra.ledger_server.process import running_pid as ledger_pid
@@ -82,7 +83,10 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> Demo
         with steps.step("adapters") as outcome:
             manifests, cached = ensure_adapters(settings, datanets, options.train, console)
             publish_sync(settings, [manifest.registration_event() for manifest in manifests])
-            publish_sync(settings, [worker_registration(settings.home, DEMO_WORKER_ID)])
+            # The worker's key, registered as the worker (`workers register`): only the worker
+            # and the admin may write `workers`.
+            publish_sync(settings.as_principal(WORKER),
+                         [worker_registration(settings.home, DEMO_WORKER_ID)])
             outcome.extend(describe_adapter(manifest, cached) for manifest in manifests)
 
         requests = make_requests(datanets, options)

@@ -8,7 +8,8 @@ computed together (`pipeline.attribution.processing`) and committed in one trans
 the result's offset, so every attributed request is paid exactly once, with no join between
 topics and no table to recover. Consumer group `<prefix>loraledger-attribution`; one
 transactional id per input partition (`pipeline.attribution.loop`), so any number of pipeline
-instances share the work.
+instances share the work. It authenticates as the processor principal, the only one the broker
+lets write `attributions` and `rewards`.
 
 Before each batch it reads `requests`, `workers` and `attributions` up to their ends (a
 `TopicFollower` each, read from the beginning at start, so the state survives restarts): a
@@ -33,6 +34,7 @@ from aiokafka import ConsumerRecord
 from infra.kafka.clients import ensure_topics
 from infra.kafka.events import Outgoing
 from infra.kafka.follower import TopicFollower
+from infra.kafka.security import PROCESSOR
 from infra.settings import Settings
 from pipeline.app import PipelineApp
 from pipeline.attribution.artifacts import ArtifactCache
@@ -65,6 +67,7 @@ async def run_attribution(
     settings: Settings, parameters: ParameterSource, stop: asyncio.Event | None = None
 ) -> None:
     """Attribute results until `stop` is set (or the task is cancelled)."""
+    settings = settings.acting_as(PROCESSOR)
     cache = ArtifactCache(settings.adapters_dir)
     facts = Facts()
     await ensure_topics(settings, FACT_TOPICS)

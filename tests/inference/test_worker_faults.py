@@ -24,6 +24,7 @@ from inference.config import ModelConfig
 from inference.hashing import base_model_hash
 from infra.kafka.clients import make_producer
 from infra.kafka.events import send_event
+from infra.kafka.security import kafka_client_options
 from infra.settings import Settings, load_settings
 from schemas.codec import decode
 from schemas.events import ErrorCode, InferenceRequest
@@ -164,6 +165,7 @@ class ResultsWatcher:
         prefix = self.settings.topic_prefix
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
+            **kafka_client_options(self.settings),
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",

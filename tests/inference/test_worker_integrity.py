@@ -22,6 +22,7 @@ from inference.adapter_store import AdapterDir
 from inference.base_model import build_base_model
 from inference.config import ModelConfig
 from infra.kafka.events import publish
+from infra.kafka.security import kafka_client_options
 from infra.settings import Settings, load_settings
 from schemas.codec import decode
 from schemas.events import ErrorCode, InferenceRequest, InferenceResult
@@ -104,6 +105,7 @@ class _Results:
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            **kafka_client_options(settings),
         )
 
     async def start(self) -> None:

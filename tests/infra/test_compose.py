@@ -78,3 +78,41 @@ def test_the_cluster_profile_runs_three_voting_nodes_of_one_cluster():
     assert [env["KAFKA_ADVERTISED_LISTENERS"] for env in envs] == [
         f"PLAINTEXT://kafka-{n}:9092" for n in (1, 2, 3)]
     assert {env["KAFKA_MIN_INSYNC_REPLICAS"] for env in envs} == {2}
+
+
+def test_published_ports_listen_on_the_loopback_interface_only():
+    for name, service in _compose()["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"service {name} publishes {port} widely"
+
+
+def test_clickhouse_needs_a_password_and_the_services_give_it():
+    clickhouse = _compose()["services"]["clickhouse"]["environment"]
+    assert clickhouse["CLICKHOUSE_USER"] == "loraledger"
+    assert clickhouse["CLICKHOUSE_PASSWORD"].startswith("${CLICKHOUSE_PASSWORD:?")
+    for name, service in _project_services().items():
+        url = service["environment"]["CLICKHOUSE_URL"]
+        assert url.startswith("http://loraledger:${CLICKHOUSE_PASSWORD"), name
+
+
+def test_the_broker_is_secured_and_each_service_holds_only_its_principals():
+    kafka = _compose()["services"]["kafka"]
+    script = (ROOT / "infra" / "kafka" / "compose-broker.sh").read_text()
+    assert kafka["command"][-1].endswith("compose-broker.sh")
+    assert "allow.everyone.if.no.acl.found=false" in script
+    assert "StandardAuthorizer" in script and "super.users=User:admin\n" in script
+    assert "PLAINTEXT://" not in script
+    mounted = {
+        name: {volume.split(":")[1].removeprefix("/credentials/")
+               for volume in service["volumes"] if ":/credentials/" in volume}
+        for name, service in _project_services().items()
+    }
+    assert mounted == {
+        "init": {"client", "worker", "processor", "governance", "sink"},
+        "worker": {"worker"},
+        "pipeline": {"processor", "governance"},
+        "gateway": {"client"},
+        "cli": {"client"},
+    }
+    # The admin's password reaches only the broker and the init job, from the environment.
+    assert _project_services()["init"]["environment"]["LORALEDGER_PRINCIPAL"] == "admin"

@@ -20,6 +20,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from infra.kafka.broker import broker_nodes, cluster_bootstrap, running_pid, stop_broker
 from infra.kafka.clients import ensure_topics, make_admin
 from infra.kafka.events import publish, read_topic
+from infra.kafka.security import ADMIN
 from infra.settings import Settings, load_settings
 from infra.stack import stack_status
 from schemas.events import InferenceRequest
@@ -62,7 +63,8 @@ def cluster(tmp_path) -> Iterator[tuple[dict[str, str], Settings]]:
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"KAFKA_BOOTSTRAP={cluster_bootstrap(nodes)}" in up.stdout
         client = {**env, "KAFKA_BOOTSTRAP": cluster_bootstrap(nodes)}
-        yield client, load_settings(client)
+        # The test feeds and inspects the cluster as the admin, standing in for every producer.
+        yield client, load_settings(client).as_principal(ADMIN)
     finally:
         stop_broker(load_settings(env))
 
@@ -115,7 +117,13 @@ def test_a_three_node_cluster_survives_a_killed_node_and_takes_it_back(cluster):
     assert asyncio.run(replication_of(settings, topic)) == ({3}, "2")
     asyncio.run(ensure_topics(settings))  # idempotent on a cluster too
 
+    # Secured like one node: every node's client and controller listeners authenticate.
+    for node in broker_nodes(settings, 3):
+        config = node.paths.config.read_text()
+        assert "CONTROLLER:SASL_PLAINTEXT,CLIENT:SASL_PLAINTEXT" in config
+        assert "allow.everyone.if.no.acl.found=false" in config
     status = stack_status(settings)
+    assert status.security == "scram"
     assert [(n.node_id, n.answers) for n in status.nodes] == [(1, True), (2, True), (3, True)]
     assert status.controller in {1, 2, 3}
     assert status.under_replicated == []

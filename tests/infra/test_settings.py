@@ -22,14 +22,21 @@ SAMPLE_VALUES = {
     "LORALEDGER_GATEWAY_PORT": "8080",
     "LORALEDGER_GATEWAY_TIMEOUT_S": "2.5",
     "LORALEDGER_GATEWAY_MAX_IN_FLIGHT": "16",
+    "LORALEDGER_KAFKA_SECURITY": "scram-tls",
+    "LORALEDGER_PRINCIPAL": "worker",
+    "LORALEDGER_CREDENTIALS_DIR": "/run/secrets/loraledger",
+    "LORALEDGER_KAFKA_PASSWORD": "from-a-secret-store",
 }
+# A variable that is read only together with another.
+REQUIRES = {"LORALEDGER_KAFKA_PASSWORD": {"LORALEDGER_PRINCIPAL": "worker"}}
 
 
 def test_every_documented_variable_changes_a_setting():
     assert set(SAMPLE_VALUES) == set(ENV_VARS)
-    defaults = dataclasses.asdict(load_settings({}))
     for name, value in SAMPLE_VALUES.items():
-        changed = dataclasses.asdict(load_settings({name: value}))
+        base = REQUIRES.get(name, {})
+        defaults = dataclasses.asdict(load_settings(base))
+        changed = dataclasses.asdict(load_settings({**base, name: value}))
         assert changed != defaults, f"{name} is documented but not read"
 
 

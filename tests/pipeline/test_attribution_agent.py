@@ -6,12 +6,12 @@ exactly one committed record per result, and exactly one set of reward entries p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +21,8 @@ from attribution_support import WORKER, billable, train_adapters, with_their_fac
 
 from infra.kafka.clients import ensure_topics
 from infra.kafka.events import publish, read_topic
-from infra.settings import Settings, load_settings
+from infra.kafka.security import kafka_client_options
+from infra.settings import Settings
 from schemas.events import InferenceResult, Parameters
 from schemas.topics import topic_name
 
@@ -37,6 +38,7 @@ def _env(settings: Settings) -> dict[str, str]:
         "LORALEDGER_HOME": str(settings.home),
         "LORALEDGER_TOPIC_PREFIX": settings.topic_prefix,
         "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "LORALEDGER_CREDENTIALS_DIR": str(settings.credentials_dir),
         "PYTHONPATH": str(REPO),
     }
 
@@ -57,6 +59,7 @@ async def _count(settings: Settings, topic: str, isolation: str) -> Counter:
     consumer = AIOKafkaConsumer(
         topic_name(topic, settings.topic_prefix),
         bootstrap_servers=settings.kafka_bootstrap,
+        **kafka_client_options(settings),
         isolation_level=isolation,
         auto_offset_reset="earliest",
         group_id=None,
@@ -78,6 +81,7 @@ async def _kill_at_first_record(settings: Settings, worker: subprocess.Popen, lo
     consumer = AIOKafkaConsumer(
         topic_name("attributions", settings.topic_prefix),
         bootstrap_servers=settings.kafka_bootstrap,
+        **kafka_client_options(settings),
         isolation_level="read_uncommitted",
         auto_offset_reset="earliest",
         group_id=None,
@@ -106,10 +110,10 @@ async def _read_all(settings: Settings, topic: str) -> list:
     return [item async for item in read_topic(settings, topic, idle_timeout_s=2.0)]
 
 
-def test_sigkill_mid_run_then_restart_gives_exactly_one_record_per_result(tmp_path):
-    settings = load_settings(
-        {"LORALEDGER_HOME": str(tmp_path), "LORALEDGER_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:8]}."}
-    )
+def test_sigkill_mid_run_then_restart_gives_exactly_one_record_per_result(
+    kafka_settings, tmp_path
+):
+    settings = dataclasses.replace(kafka_settings, home=tmp_path)
     ids = [f"adapter-{i}" for i in range(3)]
     adapters = train_adapters(settings, ids)
     asyncio.run(ensure_topics(settings))

@@ -15,18 +15,19 @@ from pathlib import Path
 import ledger_probe
 import pipeline_process
 import pytest
-from attribution_support import make_adapter, make_result
+from attribution_support import billable, make_adapter, make_result, request_for
+from signing import Identity
 
 from infra.kafka.events import publish
 from infra.settings import load_settings
-from schemas.events import InferenceResult, RewardEntry, Usage
+from schemas.events import InferenceResult, RewardEntry
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCH_SECONDS = 100
 OWNERS = {"ad-a": "olga", "ad-b": "oscar"}
-WORKERS = ("gpu-0", "gpu-1")
+WORKERS = {name: Identity.new(name) for name in ("gpu-0", "gpu-1")}
 BURST = 120  # results; each is paid three to seven entries
 
 
@@ -36,15 +37,14 @@ def burst(adapters: dict, first: int, count: int) -> list[InferenceResult]:
         adapter_id = sorted(OWNERS)[index % 2]
         result = make_result(adapters[adapter_id], request_id=f"req-{index:04d}",
                              adapter_id=adapter_id)
-        made.append(result.model_copy(update={
-            "worker_id": WORKERS[index // 2 % 2],
-            "usage": Usage(prompt_tokens=7 + index % 13, completion_tokens=3),
-            # Three epochs; every fifth result has no sketch, so its attribution fails and
-            # the treasury takes the contributors' share.
+        worker = WORKERS[sorted(WORKERS)[index // 2 % 2]]
+        made.append(billable(result.model_copy(update={
+            # Every fifth result has no sketch, so its attribution fails and the treasury
+            # takes the contributors' share.
             "created_at": datetime.fromtimestamp(
                 (20 + index % 3) * EPOCH_SECONDS + index % 50, UTC),
             **({"sketch": None} if index % 5 == 4 else {}),
-        }))
+        }), 7 + index % 13, 3, worker))
     return made
 
 
@@ -74,6 +74,9 @@ def test_sigkill_during_a_reward_burst_leaves_earnings_equal_to_the_ledger(
         return {entry.request_id
                 for entry in pipeline_process.committed_events(settings, "rewards")}
 
+    # The facts the results are paid against: the workers' keys and the requests.
+    asyncio.run(publish(settings, [*(worker.as_worker() for worker in WORKERS.values()),
+                                   *(request_for(result) for result in results)]))
     pipeline = pipeline_process.start(env, log)
     try:
         asyncio.run(publish(settings, results[:BURST // 2]))

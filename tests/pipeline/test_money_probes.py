@@ -23,11 +23,11 @@ from pathlib import Path
 import ledger_probe
 import pytest
 from attribution_support import WORKER, billable, make_adapter, make_result, request_for
+from kafka_stack import provisioned_settings
 from signing import Identity
 
-from infra.kafka.clients import ensure_topics
 from infra.kafka.events import publish, read_topic
-from infra.settings import Settings, load_settings
+from infra.settings import Settings
 from pipeline.attribution.agent import run_attribution
 from pipeline.attribution.parameters import DEFAULTS
 from pipeline.rewards import TREASURY_ID
@@ -180,8 +180,7 @@ def _earned(beneficiary: str, amount: int) -> RewardEntry:
 def test_votes_count_only_for_their_signer_and_proposal_ids_are_used_once(stack_env, tmp_path):
     env = {**stack_env, "LORALEDGER_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO),
            "LORALEDGER_EPOCH_SECONDS": str(EPOCH_SECONDS)}
-    settings = load_settings(env)
-    asyncio.run(ensure_topics(settings))
+    settings = provisioned_settings(env)  # the topics and their ACLs; the test is the admin
     settings.home.mkdir(parents=True)
     subprocess.run(ledger_probe.command("apply-ddl"), env=env, cwd=tmp_path, check=True,
                    capture_output=True, timeout=120)

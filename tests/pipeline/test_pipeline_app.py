@@ -40,6 +40,18 @@ def test_a_worker_runs_only_the_processors_asked_for(tmp_path):
     assert governance._stop_hooks == []
 
 
+def test_the_app_authenticates_as_governance_when_governance_runs_in_it_else_as_the_sink(tmp_path):
+    def principal(processors, env=None):
+        settings = load_settings({"LORALEDGER_HOME": str(tmp_path), **(env or {})})
+        return build_pipeline(settings, processors).kafka_settings.principal
+
+    assert principal(list(Processor)) == "governance"
+    assert principal([Processor.GOVERNANCE]) == "governance"
+    assert principal([Processor.SINK]) == principal([Processor.ATTRIBUTION]) == "sink"
+    # LORALEDGER_PRINCIPAL chooses one for the whole process.
+    assert principal([Processor.SINK], {"LORALEDGER_PRINCIPAL": "admin"}) == "admin"
+
+
 def test_the_command_refuses_an_unknown_processor():
     result = CliRunner().invoke(cli, ["pipeline", "--processor", "rewards"])
     assert result.exit_code == 2

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from attribution_support import make_adapter, make_result
+from kafka_stack import provisioned_settings
 
-from infra.kafka.clients import ensure_topics
+from infra.kafka.clients import make_admin
 from infra.kafka.events import publish, read_topic
-from infra.settings import Settings, load_settings
+from infra.settings import Settings
 from pipeline.app import consumer_group
 from schemas.events import Parameters, ParametersActivated, Usage
 from schemas.topics import topic_name
@@ -113,7 +113,7 @@ def wait_for_attributions(settings: Settings, count: int, instances: list[Instan
 
 async def governance_consumed(settings: Settings) -> bool:
     tp = TopicPartition(topic_name("governance", settings.topic_prefix), 0)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         committed = await admin.list_consumer_group_offsets(consumer_group(settings),
@@ -127,8 +127,7 @@ def test_instances_join_leave_and_die_without_losing_or_repeating_a_payment(
     stack_env, tmp_path
 ):
     env = {**stack_env, "LORALEDGER_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
-    settings = load_settings(env)
-    asyncio.run(ensure_topics(settings))
+    settings = provisioned_settings(env)  # the topics and their ACLs; the test is the admin
     adapters = {
         adapter_id: make_adapter(settings.adapters_dir, adapter_id, seed=i)
         for i, adapter_id in enumerate(ADAPTERS)

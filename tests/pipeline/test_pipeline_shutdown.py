@@ -18,12 +18,12 @@ from pathlib import Path
 import ledger_probe
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from attribution_support import billable, make_adapter, make_result, with_their_facts
+from kafka_stack import provisioned_settings
 
-from infra.kafka.clients import ensure_topics
+from infra.kafka.clients import make_admin
 from infra.kafka.events import publish, read_topic
-from infra.settings import Settings, load_settings
+from infra.settings import Settings
 from pipeline.app import consumer_group
 from schemas.events import Parameters
 
@@ -89,7 +89,7 @@ async def wait_for_commits(settings: Settings, items: list, timeout_s: float = 6
     for item in items:
         tp = TopicPartition(item.record.topic, item.record.partition)
         last[tp] = max(last.get(tp, -1), item.record.offset)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         deadline = time.monotonic() + timeout_s
@@ -121,8 +121,7 @@ def test_sigterm_mid_run_exits_zero_and_a_restart_loses_and_repeats_nothing(
     pipeline_env, tmp_path
 ):
     env = pipeline_env
-    settings = load_settings(env)
-    asyncio.run(ensure_topics(settings))
+    settings = provisioned_settings(env)
     settings.home.mkdir(parents=True)
     probe_ledger(env, "apply-ddl", settings.home)
     adapters = {

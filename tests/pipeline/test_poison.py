@@ -21,13 +21,14 @@ from pathlib import Path
 import ledger_probe
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from attribution_support import WORKER, billable, make_adapter, make_result, request_for
 from random_adapters import write_random_adapters
 
 from inference.base_model import build_base_model
 from inference.config import ModelConfig
+from infra.kafka.clients import make_admin
 from infra.kafka.events import publish, read_topic
+from infra.kafka.security import ADMIN, kafka_client_options
 from infra.settings import Settings, load_settings
 from pipeline.app import consumer_group
 from pipeline.rewards import epoch_of
@@ -63,7 +64,7 @@ def huge_field(event, path: tuple[str, ...]) -> bytes:
 async def produce_raw(settings: Settings, topic: str, key: bytes, values: list[bytes]) -> None:
     """Values as they are, one key, so they land in order on one partition."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
-                                enable_idempotence=True)
+                                enable_idempotence=True, **kafka_client_options(settings))
     await producer.start()
     try:
         for value in values:
@@ -163,7 +164,7 @@ async def wait_for_commit(
     last = {}
     async for item in read_topic(settings, topic, idle_timeout_s=1.5):
         last[TopicPartition(item.record.topic, item.record.partition)] = item.record.offset
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         deadline = time.monotonic() + WAIT_S
@@ -184,7 +185,8 @@ def test_poison_results_and_governance_are_dead_lettered_and_the_pipeline_goes_o
     stack_env, kafka_settings, tmp_path
 ):
     env = {**stack_env, "LORALEDGER_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
-    settings = load_settings(env)
+    # The test writes results and governance as the admin, standing in for their producers.
+    settings = load_settings(env).as_principal(ADMIN)
     settings.home.mkdir(parents=True)
     subprocess.run(ledger_probe.command("apply-ddl"), env=env, cwd=settings.home, check=True,
                    capture_output=True, timeout=120)
@@ -216,7 +218,7 @@ def test_poison_results_and_governance_are_dead_lettered_and_the_pipeline_goes_o
         attributions = wait_for(settings, "attributions", lambda events: len(events) >= 1,
                                 pipeline, log)
         tallies = wait_for(
-            settings, "governance",
+            settings, "governance-decisions",
             lambda events: any(isinstance(e, ProposalTallied) for e in events), pipeline, log,
         )
         letters = wait_for(settings, "dead-letters", lambda events: len(events) >= 4,

@@ -3,7 +3,8 @@ so with failed attributions) go through the attribution processor, which pays ea
 the transaction that attributes it. A worker killed with SIGKILL and restarted leaves exactly
 one set of entries per request summing to its fee, a passed proposal changes the price from the
 next epoch on, an operator's epoch tick tallies a proposal when no other governance event
-follows it, and `loraledger replay` rebuilds a ledger equal to the live one row for row.
+follows it, an activation forged by a client on `governance` is dead-lettered and prices
+nothing, and `loraledger replay` rebuilds a ledger equal to the live one row for row.
 
 Epochs are the broker's (log-append time), so the test runs on the wall clock with short
 epochs and waits for their boundaries."""
@@ -21,25 +22,29 @@ from pathlib import Path
 import ledger_probe
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from attribution_support import billable, make_adapter, make_result, with_their_facts
 from signing import Identity
 
+from infra.kafka.clients import make_admin, make_producer
 from infra.kafka.events import publish, read_topic
 from infra.settings import load_settings
 from pipeline.app import consumer_group
 from pipeline.rewards import TREASURY_ID
+from schemas.codec import encode
 from schemas.events import (
     AttributionRecord,
+    DeadLetter,
     EpochTick,
     InferenceResult,
     ParameterChanges,
+    Parameters,
     ParametersActivated,
     Proposal,
     RewardEntry,
     RewardRole,
     Vote,
 )
+from schemas.topics import topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +117,7 @@ async def consumed_by_pipeline(settings, topic: str) -> bool:
     async for item in read_topic(settings, topic, idle_timeout_s=2.0):
         tp = TopicPartition(item.record.topic, item.record.partition)
         last[tp] = max(last.get(tp, -1), item.record.offset)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         group = consumer_group(settings)
@@ -138,6 +143,19 @@ def stop(worker: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         worker.kill()
         worker.wait()
+
+
+async def send_forged_activation(settings) -> None:
+    """Every fee at 1000 per token from epoch 0, as version 1, with no proposal."""
+    forged = ParametersActivated(version=1, effective_epoch=0,
+                                 parameters=Parameters(default_price_per_token=1000))
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic_name("governance", settings.topic_prefix),
+                                     encode(forged), key=b"")
+    finally:
+        await producer.stop()
 
 
 def paid_requests(entries: list[RewardEntry]) -> set[str]:
@@ -171,6 +189,9 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
         # The earnings table (vote weights) holds phase one before anything is tallied. The
         # entries may all predate this worker, so waiting for them is not enough.
         wait_until_consumed(settings, "rewards")
+        # Clients may write `governance`, but an activation there is not a decision: it goes
+        # to the dead letters and prices nothing (the prices below say so).
+        asyncio.run(send_forged_activation(settings.as_principal("client")))
         proposal_epoch = wait_for_epoch_after(max(entry.epoch for entry in paid))
         proposal = Proposal(proposal_id="p-price", proposer_id=OWNER.name, epoch=proposal_epoch,
                             changes=ParameterChanges(default_price_per_token=20))
@@ -183,7 +204,7 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
         asyncio.run(publish(settings, [
             OPERATOR.sign(Vote(proposal_id="p-price", voter_id=OPERATOR.name, support=False)),
         ]))
-        governance = wait_for(settings, "governance", lambda events: any(
+        wait_for(settings, "governance-decisions", lambda events: any(
             isinstance(e, ParametersActivated) for e in events))
         asyncio.run(publish(settings, with_their_facts(phase_two, OPERATOR)))
         wait_for(settings, "rewards", lambda events: paid_requests(events) >= everything)
@@ -200,15 +221,21 @@ def test_rewards_exactly_once_governance_and_replay(kafka_settings, stack_env, t
              str(tick_epoch)],
             env=env, cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60)
         assert f"tick for epoch {tick_epoch}" in ticked.stdout
-        governance = wait_for(settings, "governance", lambda events: any(
+        decisions = wait_for(settings, "governance-decisions", lambda events: any(
             isinstance(e, ParametersActivated) and e.version == 2 for e in events))
+        governance = asyncio.run(read_all(settings, "governance"))
         time.sleep(5)  # no late duplicates, and the sink's last batch is written
         entries: list[RewardEntry] = asyncio.run(read_all(settings, "rewards"))
+        dead_letters: list[DeadLetter] = asyncio.run(read_all(settings, "dead-letters"))
         attributions: list[AttributionRecord] = asyncio.run(read_all(settings, "attributions"))
     finally:
         stop(worker)
 
-    activation, by_tick = (e for e in governance if isinstance(e, ParametersActivated))
+    # The forged activation is refused by the governance agent, first of its dead letters.
+    refused = [(letter.source_topic, letter.consumer) for letter in dead_letters]
+    assert refused[0] == (topic_name("governance", settings.topic_prefix), "governance")
+    assert "refused" not in dead_letters[0].reason  # it did not decode: not a governance input
+    activation, by_tick = (e for e in decisions if isinstance(e, ParametersActivated))
     assert (activation.version, activation.effective_epoch) == (1, proposal_epoch + 1)
     assert any(isinstance(e, EpochTick) for e in governance)
     assert (by_tick.proposal_id, by_tick.parameters.top_k) == ("p-topk", 4)

@@ -4,16 +4,17 @@ sketches, events through the real broker and the attribution loop; then forgerie
 from __future__ import annotations
 
 import asyncio
-import uuid
 from dataclasses import dataclass
 
 import pytest
 from attribution_support import WORKER, train_adapters
+from kafka_stack import provisioned_settings, stack_environment
 
 from inference.text_codec import TextCodec
 from infra.kafka.clients import ensure_topics
 from infra.kafka.events import publish, read_topic
-from infra.settings import Settings, load_settings
+from infra.kafka.security import PROCESSOR
+from infra.settings import Settings
 from pipeline.attribution.agent import run_attribution
 from pipeline.attribution.parameters import DEFAULTS
 from pipeline.verify import (
@@ -80,7 +81,7 @@ def _result(
 
 async def _attribute_until(settings: Settings, count: int) -> list:
     stop = asyncio.Event()
-    task = asyncio.create_task(run_attribution(settings, DEFAULTS, stop))
+    task = asyncio.create_task(run_attribution(settings.as_principal(PROCESSOR), DEFAULTS, stop))
     try:
         for _ in range(120):
             records = [
@@ -99,9 +100,8 @@ async def _attribute_until(settings: Settings, count: int) -> list:
 @pytest.fixture(scope="module")
 def published(tmp_path_factory) -> Published:
     home = tmp_path_factory.mktemp("home")
-    settings = load_settings(
-        {"LORALEDGER_HOME": str(home), "LORALEDGER_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:8]}."}
-    )
+    env = {**stack_environment(home / "clickhouse"), "LORALEDGER_HOME": str(home)}
+    settings = provisioned_settings(env)
     adapters = train_adapters(settings, ["adapter-v"])
     weights_hash = adapters.adapter_hashes["adapter-v"]
 

@@ -112,10 +112,12 @@ SAMPLES: dict[str, list[BaseModel]] = {
         ),
         Vote(proposal_id="p1", voter_id="v1", support=True, signature="B" * 86 + "=="),
         VoterKeyRegistered(voter_id="v1", public_key="A" * 43 + "="),
+        EpochTick(epoch=5),
+    ],
+    "governance-decisions": [
         ProposalTallied(proposal_id="p1", epoch=4, yes_weight=10, no_weight=2, passed=True),
         ParametersActivated(version=1, effective_epoch=5, parameters=Parameters(),
                             proposal_id="p1"),
-        EpochTick(epoch=5),
     ],
     "workers": [WorkerRegistered(worker_id="w1", public_key="A" * 43 + "=")],
     "dead-letters": [

@@ -32,13 +32,16 @@ from schemas.events import (
     MethodInfo,
     ParameterChanges,
     Parameters,
+    ParametersActivated,
     Proposal,
+    ProposalTallied,
     Sketch,
     Vote,
     reward_entry_id,
 )
 from schemas.ids import is_valid_id
 from schemas.text import normalize_text, row_id_for
+from schemas.topics import topic_for_event
 
 ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,40}\Z")
 prompts = st.text(min_size=1, max_size=300).filter(lambda text: text != "")
@@ -226,6 +229,22 @@ def test_governance_topic_decodes_each_kind():
     assert decode("governance", encode(vote)) == vote
     with pytest.raises(DecodeError):
         decode("governance", b'{"kind": "coup", "proposal_id": "x"}')
+
+
+def test_tallies_and_activations_decode_only_from_the_decisions_topic():
+    """Only the governance principal may write `governance-decisions`; one written to
+    `governance` (which clients may write) is not a decision at all."""
+    tally = ProposalTallied(proposal_id="p1", epoch=1, yes_weight=5, no_weight=0, passed=True)
+    activation = ParametersActivated(version=1, effective_epoch=2, parameters=Parameters(),
+                                     proposal_id="p1")
+    for decision in (tally, activation):
+        assert topic_for_event(decision).name == "governance-decisions"
+        assert decode("governance-decisions", encode(decision)) == decision
+        with pytest.raises(DecodeError):
+            decode("governance", encode(decision))
+    proposal = Proposal(proposer_id="p", epoch=2, changes=ParameterChanges(top_k=8))
+    with pytest.raises(DecodeError):
+        decode("governance-decisions", encode(proposal))
 
 
 def test_dead_letter_truncates_large_payloads():

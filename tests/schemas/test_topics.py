@@ -13,7 +13,8 @@ from schemas.topics import TOPICS, topic_for_event, topic_name
 def test_every_topic_of_the_architecture_is_registered():
     assert set(TOPICS) == {
         "requests", "results", "token-deltas", "attributions", "rewards", "datanets",
-        "contributions", "adapters", "governance", "workers", "dead-letters",
+        "contributions", "adapters", "governance", "governance-decisions", "workers",
+        "dead-letters",
     }
 
 

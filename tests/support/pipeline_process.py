@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
+from infra.kafka.clients import make_admin
 from infra.kafka.events import read_topic
 from infra.settings import Settings
 from pipeline.app import consumer_group
@@ -68,7 +68,7 @@ async def _consumed(settings: Settings, topics: tuple[str, ...]) -> bool:
         async for item in read_topic(settings, topic, idle_timeout_s=2.0):
             tp = TopicPartition(item.record.topic, item.record.partition)
             last[tp] = max(last.get(tp, -1), item.record.offset)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         committed = await admin.list_consumer_group_offsets(consumer_group(settings),

@@ -21,13 +21,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from kafka_stack import provisioned_settings
 from random_adapters import write_random_adapters
 
 from inference.adapter_store import AdapterStore
 from inference.base_model import build_base_model
 from inference.config import ModelConfig
 from inference.hashing import base_model_hash
-from infra.kafka.clients import ensure_topics
 from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
 from schemas.events import AdapterRegistered, InferenceRequest
@@ -113,8 +113,7 @@ def _registrations(adapters_dir: Path, base: Path) -> list[AdapterRegistered]:
 
 
 def _prepare_prefix(env: dict[str, str], registrations: list[AdapterRegistered]) -> None:
-    settings = load_settings(env)
-    asyncio.run(ensure_topics(settings))
+    settings = provisioned_settings(env)  # the topics and their ACLs, as the admin
     asyncio.run(publish(settings, registrations))
 
 
@@ -140,7 +139,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "LORALEDGER_BASE_MODEL": str(base),
         "LORALEDGER_METRICS_PORT": "0",
         "PYTHONPATH": str(ROOT),
+        # The stack's credentials; each process authenticates as its own principal.
+        "LORALEDGER_CREDENTIALS_DIR": str(load_settings().credentials_dir),
     }
+    common.pop("LORALEDGER_PRINCIPAL", None)
     served = {**common, "LORALEDGER_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}."}
     idle = {**common, "LORALEDGER_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}."}
     offline = {**common, "KAFKA_BOOTSTRAP": f"127.0.0.1:{_free_port()}"}
