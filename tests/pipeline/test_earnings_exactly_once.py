@@ -9,7 +9,6 @@ import asyncio
 import json
 import subprocess
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 
 import ledger_probe
@@ -19,33 +18,39 @@ from attribution_support import billable, make_adapter, make_result, request_for
 from signing import Identity
 
 from infra.kafka.events import publish
-from infra.settings import load_settings
+from infra.settings import Settings, load_settings
 from schemas.events import InferenceResult, RewardEntry
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-EPOCH_SECONDS = 100
+# Epochs follow the broker's append time: short ones, so the run spans several.
+EPOCH_SECONDS = 10
 OWNERS = {"ad-a": "olga", "ad-b": "oscar"}
-WORKERS = {name: Identity.new(name) for name in ("gpu-0", "gpu-1")}
+WORKERS = (Identity.new("gpu-0"), Identity.new("gpu-1"))
 BURST = 120  # results; each is paid three to seven entries
 
 
 def burst(adapters: dict, first: int, count: int) -> list[InferenceResult]:
+    """Results signed by the registered workers, with token ids their usage recounts."""
     made = []
     for index in range(first, first + count):
         adapter_id = sorted(OWNERS)[index % 2]
         result = make_result(adapters[adapter_id], request_id=f"req-{index:04d}",
                              adapter_id=adapter_id)
-        worker = WORKERS[sorted(WORKERS)[index // 2 % 2]]
-        made.append(billable(result.model_copy(update={
-            # Every fifth result has no sketch, so its attribution fails and the treasury
-            # takes the contributors' share.
-            "created_at": datetime.fromtimestamp(
-                (20 + index % 3) * EPOCH_SECONDS + index % 50, UTC),
-            **({"sketch": None} if index % 5 == 4 else {}),
-        }), 7 + index % 13, 3, worker))
+        if index % 5 == 4:
+            # No sketch: its attribution fails and the treasury takes the contributors' share.
+            result = result.model_copy(update={"sketch": None})
+        made.append(billable(result, 7 + index % 13, 3, WORKERS[index // 2 % 2]))
     return made
+
+
+def publish_answered(settings: Settings, results: list[InferenceResult]) -> None:
+    """The workers' keys and the requests `results` answer, acknowledged before the results
+    are sent."""
+    asyncio.run(publish(settings, [*(worker.as_worker() for worker in WORKERS),
+                                   *(request_for(result) for result in results)]))
+    asyncio.run(publish(settings, results))
 
 
 def ledger_earnings(env: dict[str, str], cwd: Path) -> dict[tuple[str, int], int]:
@@ -74,15 +79,12 @@ def test_sigkill_during_a_reward_burst_leaves_earnings_equal_to_the_ledger(
         return {entry.request_id
                 for entry in pipeline_process.committed_events(settings, "rewards")}
 
-    # The facts the results are paid against: the workers' keys and the requests.
-    asyncio.run(publish(settings, [*(worker.as_worker() for worker in WORKERS.values()),
-                                   *(request_for(result) for result in results)]))
     pipeline = pipeline_process.start(env, log)
     try:
-        asyncio.run(publish(settings, results[:BURST // 2]))
+        publish_answered(settings, results[:BURST // 2])
         pipeline_process.wait_until(lambda: len(paid()) > 0, "the first entries are paid", log)
         # The rest arrives as the pipeline dies: it is killed with work in flight.
-        asyncio.run(publish(settings, results[BURST // 2:]))
+        publish_answered(settings, results[BURST // 2:])
         pipeline_process.kill(pipeline)
         killed_with_unpaid = everything - paid()
 
@@ -114,4 +116,5 @@ def test_sigkill_during_a_reward_burst_leaves_earnings_equal_to_the_ledger(
     assert set(earned) == set(by_id)
     assert dict(earnings) == dict(from_log)
     assert ledger_earnings(env, tmp_path) == dict(from_log)
-    assert {beneficiary for beneficiary, _ in from_log} >= {*OWNERS.values(), *WORKERS}
+    assert {beneficiary for beneficiary, _ in from_log} >= {
+        *OWNERS.values(), *(worker.name for worker in WORKERS)}

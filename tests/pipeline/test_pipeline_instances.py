@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from attribution_support import make_adapter, make_result
+from attribution_support import WORKER, billable, make_adapter, make_result, request_for
 from kafka_stack import provisioned_settings
 
 from infra.kafka.clients import make_admin
 from infra.kafka.events import publish, read_topic
 from infra.settings import Settings
 from pipeline.app import consumer_group
-from schemas.events import Parameters, ParametersActivated, Usage
+from schemas.events import InferenceResult, Parameters, ParametersActivated
 from schemas.topics import topic_name
 
 pytestmark = pytest.mark.integration
@@ -82,15 +82,21 @@ class Instance:
             self.process.wait()
 
 
-def results(adapters: dict, first: int, count: int) -> list:
+def results(adapters: dict, first: int, count: int) -> list[InferenceResult]:
+    """Results signed by the registered worker, with token ids their usage recounts."""
     made = []
     for i in range(first, first + count):
         adapter_id = ADAPTERS[i % len(ADAPTERS)]
         result = make_result(adapters[adapter_id], request_id=f"req-{i:04d}",
                              adapter_id=adapter_id)
-        made.append(result.model_copy(update={"usage": Usage(prompt_tokens=10 + i % 7,
-                                                             completion_tokens=3)}))
+        made.append(billable(result, 10 + i % 7, 3))
     return made
+
+
+def publish_answered(settings: Settings, batch: list[InferenceResult]) -> None:
+    """The requests `batch` answers, acknowledged before the results are sent."""
+    asyncio.run(publish(settings, [request_for(result) for result in batch]))
+    asyncio.run(publish(settings, batch))
 
 
 async def read_committed(settings: Settings, topic: str) -> list:
@@ -136,7 +142,7 @@ def test_instances_join_leave_and_die_without_losing_or_repeating_a_payment(
         version=1, effective_epoch=0, parameters=Parameters(default_price_per_token=PRICE),
         created_at=datetime.now(UTC),
     )
-    asyncio.run(publish(settings, [activation]))
+    asyncio.run(publish(settings, [activation, WORKER.as_worker()]))
     batches = [results(adapters, 40 * n, 40) for n in range(4)]
     everything = [result for batch in batches for result in batch]
 
@@ -149,18 +155,18 @@ def test_instances_join_leave_and_die_without_losing_or_repeating_a_payment(
             first.alive()
             assert time.monotonic() < deadline, "the activation was never consumed"
             time.sleep(0.5)
-        asyncio.run(publish(settings, batches[0]))
+        publish_answered(settings, batches[0])
         wait_for_attributions(settings, 10, [first])
 
         # A second instance joins mid-stream and takes over some partitions.
         second = Instance(env, "second", tmp_path)
         instances.append(second)
-        asyncio.run(publish(settings, batches[1]))
+        publish_answered(settings, batches[1])
         second.wait_for_partitions()
         first.alive()
 
         # The first dies with work under way; the second inherits its partitions.
-        asyncio.run(publish(settings, batches[2]))
+        publish_answered(settings, batches[2])
         first.kill()
         wait_for_attributions(settings, 120, [second])
 
@@ -168,7 +174,7 @@ def test_instances_join_leave_and_die_without_losing_or_repeating_a_payment(
         again = Instance(env, "again", tmp_path)
         instances.append(again)
         again.wait_for_partitions()
-        asyncio.run(publish(settings, batches[3]))
+        publish_answered(settings, batches[3])
         second.alive()
         assert second.terminate() == 0, second.output()[-4000:]
         wait_for_attributions(settings, len(everything), [again])

@@ -1,6 +1,7 @@
 """The ledger's disk fills up under a running pipeline: the sink retries, its offsets stay put,
 and once space returns every result, attribution and reward entry is in the ledger exactly once,
-one at the bounds of the schema among them; `loraledger replay` rebuilds the same ledger.
+one result at the bounds of the schema among them (refused payment: its usage counts no token
+ids); `loraledger replay` rebuilds the same ledger.
 
 The ledger lives on a small tmpfs of its own, filled with a ballast file: a real "no space left
 on device" for the embedded engine only. Mounting needs root; the mount is removed at the end.
@@ -16,17 +17,16 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import ledger_probe
 import pipeline_process
 import pytest
-from attribution_support import make_adapter, make_result
+from attribution_support import WORKER, billable, make_adapter, make_result, request_for
 
 from infra.kafka.events import publish
-from infra.settings import load_settings
-from schemas.events import MAX_TOKENS, Usage
+from infra.settings import Settings, load_settings
+from schemas.events import MAX_TOKENS, InferenceResult, Usage
 
 pytestmark = pytest.mark.integration
 
@@ -68,15 +68,19 @@ def probe(env: dict[str, str], cwd: Path, *args: str):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def results(adapter: dict, first: int, count: int) -> list:
-    made = []
-    for index in range(first, first + count):
-        result = make_result(adapter, request_id=f"req-{index:03d}", adapter_id=ADAPTER)
-        made.append(result.model_copy(update={
-            "usage": Usage(prompt_tokens=10 + index, completion_tokens=3),
-            "created_at": datetime.fromtimestamp(1_000 + index, UTC),
-        }))
-    return made
+def results(adapter: dict, first: int, count: int) -> list[InferenceResult]:
+    """Results signed by the registered worker, with token ids their usage recounts."""
+    return [billable(make_result(adapter, request_id=f"req-{index:03d}", adapter_id=ADAPTER),
+                     10 + index % 30, 3)
+            for index in range(first, first + count)]
+
+
+def publish_answered(settings: Settings, results: list[InferenceResult]) -> None:
+    """The worker's key and the requests `results` answer, acknowledged before the results
+    are sent."""
+    asyncio.run(publish(settings, [WORKER.as_worker(),
+                                   *(request_for(result) for result in results)]))
+    asyncio.run(publish(settings, results))
 
 
 def test_a_full_disk_under_the_ledger_loses_nothing_once_space_returns(
@@ -91,10 +95,12 @@ def test_a_full_disk_under_the_ledger_loses_nothing_once_space_returns(
         probe(env, tmp_path, "apply-ddl")
         adapter = make_adapter(load_settings(env).adapters_dir, ADAPTER)
         before, during = results(adapter, 0, 5), results(adapter, 5, 40)
-        # One result at the schema's bounds: the most tokens a result may count.
-        during[-1] = during[-1].model_copy(update={
-            "usage": Usage(prompt_tokens=MAX_TOKENS, completion_tokens=MAX_TOKENS)})
+        # One result at the schema's bounds: the most tokens a result may count. No worker
+        # could send that many token ids, so it is not paid, but the ledger keeps it.
+        during[-1] = WORKER.sign(during[-1].model_copy(update={
+            "usage": Usage(prompt_tokens=MAX_TOKENS, completion_tokens=MAX_TOKENS)}))
         everything = {result.request_id for result in [*before, *during]}
+        payable = everything - {during[-1].request_id}
         log = tmp_path / "pipeline.log"
 
         def sink_failures() -> int:
@@ -106,14 +112,14 @@ def test_a_full_disk_under_the_ledger_loses_nothing_once_space_returns(
 
         pipeline = pipeline_process.start(env, log)
         try:
-            asyncio.run(publish(settings, before))
+            publish_answered(settings, before)
             pipeline_process.wait_until(
                 lambda: pipeline_process.consumed(settings, "results"),
                 "the first results are in the ledger", log)
             ballast = fill(ledger_dir)
-            asyncio.run(publish(settings, during))
+            publish_answered(settings, during)
             # Everything else goes on: the results are attributed and paid.
-            pipeline_process.wait_until(lambda: paid() >= everything, "every request is paid",
+            pipeline_process.wait_until(lambda: paid() >= payable, "every request is paid",
                                         log)
             pipeline_process.wait_until(lambda: sink_failures() >= 3,
                                         "the sink has retried a failed write", log)
@@ -129,6 +135,7 @@ def test_a_full_disk_under_the_ledger_loses_nothing_once_space_returns(
             pipeline_process.kill(pipeline)
 
         assert "Traceback" not in log.read_text()
+        assert paid() == payable
         entries = {entry.entry_id
                    for entry in pipeline_process.committed_events(settings, "rewards")}
         attributions = pipeline_process.committed_events(settings, "attributions")
