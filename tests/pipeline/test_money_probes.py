@@ -211,7 +211,8 @@ def test_votes_count_only_for_their_signer_and_proposal_ids_are_used_once(stack_
         ]))
         closing = _next_epoch()
         asyncio.run(publish(settings, [EpochTick(epoch=closing)]))
-        governance = _wait_for(settings, "governance", lambda events: any(
+        # Tallies and activations are governance's alone, on their own topic.
+        governance = _wait_for(settings, "governance-decisions", lambda events: any(
             isinstance(e, ParametersActivated) for e in events))
         # After the tally: the id stays used.
         asyncio.run(publish(settings, [Proposal(proposal_id="p1", proposer_id="mallory",
