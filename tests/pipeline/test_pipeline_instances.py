@@ -118,7 +118,8 @@ def wait_for_attributions(settings: Settings, count: int, instances: list[Instan
 
 
 async def governance_consumed(settings: Settings) -> bool:
-    tp = TopicPartition(topic_name("governance", settings.topic_prefix), 0)
+    # Activations are governance decisions, on a topic of their own.
+    tp = TopicPartition(topic_name("governance-decisions", settings.topic_prefix), 0)
     admin = make_admin(settings)
     await admin.start()
     try:

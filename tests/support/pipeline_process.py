@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infra.kafka.clients import make_admin
 from infra.kafka.events import read_topic
+from infra.kafka.security import kafka_client_options
 from infra.settings import Settings
 from pipeline.app import consumer_group
 
@@ -93,7 +94,7 @@ def table_changelog(settings: Settings, table: str) -> dict:
             f"{consumer_group(settings)}-{table}-changelog",
             bootstrap_servers=settings.kafka_bootstrap, group_id=None,
             isolation_level="read_committed", enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset="earliest", **kafka_client_options(settings),
         )
         await consumer.start()
         state: dict = {}
