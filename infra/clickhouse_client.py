@@ -171,7 +171,7 @@ def apply_ddl(client: Client, database: str = DEFAULT_DATABASE) -> list[int]:
     """Create `database` and apply every DDL file not applied yet; safe to call any number of
     times (every statement is also IF NOT EXISTS). Returns the versions applied now."""
     check_database(database)
-    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    client.command("CREATE DATABASE IF NOT EXISTS {db:Identifier}", parameters={"db": database})
     client.command(
         f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
         "(version UInt32, name String, checksum String, applied_at DateTime64(3, 'UTC')) "

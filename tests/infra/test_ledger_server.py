@@ -102,19 +102,20 @@ def test_readers_see_every_batch_while_a_writer_inserts(ledger):
     database = f"t_{uuid.uuid4().hex[:12]}"
     writer_client = connect(ledger, autogenerate_session_id=False)
     apply_ddl(writer_client, database)
-    table = f"{database}.reward_entries"
+    table = "{db:Identifier}.reward_entries"  # the database is a bound parameter
     count_sql = (f"SELECT count() FROM {table} WHERE epoch = {{epoch:UInt64}} "
                  "AND beneficiary_id IN {who:Array(String)}")
     # A long list of bound values goes as a multipart form, as clients send it.
     long_list = BENEFICIARIES + [f"nobody-{index}" for index in range(3000)]
 
     def native_client_read(client):
-        return lambda: client.query(count_sql, parameters={"epoch": 3, "who": long_list}
+        return lambda: client.query(count_sql, parameters={"db": database, "epoch": 3,
+                                                       "who": long_list}
                                     ).result_rows[0][0]
 
     def url_read() -> int:
         return int(http_get(ledger, f"SELECT count() FROM {table} WHERE amount >= {{low:UInt64}}",
-                            param_low="0"))
+                            param_db=database, param_low="0"))
 
     readers = [
         Reader("clickhouse-connect 1", native_client_read(connect(ledger)), [], []),
@@ -153,15 +154,15 @@ def test_readers_see_every_batch_while_a_writer_inserts(ledger):
         assert max(reader.seen) == written
     assert written == BATCHES * BATCH_ROWS
     expected_amount = sum(index % 50 for index in range(written))
-    assert int(http_get(ledger, f"SELECT count() FROM {table}")) == written
+    assert int(http_get(ledger, f"SELECT count() FROM {table}", param_db=database)) == written
     total = connect(ledger).query(f"SELECT sum(amount) FROM {table} WHERE epoch = {{e:UInt64}}",
-                                  parameters={"e": 3}).result_rows[0][0]
+                                  parameters={"db": database, "e": 3}).result_rows[0][0]
     assert total == expected_amount
     if shutil.which("curl"):
         plain = subprocess.run(
             ["curl", "-sS", "--fail-with-body", "--data-binary",
              f"SELECT count() FROM {table} WHERE beneficiary_id = {{who:String}}",
-             f"{ledger.ledger_url}/?param_who=b0"],
+             f"{ledger.ledger_url}/?param_who=b0&param_db={database}"],
             capture_output=True, text=True, timeout=WAIT_S,
         )
         assert plain.returncode == 0, plain.stdout + plain.stderr
@@ -209,11 +210,9 @@ def test_the_directory_has_one_owner_and_others_are_told_who(ledger):
     assert "in use by the ledger server (pid " in message
     assert f"at {ledger.ledger_url}" in message
     embedded = subprocess.run(
-        [sys.executable, "-c",
-         "from infra.clickhouse_client import get_client; from infra.settings import "
-         f"load_settings; get_client(load_settings({{'CLICKHOUSE_URL': "
-         f"'chdb://{ledger.ledger_dir}'}}))"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "loraledger.cli", "query", "rewards"], cwd=REPO_ROOT,
+        env={**env, "CLICKHOUSE_URL": f"chdb://{ledger.ledger_dir}"},
+        capture_output=True, text=True, timeout=300,
     )
     assert embedded.returncode == 1
     assert f"at {ledger.ledger_url}" in embedded.stderr.splitlines()[-1]

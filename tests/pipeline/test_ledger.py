@@ -125,7 +125,8 @@ def ledger_events():
 
 def test_ddl_applies_twice(client, database):
     assert apply_ddl(client, database) == []
-    tables = {row[0] for row in client.query(f"SHOW TABLES FROM {database}").result_rows}
+    tables = {row[0] for row in client.query(
+        "SHOW TABLES FROM {db:Identifier}", parameters={"db": database}).result_rows}
     assert {
         "reward_entries",
         "rewards_by_beneficiary_epoch",
@@ -159,7 +160,8 @@ def test_writes_are_idempotent_and_rollups_do_not_double_count(client, database)
         f"SELECT sum(amount) FROM {database}.rewards_by_beneficiary_epoch"
     ).result_rows[0][0]
     assert rewards_total == (10 + 20 + 7) * 10
-    entries = client.query(f"SELECT count() FROM {database}.reward_entries").result_rows[0][0]
+    entries = client.query("SELECT count() FROM {db:Identifier}.reward_entries",
+                           parameters={"db": database}).result_rows[0][0]
     assert entries == len({e.entry_id for e in events if hasattr(e, "entry_id")})
 
 

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import ledger_probe
+import pipeline_process
 import pytest
 from attribution_support import WORKER, billable, make_adapter, make_result, request_for
 from kafka_stack import provisioned_settings
@@ -220,7 +221,9 @@ def test_votes_count_only_for_their_signer_and_proposal_ids_are_used_once(stack_
                                                 changes=ParameterChanges(top_k=99))]))
         letters = _wait_for(settings, "dead-letters", lambda events: sum(
             "already used" in letter.reason for letter in events) >= 2)
-        time.sleep(3)  # the sink's last batch
+        pipeline_process.wait_until(
+            lambda: pipeline_process.consumed(settings, "governance", "governance-decisions"),
+            "the ledger sink has every governance event", tmp_path / "pipeline.log")
     finally:
         pipeline.send_signal(signal.SIGTERM)
         try:

@@ -146,4 +146,5 @@ def test_a_record_redelivered_after_a_partial_write_keeps_the_first_attribution(
         f"SELECT contributor_id FROM {database}.attribution_rows ORDER BY contributor_id"
     ).result_rows
     assert rows == [("carol",), ("dave",)]
-    assert client.query(f"SELECT count() FROM {database}.attributions").result_rows == [(1,)]
+    assert client.query("SELECT count() FROM {db:Identifier}.attributions",
+                        parameters={"db": database}).result_rows == [(1,)]
