@@ -51,14 +51,20 @@ class Instance:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def excerpt(self) -> str:
+        """The log from its first traceback (where a crash starts), else its tail."""
+        text = self.output()
+        start = text.find("Traceback (most recent call last)")
+        return text[start:start + 6000] if start >= 0 else text[-4000:]
+
     def alive(self) -> None:
-        assert self.process.poll() is None, f"an instance exited:\n{self.output()[-4000:]}"
+        assert self.process.poll() is None, f"an instance exited:\n{self.excerpt()}"
 
     def wait_for_partitions(self) -> None:
         deadline = time.monotonic() + DEADLINE_S
         while not OWNS_PARTITIONS.search(self.output()):
             self.alive()
-            assert time.monotonic() < deadline, f"never assigned:\n{self.output()[-4000:]}"
+            assert time.monotonic() < deadline, f"never assigned:\n{self.excerpt()}"
             time.sleep(0.5)
 
     def kill(self) -> None:
@@ -73,7 +79,7 @@ class Instance:
             self.process.kill()
             self.process.wait()
             raise AssertionError(
-                f"still running after SIGTERM:\n{self.output()[-4000:]}"
+                f"still running after SIGTERM:\n{self.excerpt()}"
             ) from None
 
     def ensure_stopped(self) -> None:
@@ -177,11 +183,11 @@ def test_instances_join_leave_and_die_without_losing_or_repeating_a_payment(
         again.wait_for_partitions()
         publish_answered(settings, batches[3])
         second.alive()
-        assert second.terminate() == 0, second.output()[-4000:]
+        assert second.terminate() == 0, second.excerpt()
         wait_for_attributions(settings, len(everything), [again])
         time.sleep(3.0)  # a late duplicate would land meanwhile
         again.alive()
-        assert again.terminate() == 0, again.output()[-4000:]
+        assert again.terminate() == 0, again.excerpt()
     finally:
         for instance in instances:
             instance.ensure_stopped()
