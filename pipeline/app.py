@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn
 
 import faust
@@ -58,6 +58,29 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # an instance joins or leaves the group. The consumer reads committed, so the end
         # offset the broker reports is the last stable offset, fetched or not.
         return await self._ensure_consumer().end_offsets(partitions)
+
+    async def _seek_wait(self, consumer: Any, partitions: Mapping[Any, int | None]) -> None:
+        # Faust 0.15.3 seeks the standby changelog partitions it holds, including one a
+        # rebalance added while recovery ran, whose start offset was never built: it is still
+        # None, aiokafka's seek raises ValueError and the worker crashes. A partition with
+        # nothing read yet starts from its beginning, as a built offset of -1 would have.
+        unread = [tp for tp, offset in partitions.items() if offset is None or offset < 0]
+        if unread:
+            await consumer.seek_to_beginning(*unread)
+        read_offsets = self.consumer._read_offset
+        for tp, offset in partitions.items():
+            if tp in unread:
+                read_offsets.pop(tp, None)
+                continue
+            consumer.seek(tp, offset)
+            if offset > 0:
+                read_offsets[tp] = offset
+            else:
+                read_offsets.pop(tp, None)
+        await asyncio.wait_for(
+            asyncio.gather(*[consumer.position(tp) for tp in partitions]),
+            timeout=self.app.conf.broker_request_timeout,
+        )
 
 
 class _Consumer(faust_aiokafka.Consumer):

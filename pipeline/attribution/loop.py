@@ -206,6 +206,8 @@ async def _process_partition(
 
 async def _rewind(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
     for tp in partitions:
+        if tp not in consumer.assignment():
+            continue  # revoked meanwhile: its new owner starts from the committed offset
         committed = await consumer.committed(tp)
         if committed is None:
             await consumer.seek_to_beginning(tp)

@@ -3,12 +3,20 @@ for; nothing is registered at import."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from aiokafka import TopicPartition
+from kafka_stack import provisioned_settings, stack_environment
 from typer.testing import CliRunner
 
+from infra.kafka.clients import make_consumer, make_producer
 from infra.settings import load_settings
 from loraledger.cli import app as cli
 from pipeline.agents import Processor, build_pipeline
-from pipeline.app import consumer_group
+from pipeline.app import _ConsumerThread, consumer_group
+from schemas.topics import topic_name
 
 GOVERNANCE_TABLES = [
     "earned-entries", "open-proposals", "parameter-history", "used-proposal-ids", "voter-keys",
@@ -56,3 +64,38 @@ def test_the_command_refuses_an_unknown_processor():
     result = CliRunner().invoke(cli, ["pipeline", "--processor", "rewards"])
     assert result.exit_code == 2
     assert "rewards" in result.output
+
+
+@pytest.mark.integration
+def test_changelog_seek_starts_an_unbuilt_partition_from_its_beginning(tmp_path):
+    # Faust seeks a standby changelog partition that a rebalance added mid-recovery with the
+    # offset None; that must read it from the beginning, not crash the worker.
+    settings = provisioned_settings(stack_environment(tmp_path / "clickhouse"))
+    topic = topic_name("results", settings.topic_prefix)
+    unbuilt, built = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    thread = SimpleNamespace(
+        consumer=SimpleNamespace(_read_offset={unbuilt: 5}),
+        app=SimpleNamespace(conf=SimpleNamespace(broker_request_timeout=60.0)),
+    )
+
+    async def seek() -> tuple[int, int]:
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            for partition in (0, 1):
+                for _ in range(3):
+                    await producer.send_and_wait(topic, b"row", partition=partition)
+        finally:
+            await producer.stop()
+        consumer = make_consumer(settings, [], group_id=None)
+        await consumer.start()
+        try:
+            consumer.assign([unbuilt, built])
+            await consumer.seek_to_end(unbuilt, built)
+            await _ConsumerThread._seek_wait(thread, consumer, {unbuilt: None, built: 2})
+            return await consumer.position(unbuilt), await consumer.position(built)
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(seek()) == (0, 2)
+    assert thread.consumer._read_offset == {built: 2}
