@@ -4,7 +4,7 @@ It owns the engine, the admission scheduler and the sketcher, and is driven by o
 time (the service runs it on a single executor thread). `advance` admits queued requests into
 the engine's continuous batch as rows free up, runs steps for a time slice, and turns finished
 generations into results; ok results that want a sketch wait until `flush_sketches`, so one
-gradient pass covers many results of an adapter.
+gradient pass covers many results.
 
 Adapter residency belongs to the engine: the scheduler ranks requests by the engine's
 `adapter_status`, and the adapters of the requests it still holds are handed to the engine's
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from inference.adapter_cache import AdapterStatus
 from inference.adapter_store import AdapterStore
+from inference.batched_sketch import BatchedSketcher
 from inference.config import LoraServingConfig
 from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 from inference.sketch import Sketcher
@@ -130,7 +131,9 @@ class ServingBackend:
         attacher = None
         if policy.mode != "off":
             attacher = SketchAttacher(
-                AdapterStore(adapters_dir), lambda: Sketcher(base_model_dir, device=device)
+                AdapterStore(adapters_dir),
+                lambda: Sketcher(base_model_dir, device=device),
+                lambda: BatchedSketcher.load(base_model_dir, device),
             )
         return cls(
             engine,
