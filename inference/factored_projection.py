@@ -90,15 +90,6 @@ class FactoredProjector:
                 signs.to(self.device),
             )
 
-    @property
-    def bytes(self) -> int:
-        """Memory the projection matrices and count-sketch tables take."""
-        total = 0
-        for p in self._parameters.values():
-            for tensor in (p.out_side, p.in_side, p.buckets, p.signs):
-                total += tensor.numel() * tensor.element_size() if tensor is not None else 0
-        return total
-
     def fold(self, name: str, blocks: torch.Tensor) -> torch.Tensor:
         """[B, d_out, d_in] blocks of parameter `name` -> [B, k] in the blocks' dtype."""
         p = self._parameters[name]
