@@ -130,8 +130,12 @@ class SketchAttacher:
         left out (logged), and the others go through without it."""
         if not groups:
             return {}
-        if self._batched is None:
-            self._batched = self._make_batched()
+        try:
+            if self._batched is None:
+                self._batched = self._make_batched()
+        except Exception as exc:  # the results still go out, without sketches
+            _log_failure(sum(map(len, groups.values())), "(any of the batch)", exc)
+            return {}
         batched = self._batched
         readable: list[tuple[SketchJob, Path, int]] = []  # (job, adapter directory, seed)
         for adapter_id, group in groups.items():
