@@ -130,7 +130,7 @@ class BatchedSketcher:
         tokenizer: PreTrainedTokenizerBase,
         model_config: ModelConfig,
         max_batch: int = DEFAULT_MAX_BATCH,
-        cached_adapters: int = DEFAULT_CACHED_ADAPTERS * 4,
+        cached_adapters: int = DEFAULT_CACHED_ADAPTERS * 4,  # a batch mixes many adapters
     ) -> None:
         for param in model.parameters():
             param.requires_grad_(False)
