@@ -222,7 +222,7 @@ def processor_run(
             status="ok",
             prompt=prompt,
             output_text=completion,
-            adapter_hash=manifest.weights_hash,
+            adapter_hash=manifest.adapter_hash,
             worker_id="bench",
             sketch=Sketch.from_array(
                 sketches[q], seed=sketcher.seed, projection=sketcher.projection

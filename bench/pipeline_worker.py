@@ -5,9 +5,15 @@ load (requests go out on schedule whether or not earlier ones finished). Reporte
 tokens/s, end-to-end latency (request sent -> result read by a read-committed consumer),
 time to first token (worker side: queue + adapter load + prefill), adapter cache hit rate.
 Then the attribution sketch's cost: the same requests published all at once (saturation),
-served with the sketch off and always on, in this process; the ratio of their throughputs.
+served with the sketch off and always on, in this process, `--repeats` times in alternation;
+reported: the median ratio of their throughputs (sketch on / sketch off, the peer compared
+with), the same ratio by this process's CPU time per request (less sensitive to other
+processes on a shared machine), the sketch's share of the worker's time (time in sketch passes
+over the phase's wall time, and the sketching thread's CPU time over the process's), its time
+per sketched result, and the bytes of one sketch (raw float32, and as base64 in the event).
 
-    python bench/pipeline_worker.py --adapters 1000 --requests 300 --rate 20
+    python bench/pipeline_worker.py --adapters 1000 --requests 200 --rate 20 \
+        --saturated-requests 1500 --repeats 3
 
 Needs the broker (`loraledger stack up`). Writes bench/results/pipeline_worker.json and
 prints a markdown table.
@@ -40,6 +46,7 @@ from random_adapters import write_random_adapter  # noqa: E402
 from inference.base_model import build_base_model  # noqa: E402
 from inference.config import LORA_TARGETS, LoraServingConfig, ModelConfig  # noqa: E402
 from inference.lora_layers import LoraPool  # noqa: E402
+from inference.sketch import PROJECTION_KIND, PROJECTION_KINDS  # noqa: E402
 from inference.worker.backend import BackendConfig  # noqa: E402
 from inference.worker.service import Worker, WorkerConfig  # noqa: E402
 from inference.worker.sketching import SketchMode, SketchPolicy  # noqa: E402
@@ -67,10 +74,11 @@ def zipf_weights(n: int, exponent: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def make_requests(args: argparse.Namespace, adapter_ids: list[str], seed: int) -> list:
+def make_requests(
+    args: argparse.Namespace, adapter_ids: list[str], seed: int, count: int
+) -> list:
     rng = np.random.default_rng(seed)
-    picks = rng.choice(len(adapter_ids), size=args.requests, p=zipf_weights(len(adapter_ids),
-                                                                            args.zipf))
+    picks = rng.choice(len(adapter_ids), size=count, p=zipf_weights(len(adapter_ids), args.zipf))
     return [
         InferenceRequest(
             adapter_id=adapter_ids[int(pick)],
@@ -148,6 +156,7 @@ async def run_phase(
         if worker_task.done():
             worker_task.result()
         await asyncio.sleep(0.1)
+    cpu_started = time.process_time()
     publisher = asyncio.create_task(publish())
     await collect()
     await publisher
@@ -156,6 +165,10 @@ async def run_phase(
     await producer.stop()
     await consumer.stop()
 
+    cpu_s = time.process_time() - cpu_started
+    registry = worker.metrics.registry
+    sketch_s = registry.get_sample_value("loraledger_worker_sketch_batch_seconds_sum") or 0.0
+    sketch_cpu_s = registry.get_sample_value("loraledger_worker_sketch_cpu_seconds_total") or 0.0
     results = [result for _, result in received.values()]
     first_sent = min(sent_at.values())
     last_received = max(at for at, _ in received.values())
@@ -169,12 +182,20 @@ async def run_phase(
         if r.timings is not None
     ]
     tiers = [r.cache_tier.value for r in ok]
+    sketches = [r.sketch for r in ok if r.sketch is not None]
     return {
         "requests": len(requests),
         "ok": len(ok),
         "errors": len(results) - len(ok),
-        "sketched": sum(r.sketch is not None for r in ok),
+        "sketched": len(sketches),
         "seconds": elapsed,
+        "cpu_ms_per_request": 1000 * cpu_s / len(results),
+        "sketch_seconds": sketch_s,
+        "sketch_share": sketch_s / elapsed,
+        "sketch_cpu_share": sketch_cpu_s / cpu_s,
+        "sketch_ms_per_result": 1000 * sketch_s / len(sketches) if sketches else None,
+        "sketch_bytes": 4 * sketches[0].k if sketches else None,
+        "sketch_bytes_base64": len(sketches[0].values_b64) if sketches else None,
         "requests_per_s": len(results) / elapsed,
         "tokens_per_s": tokens / elapsed,
         "e2e_p50_ms": percentile(e2e, 50),
@@ -192,7 +213,8 @@ async def run_phase(
 def table(report: dict) -> str:
     rows = [
         ("phase", "req/s", "tok/s", "e2e p50 ms", "e2e p99 ms", "TTFT p50 ms", "TTFT p99 ms",
-         "device hit", "sketched"),
+         "device hit", "sketched", "CPU ms/req", "sketch share (wall, CPU)",
+         "sketch ms/result"),
     ]
     for name, phase in report["phases"].items():
         rows.append((
@@ -205,13 +227,22 @@ def table(report: dict) -> str:
             f"{phase['ttft_p99_ms']:.0f}",
             f"{100 * (phase['device_hit_rate'] or 0):.0f}%",
             f"{phase['sketched']}/{phase['ok']}",
+            f"{phase['cpu_ms_per_request']:.2f}",
+            f"{100 * phase['sketch_share']:.0f}%, {100 * phase['sketch_cpu_share']:.0f}%",
+            f"{phase['sketch_ms_per_result']:.2f}" if phase["sketch_ms_per_result"] else "-",
         ))
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
     lines.append("")
+    ratios = ", ".join(f"{r:.2f}" for r in report["sketch_throughput_ratios"])
+    cpu_ratios = ", ".join(f"{r:.2f}" for r in report["sketch_cpu_ratios"])
     lines.append(
         f"Sketch cost: saturated throughput with the sketch always on is "
-        f"{report['sketch_throughput_ratio']:.2f}x the throughput with it off."
+        f"{report['sketch_throughput_ratio']:.2f}x (median; runs: {ratios}) the throughput "
+        f"with it off; by CPU time per request (sketch off / on, less sensitive to other "
+        f"processes on the machine) {report['sketch_cpu_ratio']:.2f}x (runs: {cpu_ratios}). "
+        f"One sketch: {report['sketch_bytes']} bytes of float32 "
+        f"({report['sketch_bytes_base64']} as base64)."
     )
     return "\n".join(lines)
 
@@ -219,12 +250,20 @@ def table(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=1000)
-    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=300, help="open-loop requests")
+    parser.add_argument("--saturated-requests", type=int, default=None,
+                        help="requests of each saturated phase (default: --requests)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="saturated sketch-off/on pairs; the median ratio is reported")
     parser.add_argument("--rate", type=float, default=20.0, help="offered load, requests/s")
     parser.add_argument("--zipf", type=float, default=1.1, help="popularity exponent")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--device-slots", type=int, default=64, help="rank-8 adapter slots")
+    parser.add_argument("--index-k", type=int, default=32, help="sketch dimension k")
+    parser.add_argument("--projection", default=PROJECTION_KIND, choices=PROJECTION_KINDS,
+                        help="the indexes' projection; gaussian-blocked-v1 is sketched one "
+                             "pass per adapter, as before the factored projection")
     parser.add_argument("--preset", default="test", help="base model preset: test or default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -242,7 +281,8 @@ def main() -> None:
         started = time.perf_counter()
         for number, adapter_id in enumerate(adapter_ids):
             write_random_adapter(home / "adapters", adapter_id, model_config, seed=number,
-                                 index_examples=8)
+                                 index_examples=8, index_k=args.index_k,
+                                 projection=args.projection)
         setup_s = time.perf_counter() - started
         settings = replace(settings, home=home, base_model_dir=base)
         slot_bytes = LoraPool.bytes_per_slot(model_config, 8, LORA_TARGETS, torch.float32)
@@ -261,15 +301,18 @@ def main() -> None:
 
         phases = {}
         phases["open-loop, sketch always"] = asyncio.run(run_phase(
-            settings, config(SketchMode.ALWAYS), make_requests(args, adapter_ids, 1), args.rate, 1
+            settings, config(SketchMode.ALWAYS),
+            make_requests(args, adapter_ids, 1, args.requests), args.rate, 1,
         ))
-        burst = make_requests(args, adapter_ids, 2)
-        phases["saturated, sketch off"] = asyncio.run(
-            run_phase(settings, config(SketchMode.OFF), burst, None, 2)
-        )
-        phases["saturated, sketch always"] = asyncio.run(
-            run_phase(settings, config(SketchMode.ALWAYS), burst, None, 2)
-        )
+        burst = make_requests(args, adapter_ids, 2, args.saturated_requests or args.requests)
+        ratios, cpu_ratios = [], []
+        for repeat in range(1, args.repeats + 1):
+            off = asyncio.run(run_phase(settings, config(SketchMode.OFF), burst, None, 2))
+            on = asyncio.run(run_phase(settings, config(SketchMode.ALWAYS), burst, None, 2))
+            phases[f"saturated, sketch off #{repeat}"] = off
+            phases[f"saturated, sketch always #{repeat}"] = on
+            ratios.append(on["requests_per_s"] / off["requests_per_s"])
+            cpu_ratios.append(off["cpu_ms_per_request"] / on["cpu_ms_per_request"])
 
     report = {
         "benchmark": "pipeline_worker",
@@ -278,8 +321,12 @@ def main() -> None:
                     "cuda": torch.cuda.get_device_name() if args.device == "cuda" else None},
         "adapter_setup_s": setup_s,
         "phases": phases,
-        "sketch_throughput_ratio": phases["saturated, sketch always"]["requests_per_s"]
-        / phases["saturated, sketch off"]["requests_per_s"],
+        "sketch_throughput_ratios": ratios,
+        "sketch_throughput_ratio": statistics.median(ratios),
+        "sketch_cpu_ratios": cpu_ratios,
+        "sketch_cpu_ratio": statistics.median(cpu_ratios),
+        "sketch_bytes": phases["open-loop, sketch always"]["sketch_bytes"],
+        "sketch_bytes_base64": phases["open-loop, sketch always"]["sketch_bytes_base64"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

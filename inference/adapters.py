@@ -36,7 +36,8 @@ MAX_PATTERN_KEYS = 1024
 MAX_PATTERN_KEY_CHARS = 256
 _PATTERN_KEY = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 
-_PARENT = {
+# The module holding each adaptable projection in a Llama-family checkpoint.
+PROJECTION_PARENT = {
     "q_proj": "self_attn",
     "k_proj": "self_attn",
     "v_proj": "self_attn",
@@ -128,7 +129,7 @@ def load_peft_adapter(
         if match is None:
             raise AdapterRefused(f"adapter {adapter_id!r} has weights for an unknown module: {key}")
         target, layer = match["target"], int(match["layer"])
-        if target not in target_modules or _PARENT.get(target) != match["parent"]:
+        if target not in target_modules or PROJECTION_PARENT.get(target) != match["parent"]:
             raise AdapterRefused(
                 f"adapter {adapter_id!r} targets {match['parent']}.{target}, which this server "
                 f"does not adapt (supported: {', '.join(target_modules)})"
@@ -144,7 +145,7 @@ def load_peft_adapter(
 
     modules: dict[tuple[int, str], LoraModule] = {}
     for (layer, target), ab in sorted(pairs.items()):
-        name = f"layers.{layer}.{_PARENT[target]}.{target}"
+        name = f"layers.{layer}.{PROJECTION_PARENT[target]}.{target}"
         if set(ab) != {"A", "B"}:
             raise AdapterRefused(
                 f"adapter {adapter_id!r} has lora_A without lora_B (or the reverse) for {name}"
@@ -204,7 +205,7 @@ def save_peft_adapter(
     files.path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     for (layer, target), (a, b) in modules.items():
-        prefix = f"base_model.model.model.layers.{layer}.{_PARENT[target]}.{target}"
+        prefix = f"base_model.model.model.layers.{layer}.{PROJECTION_PARENT[target]}.{target}"
         tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
     save_file(tensors, str(files.weights_path), metadata={"format": "pt"})

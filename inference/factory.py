@@ -44,11 +44,12 @@ from inference.sketch import (
     DEFAULT_K,
     LOSS_DEFINITION,
     PROJECTION_KIND,
-    Projector,
+    AnyProjector,
     collate,
     encode_pair,
     layout_hash,
     lora_layers,
+    make_projector,
     param_layout,
     per_example_loss,
     projected_gradient,
@@ -196,7 +197,7 @@ def _index_features(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     rows: list[DatanetRow],
-    projector: Projector,
+    projector: AnyProjector,
     config: TrainConfig,
 ) -> tuple[np.ndarray, tuple[str, str], dict[str, float]]:
     """The index's feature rows for `config.index_estimator`, the estimator and its params."""
@@ -240,7 +241,7 @@ def _train_one(
     store: AdapterStore,
     overwrite: bool,
     progress: ProgressFn | None,
-    projectors: dict[tuple[str, int, int], Projector],
+    projectors: dict[tuple[str, int, int], AnyProjector],
 ) -> tuple[TrainResult, LlamaForCausalLM]:
     """Train, save and index one adapter on `base`; returns the base with LoRA layers removed."""
     config = spec.config
@@ -270,7 +271,9 @@ def _train_one(
         # indexing a small adapter.
         key = (layout_hash(layout), config.index_k, config.projection_seed)
         if key not in projectors:
-            projectors[key] = Projector(layout, config.index_k, config.projection_seed)
+            projectors[key] = make_projector(
+                PROJECTION_KIND, layout, config.index_k, config.projection_seed
+            )
         projector = projectors[key]
         features, estimator, estimator_params = _index_features(
             model, tokenizer, rows, projector, config
@@ -353,7 +356,7 @@ def train_many(
     base_hash = base_model_hash(base_model_dir)
     store = AdapterStore(adapters_dir)
     results = []
-    projectors: dict[tuple[str, int, int], Projector] = {}
+    projectors: dict[tuple[str, int, int], AnyProjector] = {}
     with single_thread():
         base, tokenizer = load_base_model(base_model_dir)
         for spec in specs:

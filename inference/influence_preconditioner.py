@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from inference.sketch import Projector, collate, encode_pairs, lora_layers, per_example_loss
+from inference.sketch import AnyProjector, collate, encode_pairs, lora_layers, per_example_loss
 
 DEFAULT_DAMPING_RELATIVE = 0.01
 DEFAULT_PRIOR_DAMPING_RELATIVE = 0.1
@@ -170,16 +170,13 @@ def fit_factors(
     return factors
 
 
-def projected_hessian(projector: Projector, factors: dict[str, LayerFactors]) -> np.ndarray:
+def projected_hessian(projector: AnyProjector, factors: dict[str, LayerFactors]) -> np.ndarray:
     """R F R^T [k, k] float64, F the damped EK-FAC matrix of `factors` and R `projector`'s
     matrix."""
     k = projector.k
     total = torch.zeros(k, k, dtype=torch.float64)
     for name, shape in projector.layout:
         f = factors[name]
-        # A parameter's block of R is seeded by its own name: a projector of this layer alone
-        # has the same block.
-        layer = Projector([(name, shape)], k, projector.seed, projector.device)
         q_out, q_in = f.output_basis.float(), f.input_basis.float()
         eigenvalues = f.eigenvalues.reshape(-1)
         for start in range(0, eigenvalues.numel(), EIGENVECTOR_BATCH):
@@ -188,7 +185,8 @@ def projected_hessian(projector: Projector, factors: dict[str, LayerFactors]) ->
             out_vectors = q_out[:, index // shape[1]].T  # [c, out]
             in_vectors = q_in[:, index % shape[1]].T  # [c, in]
             vectors = out_vectors[:, :, None] * in_vectors[:, None, :]
-            projected = layer.project({name: vectors.to(projector.device)}).cpu().double()
+            projected = projector.project_parameter(name, vectors.to(projector.device))
+            projected = projected.cpu().double()
             total += projected.T @ (projected * eigenvalues[index, None])
     return ((total + total.T) / 2).numpy()
 
@@ -218,7 +216,7 @@ def ekfac_projected_features(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
-    projector: Projector,
+    projector: AnyProjector,
     max_length: int,
     batch_size: int = 32,
     damping_relative: float = DEFAULT_DAMPING_RELATIVE,

@@ -13,11 +13,16 @@ the gradient of example b's loss is sum_t g[b,t] x[b,t]^T, with x the layer's in
 gradient at its output, both captured by hooks on the LoRA A and B layers. Padding sits at the
 right and is masked from the loss, so no example's gradient sees another's tokens.
 
-Projection ("gaussian-blocked-v1"): the flattened gradient of each LoRA parameter, in sorted
-name order, is multiplied by a Gaussian matrix with entries N(0, 1/k). The matrix of a
-parameter is generated in blocks of at most `BLOCK_ROWS` rows, each from its own generator
-seeded by sha256(seed, parameter name, block), always on the CPU: memory stays bounded, and any
-device gets the same numbers.
+Projections, named in the index (`index.json` "projection") and on every sketch:
+- "factored-countsketch-v1" (`PROJECTION_KIND`, what new indexes use): see
+  `inference.factored_projection`; the worker computes it for a whole mixed-adapter batch in
+  one pass (`inference.batched_sketch`).
+- "gaussian-blocked-v1" (`GAUSSIAN_KIND`, indexes built before it): the flattened gradient of
+  each LoRA parameter, in sorted name order, is multiplied by a Gaussian matrix with entries
+  N(0, 1/k). The matrix of a parameter is generated in blocks of at most `BLOCK_ROWS` rows,
+  each from its own generator seeded by sha256(seed, parameter name, block), always on the CPU:
+  memory stays bounded, and any device gets the same numbers.
+`Sketcher` computes either, one adapter at a time: it is what `verify` recomputes with.
 
 Switching adapters: adapters whose LoRA config matches the loaded one (rank, alpha, target
 modules, and so the same parameter names and shapes) are swapped by copying their weights into
@@ -46,9 +51,12 @@ from transformers import PreTrainedTokenizerBase
 
 from inference.adapter_store import AdapterDir
 from inference.attribution_index import meta_path, read_index_meta
+from inference.factored_projection import FACTORED_KIND, FactoredProjector
 from inference.tokenizer import Prompt, added_prefix_length, encode_prompts
 
-PROJECTION_KIND = "gaussian-blocked-v1"
+GAUSSIAN_KIND = "gaussian-blocked-v1"
+PROJECTION_KIND = FACTORED_KIND
+PROJECTION_KINDS = (GAUSSIAN_KIND, FACTORED_KIND)
 LOSS_DEFINITION = "mean-nll-completion-tokens-teacher-forced"
 DEFAULT_K = 512
 DEFAULT_MAX_LENGTH = 64
@@ -171,12 +179,14 @@ def layout_hash(layout: Sequence[tuple[str, tuple[int, ...]]]) -> str:
 
 
 def _block_seed(seed: int, name: str, block: int) -> int:
-    digest = hashlib.sha256(f"{PROJECTION_KIND}:{seed}:{name}:{block}".encode()).digest()
+    digest = hashlib.sha256(f"{GAUSSIAN_KIND}:{seed}:{name}:{block}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class Projector:
-    """The seeded random projection of LoRA gradients to k dimensions."""
+    """The seeded blocked Gaussian projection of LoRA gradients to k dimensions."""
+
+    kind = GAUSSIAN_KIND
 
     def __init__(
         self,
@@ -211,18 +221,43 @@ class Projector:
         if self._cache is not None:
             self._cache[name] = blocks
 
+    def project_parameter(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        """grads [B, *shape] of parameter `name` -> [B, k] float32."""
+        flat = grads.reshape(grads.shape[0], -1).float()
+        out = torch.zeros(flat.shape[0], self.k, device=flat.device)
+        for block, matrix in self._blocks(name, flat.shape[1]):
+            out += flat[:, block * BLOCK_ROWS : block * BLOCK_ROWS + matrix.shape[0]] @ matrix
+        return out
+
     def project(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """grads: canonical name -> [B, *shape] per-example gradients; returns [B, k] float32."""
         out: torch.Tensor | None = None
         for name, shape in self.layout:
-            flat = grads[name].reshape(grads[name].shape[0], -1).float()
-            if flat.shape[1] != math.prod(shape):
-                raise ValueError(f"gradient of {name} has {flat.shape[1]} values, expected {shape}")
-            for block, matrix in self._blocks(name, flat.shape[1]):
-                part = flat[:, block * BLOCK_ROWS : block * BLOCK_ROWS + matrix.shape[0]] @ matrix
-                out = part if out is None else out + part
+            values = math.prod(grads[name].shape[1:])
+            if values != math.prod(shape):
+                raise ValueError(f"gradient of {name} has {values} values, expected {shape}")
+            part = self.project_parameter(name, grads[name])
+            out = part if out is None else out + part
         assert out is not None
         return out
+
+
+AnyProjector = Projector | FactoredProjector
+
+
+def make_projector(
+    kind: str,
+    layout: Sequence[tuple[str, tuple[int, ...]]],
+    k: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> AnyProjector:
+    """The projector an index of projection `kind` was built with."""
+    if kind == GAUSSIAN_KIND:
+        return Projector(layout, k, seed, device)
+    if kind == FACTORED_KIND:
+        return FactoredProjector(layout, k, seed, device)
+    raise ValueError(f"unknown projection {kind!r}; known: {', '.join(PROJECTION_KINDS)}")
 
 
 @contextmanager
@@ -278,7 +313,7 @@ def projected_gradient(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[tuple[Prompt, str]],
-    projector: Projector,
+    projector: AnyProjector,
     max_length: int = DEFAULT_MAX_LENGTH,
     batch_size: int = 16,
     layers: Sequence[tuple[str, nn.Linear]] | None = None,
@@ -301,7 +336,7 @@ def projected_gradient(
     try:
         for start in range(0, len(encoded), batch_size):
             ids, mask, labels = collate(
-                encoded[start : start + batch_size], _pad_id(tokenizer), device
+                encoded[start : start + batch_size], pad_id(tokenizer), device
             )
             grads, _ = per_example_gradients(model, ids, mask, labels, layers)
             out.append(projector.project(grads).cpu())
@@ -311,7 +346,7 @@ def projected_gradient(
     return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
-def _files_version(adapter_dir: Path) -> tuple[int, ...]:
+def files_version(adapter_dir: Path) -> tuple[int, ...]:
     """(mtime, size) of the weights, the config and the index metadata: changes when any of
     them is rewritten."""
     files = AdapterDir(adapter_dir)
@@ -325,18 +360,28 @@ def _files_version(adapter_dir: Path) -> tuple[int, ...]:
     return tuple(version)
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
     return int(pad)
 
 
+def check_index_method(adapter_dir: Path, meta: dict[str, Any], kinds: Sequence[str]) -> None:
+    """Refuse an index whose projection is not one of `kinds` or whose loss is not ours."""
+    if meta.get("projection") not in kinds or meta.get("loss") != LOSS_DEFINITION:
+        raise ValueError(
+            f"index of {adapter_dir} uses projection {meta.get('projection')!r} and loss "
+            f"{meta.get('loss')!r}; this code computes {' or '.join(map(repr, kinds))} and "
+            f"{LOSS_DEFINITION!r}"
+        )
+
+
 @dataclass(frozen=True)
 class _AdapterFiles:
     """What a Sketcher read from one adapter directory, valid while its files are unchanged."""
 
-    version: tuple[int, ...]  # _files_version when read
+    version: tuple[int, ...]  # files_version when read
     config: dict[str, Any]  # adapter_config.json, less _CONFIG_FIELDS_IGNORED
     weights: dict[str, torch.Tensor]  # canonical name -> tensor on the sketcher's device
     meta: dict[str, Any]  # the attribution index's metadata
@@ -347,12 +392,7 @@ def _read_adapter(
 ) -> _AdapterFiles:
     files = AdapterDir(adapter_dir)
     meta = read_index_meta(files.index_dir)
-    if meta.get("projection") != PROJECTION_KIND or meta.get("loss") != LOSS_DEFINITION:
-        raise ValueError(
-            f"index of {adapter_dir} uses projection {meta.get('projection')!r} and loss "
-            f"{meta.get('loss')!r}; this code computes {PROJECTION_KIND!r} and "
-            f"{LOSS_DEFINITION!r}"
-        )
+    check_index_method(adapter_dir, meta, PROJECTION_KINDS)
     config = json.loads(files.config_path.read_text())
     if not isinstance(config, dict):
         raise ValueError(f"{files.config_path.name} in {adapter_dir} is not a JSON object")
@@ -387,7 +427,7 @@ class Sketcher:
         self.batch_size = batch_size
         self._cached_adapters = cached_adapters
         self._adapters: OrderedDict[Path, _AdapterFiles] = OrderedDict()
-        self._projectors: OrderedDict[tuple[str, int, int], Projector] = OrderedDict()
+        self._projectors: OrderedDict[tuple[str, str, int, int], AnyProjector] = OrderedDict()
         # The PeftModel, with what it was built from and what it holds.
         self._model: PeftModel | None = None
         self._model_config: dict[str, Any] | None = None
@@ -403,7 +443,7 @@ class Sketcher:
         """Swap in an adapter (safetensors weights). Calling it again with the same adapter is
         free unless its files changed on disk. After a refused switch no adapter is in use."""
         adapter_dir = Path(adapter_dir)
-        version = _files_version(adapter_dir)
+        version = files_version(adapter_dir)
         if self.adapter_dir == adapter_dir and self._version == version:
             return
         self.adapter_dir = None
@@ -421,7 +461,7 @@ class Sketcher:
             )
         meta = files.meta
         self.k, self.seed, self.max_length = meta["k"], meta["seed"], meta["max_length"]
-        self._projector = self._projector_for(self.k, self.seed)
+        self._projector = self._projector_for(meta["projection"], self.k, self.seed)
         self.adapter_dir = adapter_dir
         self._version = version
 
@@ -473,12 +513,12 @@ class Sketcher:
         self._model_config = files.config
         self._model = model
 
-    def _projector_for(self, k: int, seed: int) -> Projector:
-        key = (self._layout_hash, k, seed)
+    def _projector_for(self, kind: str, k: int, seed: int) -> AnyProjector:
+        key = (kind, self._layout_hash, k, seed)
         projector = self._projectors.pop(key, None)
         if projector is None:
             layout = [(name, tuple(layer.weight.shape)) for name, layer in self._layers]
-            projector = Projector(layout, k, seed, self.device)
+            projector = make_projector(kind, layout, k, seed, self.device)
         self._projectors[key] = projector
         while len(self._projectors) > CACHED_PROJECTORS:
             self._projectors.popitem(last=False)
@@ -486,7 +526,8 @@ class Sketcher:
 
     @property
     def projection(self) -> str:
-        return PROJECTION_KIND
+        """The projection of the adapter in use."""
+        return self._projector.kind
 
     def projected_gradient(self, pairs: Sequence[tuple[Prompt, str]]) -> np.ndarray:
         if self._model is None or self.adapter_dir is None:

@@ -4,7 +4,7 @@ It owns the engine, the admission scheduler and the sketcher, and is driven by o
 time (the service runs it on a single executor thread). `advance` admits queued requests into
 the engine's continuous batch as rows free up, runs steps for a time slice, and turns finished
 generations into results; ok results that want a sketch wait until `flush_sketches`, so one
-gradient pass covers many results of an adapter.
+gradient pass covers a batch of results, whatever their adapters.
 
 Adapter residency belongs to the engine: the scheduler ranks requests by the engine's
 `adapter_status`, and the adapters of the requests it still holds are handed to the engine's
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from inference.adapter_cache import AdapterStatus
 from inference.adapter_store import AdapterStore
+from inference.batched_sketch import BatchedSketcher
 from inference.config import LoraServingConfig
 from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 from inference.sketch import Sketcher
@@ -55,7 +56,7 @@ class BackendConfig:
     ready_bonus_s: float = 0.25
     host_bonus_s: float = 0.1
     prefetch_adapters: int = 16  # distinct adapters of queued requests the engine prefetches
-    sketch_batch: int = 32  # held ok results of one adapter that trigger a sketch pass
+    sketch_batch: int = 32  # held ok results (of any adapters) that trigger a sketch pass
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,9 @@ class ServingBackend:
         attacher = None
         if policy.mode != "off":
             attacher = SketchAttacher(
-                AdapterStore(adapters_dir), lambda: Sketcher(base_model_dir, device=device)
+                AdapterStore(adapters_dir),
+                lambda: Sketcher(base_model_dir, device=device),
+                lambda: BatchedSketcher.load(base_model_dir, device),
             )
         return cls(
             engine,
@@ -222,7 +225,7 @@ class ServingBackend:
             return []
         sketches = {}
         if self.sketches is not None:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             sketches = self.sketches.compute(
                 [
                     SketchJob(
@@ -235,18 +238,17 @@ class ServingBackend:
                 ]
             )
             self.metrics.sketch_seconds.observe(time.perf_counter() - started)
+            self.metrics.sketch_cpu_seconds.inc(time.thread_time() - started_cpu)
         return [
             Completed(job.key, self._ok(job, generation, sketches.get(job.key)))
             for job, generation in held
         ]
 
     def _should_sketch(self) -> bool:
+        # One pass sketches a batch of any mix of adapters: wait only for a full batch.
         if not (self.engine.has_work() or self.scheduler):
             return True
-        counts: dict[str, int] = {}
-        for job, _ in self._held:
-            counts[job.request.adapter_id] = counts.get(job.request.adapter_id, 0) + 1
-        return max(counts.values()) >= self.config.sketch_batch
+        return len(self._held) >= self.config.sketch_batch
 
     def _residency(self, adapter_id: AdapterId | None) -> Residency:
         if adapter_id is None:

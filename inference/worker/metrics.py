@@ -84,6 +84,11 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.sketch_cpu_seconds = Counter(
+            "loraledger_worker_sketch_cpu_seconds",
+            "CPU time of the thread computing sketches, spent on them",
+            registry=r,
+        )
         self._started = time.monotonic()
         self._last_status: tuple[float, int, int] = (self._started, 0, 0)
         self.committed_results = 0

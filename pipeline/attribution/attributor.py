@@ -1,11 +1,12 @@
 """One result in, one attribution record out: a pure function of the result, the parameters
 and the adapter's hashed artifacts, so `loraledger verify` can recompute it exactly.
 
-The record's method is what ran (`MethodVersion.V2`): its name is the methods the weights came
+The record's method is what ran (`MethodVersion.V3`): its name is the methods the weights came
 from, the gradient method named by the index's estimator that scored it (`ekfac-projected+span`
 for a mix, `ekfac-projected` or `span` alone, `example-counts` for the fallback, `none` for a
 failed record), and its params hold the governance parameters, `min_span_tokens`, and for an ok
-record the basis and the estimator with its version.
+record the basis, the estimator with its version and the index's projection (how both the
+query's sketch and the index's rows were computed, e.g. `factored-countsketch-v1`).
 
 Evidence hash: sha256 of a canonical JSON document (sorted keys, no spaces) holding everything
 the computation read and everything the record says about how it was computed: request and
@@ -17,8 +18,8 @@ output text, and the method (name, version and every parameter). A field that wa
 scores agree across machines only up to float rounding.
 
 Records of version 1 (`MethodVersion.V1`) named every method `trak+span` and hashed only the
-governance parameters and `min_span_tokens`; `attribute(..., version=MethodVersion.V1)` still
-computes them, so that they still verify.
+governance parameters and `min_span_tokens`; records of version 2 did not name the projection.
+`attribute(..., version=...)` still computes both, so that they still verify.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ from schemas.events import (
 class MethodVersion(StrEnum):
     V1 = "1"  # every record named V1_METHOD_NAME; the evidence hashed the parameters given only
     V2 = "2"  # named by what ran; the evidence hashes the whole method
+    V3 = "3"  # as V2, and the params name the index's projection
 
 
-METHOD_VERSION = MethodVersion.V2
+METHOD_VERSION = MethodVersion.V3
 V1_METHOD_NAME = "trak+span"
 # What version 1 reported about its own computation, and left out of the evidence hash.
 V1_UNHASHED_PARAMS = ("basis", "estimator")
@@ -75,16 +77,18 @@ def method_params(parameters: Parameters) -> dict[str, float | int | str]:
 def method_info(
     version: MethodVersion,
     parameters: Parameters,
-    ran: tuple[Basis, tuple[str, str]] | None = None,
+    ran: tuple[Basis, tuple[str, str], str] | None = None,
 ) -> MethodInfo:
-    """The method of a record of `version`: `ran` is the basis of the weights and the index's
-    estimator (name, version), None for a failed record."""
+    """The method of a record of `version`: `ran` is the basis of the weights, the index's
+    estimator (name, version) and its projection, None for a failed record."""
     params = method_params(parameters)
     name = NO_METHOD
     if ran is not None:
-        basis, (estimator, estimator_version) = ran
+        basis, (estimator, estimator_version), projection = ran
         name = method_name(basis, estimator)
         params = {**params, "basis": basis.value, "estimator": f"{estimator}/{estimator_version}"}
+        if version == MethodVersion.V3:
+            params["projection"] = projection
     if version == MethodVersion.V1:
         name = V1_METHOD_NAME
     return MethodInfo(name=name, version=version.value, params=params)
@@ -236,7 +240,8 @@ def attribute(
         return failed_record(
             result, parameters, failure, sketch=sketch, artifacts=artifacts, version=version
         )
-    method = method_info(version, parameters, (basis, artifacts.index.estimator))
+    projection = str(artifacts.index.meta.get("projection"))
+    method = method_info(version, parameters, (basis, artifacts.index.estimator, projection))
     return AttributionRecord(
         request_id=result.request_id,
         adapter_id=result.adapter_id,

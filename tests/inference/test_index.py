@@ -29,11 +29,13 @@ from inference.influence_preconditioner import (
     solve_projected,
 )
 from inference.sketch import (
-    Projector,
+    PROJECTION_KIND,
+    PROJECTION_KINDS,
     Sketcher,
     collate,
     encode_pairs,
     lora_layers,
+    make_projector,
     param_layout,
     per_example_gradients,
     projected_gradient,
@@ -136,8 +138,9 @@ def peft_model(base_model_dir: Path, trained_adapter):
     return model, tokenizer
 
 
+@pytest.mark.parametrize("kind", PROJECTION_KINDS)
 def test_ekfac_factors_and_projected_hessian_match_explicit_matrices(
-    peft_model, small_datanet
+    peft_model, small_datanet, kind: str
 ) -> None:
     model, tokenizer = peft_model
     pairs = [("", row.text) for row in small_datanet.snapshot.rows[:10]]
@@ -146,7 +149,7 @@ def test_ekfac_factors_and_projected_hessian_match_explicit_matrices(
     ids, mask, labels = collate(encode_pairs(tokenizer, pairs, 64), tokenizer.eos_token_id)
     grads, _ = per_example_gradients(model, ids, mask, labels, layers)
     layout = param_layout(model)[:4]  # a few layers keep the explicit matrices small
-    projector = Projector(layout, 48, 3)
+    projector = make_projector(kind, layout, 48, 3)
     expected = np.zeros((48, 48))
     for name, shape in layout:
         f = factors[name]
@@ -179,7 +182,8 @@ def test_the_index_rows_are_the_ekfac_projected_estimator(
     params = index.meta["estimator_params"]
     texts = index.examples.column("text").to_pylist()
     layers = lora_layers(model)
-    projector = Projector(param_layout(model), index.k, index.meta["seed"])
+    assert index.meta["projection"] == PROJECTION_KIND
+    projector = make_projector(PROJECTION_KIND, param_layout(model), index.k, index.meta["seed"])
     again = ekfac_projected_features(
         model, tokenizer, texts, projector, 64, 32,
         params["damping_relative"], params["prior_damping_relative"], layers,
@@ -200,7 +204,7 @@ def test_with_the_prior_equal_to_h_the_rows_solve_r_h_rt_w_equals_the_sketch(
     model, tokenizer = peft_model
     texts = [row.text for row in small_datanet.snapshot.rows[:8]]
     layers = lora_layers(model)
-    projector = Projector(param_layout(model), 40, 5)
+    projector = make_projector(PROJECTION_KIND, param_layout(model), 40, 5)
     factors = fit_factors(model, tokenizer, [("", t) for t in texts], 64, 4, 0.05, layers)
     hessian = projected_hessian(projector, factors)
     sketches = projected_gradient(model, tokenizer, [("", t) for t in texts], projector)

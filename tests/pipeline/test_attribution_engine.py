@@ -4,7 +4,14 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-from attribution_support import WORKER, facts_for, make_adapter, make_result, signed_bytes
+from attribution_support import (
+    PROJECTION,
+    WORKER,
+    facts_for,
+    make_adapter,
+    make_result,
+    signed_bytes,
+)
 
 from infra.settings import load_settings
 from pipeline.attribution.artifacts import ArtifactCache
@@ -51,7 +58,7 @@ def test_ok_record_ranks_examples_by_trak_score_and_weights_sum_exactly(adapter,
     assert record.method.params["basis"] == Basis.GRADIENT
     assert record.method.params["estimator"] == "trak/1"  # the index's estimator
     # Named by what ran: the gradient method alone, scored by the index's estimator.
-    assert (record.method.name, record.method.version) == ("trak", "2")
+    assert (record.method.name, record.method.version) == ("trak", "3")
     assert record.index_hash == adapter["index_hash"]
     assert record.adapter_hash == adapter["adapter_hash"]
 
@@ -102,6 +109,7 @@ def test_the_evidence_hash_covers_everything_the_method_reports(adapter, cache):
         record.method.model_copy(update={"name": "ekfac-projected"}),
         record.method.model_copy(update={"params": {**params, "estimator": "ekfac-projected/1"}}),
         record.method.model_copy(update={"params": {**params, "basis": "span"}}),
+        record.method.model_copy(update={"params": {**params, "projection": "other-v1"}}),
     ):
         assert _evidence_with(record, result, altered) != record.evidence_hash
 
@@ -115,6 +123,17 @@ def test_version_1_records_keep_their_name_and_their_evidence(adapter, cache):
     relabelled = old.method.model_copy(update={"params": {**old.method.params, "basis": "span"}})
     assert _evidence_with(old, result, relabelled) == old.evidence_hash
     current = attribute(result, Parameters(), cache)
+    assert old.contributor_weights == current.contributor_weights
+    assert old.evidence_hash != current.evidence_hash
+
+
+def test_version_2_records_do_not_name_the_projection_version_3_records_hash_it(adapter, cache):
+    result = make_result(adapter)
+    old = attribute(result, Parameters(), cache, MethodVersion.V2)
+    current = attribute(result, Parameters(), cache)
+    assert (old.method.version, current.method.version) == ("2", "3")
+    assert "projection" not in old.method.params
+    assert current.method.params["projection"] == PROJECTION
     assert old.contributor_weights == current.contributor_weights
     assert old.evidence_hash != current.evidence_hash
 

@@ -50,6 +50,7 @@ def write_random_adapter(
     index_k: int = 32,
     index_seed: int = 0,
     max_length: int = 64,
+    projection: str = PROJECTION_KIND,
 ) -> Path:
     """Write one adapter with N(0, scale^2) weights; with `index_examples` > 0, also an
     attribution index of that many random examples. Returns the adapter directory."""
@@ -74,7 +75,7 @@ def write_random_adapter(
                 for i, text in enumerate(texts)
             ],
             seed=index_seed,
-            projection=PROJECTION_KIND,
+            projection=projection,
             loss=LOSS_DEFINITION,
             param_layout_hash=layout_hash(lora_layout(config, rank, targets)),
             max_length=max_length,
