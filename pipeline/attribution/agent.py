@@ -82,7 +82,6 @@ async def run_attribution(
             record.value,
             origin=Origin(record.topic, record.partition, record.offset, broker_time(record)),
             facts=facts,
-            parameters=parameters.current_parameters(),
             cache=cache,
             pricing=parameters.parameters_for_epoch,
             epoch_seconds=settings.epoch_seconds,
