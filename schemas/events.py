@@ -480,7 +480,7 @@ class Parameters(Part):
     # The lexical method's share of the mix; the rest is split between the gradient and the
     # span method by `gradient_weight_ppm` (so parameters from before the lexical method keep
     # their meaning).
-    lexical_weight_ppm: Ppm = 500_000
+    lexical_weight_ppm: Ppm = 300_000
     gradient_weight_ppm: Ppm = 800_000  # of what the lexical method leaves; the rest is span's
     top_k: int = Field(default=16, ge=1, le=1024)
     min_weight_ppm: Ppm = 0

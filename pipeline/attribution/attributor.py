@@ -5,8 +5,8 @@ The record's method is what ran (`MethodVersion.V3`): its name is the methods th
 from, joined by `+`, the gradient method named by the index's estimator that scored it
 (`ekfac-projected+lexical+span` for a mix of all three, `ekfac-projected`, `lexical` or `span`
 alone, `example-counts` for the fallback, `none` for a failed record), and its params hold the
-governance parameters, `min_span_tokens`, the BM25 constants, and for an ok record the basis and
-the estimator with its version.
+governance parameters, `min_span_tokens`, the lexical method's constants, and for an ok record
+the basis and the estimator with its version.
 
 Evidence hash: sha256 of a canonical JSON document (sorted keys, no spaces) holding everything
 the computation read and everything the record says about how it was computed: request and
@@ -33,7 +33,7 @@ from typing import Any
 
 from pipeline.attribution.artifacts import AdapterArtifacts, ArtifactCache
 from pipeline.attribution.failures import AttributionFailure, FailureCode
-from pipeline.attribution.lexical import BM25_B, BM25_K1
+from pipeline.attribution.lexical import BM25_B, BM25_K1, MIN_RELATIVE_SCORE
 from pipeline.attribution.methods import (
     NO_METHOD,
     Basis,
@@ -77,7 +77,7 @@ def method_params(
     parameters: Parameters, version: MethodVersion = METHOD_VERSION
 ) -> dict[str, float | int | str]:
     """The parameters given to the computation: governance's, the span length and, from
-    version 3, the BM25 constants."""
+    version 3, the lexical method's constants."""
     params: dict[str, float | int | str] = {
         "gradient_weight_ppm": parameters.gradient_weight_ppm,
         "min_span_tokens": DEFAULT_MIN_SPAN_TOKENS,
@@ -88,6 +88,7 @@ def method_params(
         params |= {
             "bm25_b": BM25_B,
             "bm25_k1": BM25_K1,
+            "lexical_min_relative": MIN_RELATIVE_SCORE,
             "lexical_weight_ppm": parameters.lexical_weight_ppm,
         }
     return params

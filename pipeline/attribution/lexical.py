@@ -6,9 +6,12 @@ keeping words only: punctuation carries no fact. A row's score for a result is t
 of the result's distinct words (prompt and output together: a paraphrase of a fact may name its
 subject in the question and its value in the answer) against the row. Only rows holding at
 least one word of the output are scored: words of the prompt alone say what was asked, not
-where the answer came from. The span method needs a row's words in the row's order; this one
-credits a row that states the output's fact in other words or another order, as long as the
-rare words (names, numbers) are shared.
+where the answer came from. Of the `top_k` best rows, only those scoring at least
+`MIN_RELATIVE_SCORE` of the best are credited: a row that states the output's fact shares its
+rare words (names, numbers) and scores close to the best, while rows sharing only common words
+(a template, a domain's vocabulary) score far below it and, summed over many rows, would
+outweigh it. The span method needs a row's words in the row's order; this one credits a row
+that states the output's fact in other words or another order.
 
 The statistics (document frequencies, lengths) are those of the index's own rows, which the
 index hash covers, so anyone holding the index recomputes the same scores.
@@ -26,6 +29,7 @@ from pipeline.attribution.spans import word_tokens
 
 BM25_K1 = 1.2  # term-frequency saturation
 BM25_B = 0.75  # length normalization
+MIN_RELATIVE_SCORE = 0.7  # of the best row's score, to be credited
 
 
 def lexical_terms(text: str) -> list[str]:
@@ -82,9 +86,18 @@ class LexicalIndex:
                 holds_output[found[0]] = True
         return np.where(holds_output, scores, 0.0)
 
-    def row_credit(self, text: str, top_k: int, context: str = "") -> dict[int, float]:
-        """Row position -> BM25 score, for the `top_k` best rows with a positive score (equal
-        scores by row position)."""
+    def row_credit(
+        self,
+        text: str,
+        top_k: int,
+        context: str = "",
+        min_relative: float = MIN_RELATIVE_SCORE,
+    ) -> dict[int, float]:
+        """Row position -> BM25 score, for the rows among the `top_k` best (equal scores by row
+        position) with a positive score of at least `min_relative` times the best."""
         scores = self.row_scores(text, context)
         order = np.lexsort((np.arange(self.rows), -scores))[:top_k]
-        return {int(row): float(scores[row]) for row in order if scores[row] > 0}
+        if order.size == 0:
+            return {}
+        floor = max(min_relative * scores[order[0]], np.nextafter(0.0, 1.0))
+        return {int(row): float(scores[row]) for row in order if scores[row] >= floor}

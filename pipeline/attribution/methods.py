@@ -6,9 +6,10 @@ and sum the *positive* scores per (contributor, datanet). A negative score means
 pushed the model away from this answer: it is reported among the top examples' scores but
 earns nothing.
 
-Lexical method (method version 3 on): the BM25 scores of the top-k rows that share words with
-the prompt and output (see `lexical`), summed per (contributor, datanet): it credits a row that
-states the output's fact in other words or another order.
+Lexical method (method version 3 on): the BM25 scores of the rows that share words with the
+prompt and output, among the top-k and close to the best (see `lexical`), summed per
+(contributor, datanet): it credits a row that states the output's fact in other words or
+another order.
 
 Span method: the tokens of the output that repeat a training row verbatim, in the context of
 the prompt (see `spans`), summed per (contributor, datanet).

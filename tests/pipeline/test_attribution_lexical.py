@@ -6,7 +6,7 @@ from attribution_support import make_adapter, make_result
 
 from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.attributor import MethodVersion, attribute
-from pipeline.attribution.lexical import BM25_B, BM25_K1, LexicalIndex
+from pipeline.attribution.lexical import BM25_B, BM25_K1, MIN_RELATIVE_SCORE, LexicalIndex
 from pipeline.attribution.methods import Basis
 from pipeline.attribution.spans import SpanIndex
 from schemas.events import PPM_TOTAL, Parameters
@@ -59,6 +59,15 @@ def test_top_k_keeps_the_best_rows_with_ties_by_position():
     assert list(credit) == [0, 1]
 
 
+def test_rows_far_below_the_best_are_not_credited():
+    index = LexicalIndex(ROWS)
+    output = " 5 copper, as in every valley."
+    scores = index.row_scores(output, context=PROMPT)
+    assert 0 < scores[1] < 0.7 * scores[0]  # shares "in" and "valley": words, not the fact
+    assert list(index.row_credit(output, top_k=4, context=PROMPT, min_relative=0.0)) == [0, 1, 2]
+    assert list(index.row_credit(output, top_k=4, context=PROMPT)) == [0]
+
+
 @pytest.fixture
 def adapter(tmp_path):
     return make_adapter(tmp_path)
@@ -81,7 +90,9 @@ def test_the_processor_credits_the_contributor_whose_row_states_the_paraphrased_
         ("contributor-000", PPM_TOTAL)
     ]
     assert record.method.params["lexical_weight_ppm"] == PPM_TOTAL
-    assert (record.method.params["bm25_k1"], record.method.params["bm25_b"]) == (BM25_K1, BM25_B)
+    params = record.method.params
+    assert (params["bm25_k1"], params["bm25_b"]) == (BM25_K1, BM25_B)
+    assert params["lexical_min_relative"] == MIN_RELATIVE_SCORE
 
 
 def test_the_lexical_weight_is_pinned_by_the_evidence_and_absent_before_version_3(
