@@ -1,28 +1,37 @@
 """Attribution quality and cost on the tiny base model and a synthetic datanet with planted facts.
 
-    python bench/attribution_eval.py [--subsets 20] [--peers kronfluence]
+    python bench/attribution_eval.py [--task paraphrase|verbatim] [--quick] [--peers ...]
 
-Measures, for our methods (the attribution index stored beside the adapter with its default
-`ekfac-projected` estimator, the same adapter re-indexed with the former `trak` estimator, the
-span method, and the gradient/span mix the processor publishes) and for established libraries
-on the same model and data:
+Two tasks on the same model and data generator: `paraphrase` (the default) asks about each
+planted fact in other words and another order (`inference.data.paraphrase`), `verbatim` asks
+with the fact's own prompt and completion, a copy of a training row.
+Measures, for our methods (the gradient method on the attribution index stored beside the
+adapter with its default `ekfac-projected` estimator, the same adapter re-indexed with the
+former `trak` estimator, the span method, the lexical method, and the mix the processor
+publishes) and for established methods on the same model and data (kronfluence EK-FAC, dattri
+TRAK, BM25 by rank-bm25):
 - LDS (linear datamodeling score): M adapters retrained on random halves of the datanet; for
-  each query (a planted fact's prompt and completion), the Spearman correlation over the M
-  subsets between the method's predicted effect (sum of the subset's example scores) and the
-  retrained adapter's actual -loss on the query; averaged over queries.
-- planted-fact top-1: for each fact, is the contributor with the largest weight (positive
-  top-k influence summed per contributor, as the processor does) the one who planted it?
-- cost: ms per query for attribution (ours: the processor's `attribute` on a result whose sketch
-  the worker computed; the sketch's own cost is reported apart), set-up time (our index is built
-  at training time), and attribution throughput against inference throughput on this machine.
-Prints a markdown table and writes JSON (default `bench/results/attribution_eval.json`).
-Peers need the `bench` extra (kronfluence, dattri, scipy).
+  each query, the Spearman correlation over the M subsets between the method's predicted
+  effect (sum of the subset's example scores) and the retrained adapter's actual -loss on the
+  query's completion; the mean over queries, with a bootstrap 95 % interval over queries.
+- fact tracing: for each query, the ranks of the training rows that state its fact, as
+  recall@10 (share of those rows among the 10 best) and MRR (1 / rank of the first).
+- planted-fact top-1: is the contributor with the largest weight (positive top-k scores summed
+  per contributor, as the processor does; for the mix, the published weights) the one who
+  planted the query's fact?
+- cost: ms per query (ours: the processor's whole `attribute` on a result whose sketch the
+  worker computed; the sketch's own cost is reported apart), set-up time (our index is built at
+  training time).
+A second table varies the lexical method's weight in the processor's mix.
+Prints markdown tables and writes JSON (default `bench/results/attribution_eval.json`, or
+`attribution_eval_verbatim.json` for the verbatim task). Peers need the `bench` extra.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -32,10 +41,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from scipy.stats import spearmanr
-from transformers import PreTrainedTokenizerBase
+# One BLAS thread (torch gets `--threads`, default 1): a multi-threaded BLAS spinning on a shared
+# machine made one query's index scoring 5x slower, and every method is timed on one footing.
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+from transformers import PreTrainedTokenizerBase  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -49,7 +63,7 @@ from inference.attribution_index import (  # noqa: E402
     write_index,
 )
 from inference.base_model import build_base_model, load_base_model  # noqa: E402
-from inference.data import generate_datanet  # noqa: E402
+from inference.data import PlantedFact, generate_datanet, paraphrase  # noqa: E402
 from inference.datanets import DatanetStore, Snapshot  # noqa: E402
 from inference.factory import (  # noqa: E402
     TrainConfig,
@@ -66,13 +80,22 @@ from schemas.events import InferenceResult, Parameters, Sketch  # noqa: E402
 
 Pair = tuple[str, str]
 
+# task -> default sizes; `--quick` sizes are for smoke tests only.
+SIZES = {
+    "paraphrase": {"contributors": 20, "rows": 4, "facts": 5, "paraphrases": 2, "subsets": 50},
+    "verbatim": {"contributors": 8, "rows": 6, "facts": 2, "paraphrases": 0, "subsets": 20},
+    "quick": {"contributors": 6, "rows": 3, "facts": 2, "paraphrases": 2, "subsets": 6},
+}
+LEXICAL_WEIGHTS_PPM = (0, 100_000, 300_000, 500_000, 700_000, 1_000_000)
+BOOTSTRAP_SAMPLES = 2000
+
 
 @dataclass
 class Setup:
     base_dir: Path
     adapters_dir: Path
     snapshot: Snapshot
-    facts: list  # PlantedFact
+    facts: list[PlantedFact]
     rows: list  # DatanetRow, index order
     full_dir: Path
     config: TrainConfig
@@ -88,7 +111,7 @@ def build_setup(work: Path, args: argparse.Namespace) -> Setup:
         seed=args.seed,
         contributors=args.contributors,
         rows_per_contributor=args.rows,
-        facts_per_contributor=2,
+        facts_per_contributor=args.facts,
         variants_per_fact=2,
     )
     store = DatanetStore(work / "datanets")
@@ -132,29 +155,83 @@ def query_losses(
         return per_example_loss(model, *collate(encoded, pad)).numpy()
 
 
-def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> float:
-    """scores [Q, N], masks [M, N] (1 = in the subset), losses [M, Q] -> mean Spearman."""
+@dataclass(frozen=True)
+class Query:
+    prompt: str
+    completion: str
+    fact: PlantedFact
+
+    @property
+    def pair(self) -> Pair:
+        return self.prompt, self.completion
+
+
+def make_queries(facts: list[PlantedFact], paraphrases: int, seed: int) -> list[Query]:
+    """The facts' own (prompt, completion) with no paraphrases, else `paraphrases` each."""
+    if paraphrases == 0:
+        return [Query(fact.prompt, fact.completion, fact) for fact in facts]
+    return [
+        Query(p.prompt, p.completion, fact)
+        for fact in facts
+        for p in paraphrase(fact, paraphrases, seed)
+    ]
+
+
+def lds_per_query(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """scores [Q, N], masks [M, N] (1 = in the subset), losses [M, Q] -> Spearman per query
+    (NaN where either side is constant)."""
     predicted = masks @ scores.T  # [M, Q]
-    values = []
-    for q in range(scores.shape[0]):
-        rho = spearmanr(predicted[:, q], -losses[:, q]).statistic
-        if np.isfinite(rho):
-            values.append(rho)
-    return float(np.mean(values)) if values else float("nan")
+    return np.array(
+        [spearmanr(predicted[:, q], -losses[:, q]).statistic for q in range(scores.shape[0])],
+        dtype=np.float64,
+    )
 
 
-def top1_from_scores(scores: np.ndarray, setup: Setup, top_k: int) -> float:
+def mean_with_interval(values: np.ndarray, seed: int) -> tuple[float, float, float]:
+    """Mean of the finite values and its bootstrap 95 % interval (percentiles)."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = rng.choice(values, size=(BOOTSTRAP_SAMPLES, values.size)).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
+
+
+def fact_rows(setup: Setup, queries: list[Query]) -> list[np.ndarray]:
+    """Per query, the positions of the rows that state its fact."""
+    return [
+        np.array([i for i, row in enumerate(setup.rows) if q.fact.text in row.text])
+        for q in queries
+    ]
+
+
+def fact_tracing(scores: np.ndarray, relevant: list[np.ndarray]) -> tuple[float, float]:
+    """(recall@10, MRR) of the rows stating each query's fact, rows ranked by score (equal
+    scores by position)."""
+    recalls, reciprocal = [], []
+    for q, rows in enumerate(relevant):
+        order = np.lexsort((np.arange(scores.shape[1]), -scores[q]))
+        rank = np.empty(order.size, dtype=np.int64)
+        rank[order] = np.arange(1, order.size + 1)
+        ranks = rank[rows]
+        recalls.append(float(np.mean(ranks <= 10)))
+        reciprocal.append(1.0 / float(ranks.min()))
+    return float(np.mean(recalls)), float(np.mean(reciprocal))
+
+
+def top1_from_scores(scores: np.ndarray, setup: Setup, queries: list[Query], top_k: int) -> float:
     hits = 0
-    for q, fact in enumerate(setup.facts):
+    for q, query in enumerate(queries):
         order = np.argsort(-scores[q])[:top_k]
         totals: dict[str, float] = {}
         for i in order:
             if scores[q, i] > 0:
                 contributor = setup.rows[i].contributor_id
                 totals[contributor] = totals.get(contributor, 0.0) + float(scores[q, i])
-        if totals and min(totals, key=lambda c: (-totals[c], c)) == fact.contributor_id:
+        if totals and min(totals, key=lambda c: (-totals[c], c)) == query.fact.contributor_id:
             hits += 1
-    return hits / len(setup.facts)
+    return hits / len(queries)
 
 
 @dataclass
@@ -206,15 +283,16 @@ def processor_run(
     sketches: np.ndarray,
     sketcher: Sketcher,
     repeat: int,
+    parameters: Parameters | None = None,
 ) -> tuple[np.ndarray, float, list]:
     """The processor's own path: one `attribute` call per result, artifacts cached (as in
-    steady state), default governance parameters. Returns the index's scores [Q, N], ms per
-    attribute() call, and the records."""
+    steady state), default governance parameters unless given. Returns the index's scores
+    [Q, N], ms per attribute() call, and the records."""
     store = AdapterStore(setup.adapters_dir)
     manifest = store.manifest(adapter_id)
-    assert manifest.weights_hash == store.adapter_dir(adapter_id).weights_hash()
+    assert manifest.adapter_hash == store.adapter_dir(adapter_id).adapter_hash()
     cache = ArtifactCache(setup.adapters_dir)
-    parameters = Parameters()
+    parameters = parameters or Parameters()
     results = [
         InferenceResult(
             request_id=f"q{q}",
@@ -235,56 +313,86 @@ def processor_run(
     records = []
     for _ in range(repeat):
         records = [attribute(result, parameters, cache) for result in results]
+    assert all(record.status == "ok" for record in records), records[0].failure_reason
     attribution_ms = (time.perf_counter() - started) * 1000 / (len(results) * repeat)
     return artifacts.index.score(sketches), attribution_ms, records
 
 
-def published_top1(records: list, setup: Setup) -> float:
+def published_top1(records: list, queries: list[Query]) -> float:
     return sum(
         max(r.contributor_weights, key=lambda w: (w.ppm, w.contributor_id)).contributor_id
-        == fact.contributor_id
-        for r, fact in zip(records, setup.facts, strict=True)
+        == query.fact.contributor_id
+        for r, query in zip(records, queries, strict=True)
     ) / len(records)
 
 
-def mixed_scores(gradient: np.ndarray, span: np.ndarray, gradient_share: float) -> np.ndarray:
-    """Per-example scores of the mix: each method's scores normalised to unit absolute sum per
-    query, weighted as the processor weights the two methods."""
+def mixed_scores(methods: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """Per-example scores of a mix of (scores [Q, N], weight): each method's scores normalised
+    to unit absolute sum per query, weighted as the processor weights the methods."""
 
     def normalised(scores: np.ndarray) -> np.ndarray:
         totals = np.abs(scores).sum(axis=1, keepdims=True)
         return np.divide(scores, totals, out=np.zeros_like(scores), where=totals > 0)
 
-    return gradient_share * normalised(gradient) + (1 - gradient_share) * normalised(span)
+    return sum(weight * normalised(scores) for scores, weight in methods)
 
 
-def ours(
-    setup: Setup, queries: list[Pair], args: argparse.Namespace
-) -> tuple[list[MethodResult], dict]:
+def mix_of(
+    gradient: np.ndarray, lexical: np.ndarray, span: np.ndarray, parameters: Parameters
+) -> np.ndarray:
+    lexical_share = parameters.lexical_weight_ppm / 1_000_000
+    gradient_share = parameters.gradient_weight_ppm / 1_000_000
+    return mixed_scores(
+        [
+            (gradient, (1 - lexical_share) * gradient_share),
+            (lexical, lexical_share),
+            (span, (1 - lexical_share) * (1 - gradient_share)),
+        ]
+    )
+
+
+@dataclass
+class Ours:
+    methods: list[MethodResult]
+    sketch_ms: float
+    attribution_ms: float
+    sweep: list[dict]
+
+
+def ours(setup: Setup, queries: list[Query], args: argparse.Namespace) -> Ours:
+    pairs = [q.pair for q in queries]
     sketcher = Sketcher(setup.base_dir, setup.full_dir)
     started = time.perf_counter()
-    sketches = sketcher.projected_gradient(queries)
+    sketches = sketcher.projected_gradient(pairs)
     sketch_ms = (time.perf_counter() - started) * 1000 / len(queries)
     index = AttributionIndex.load(AdapterDir(setup.full_dir).index_dir)
     estimator, estimator_params = index.estimator, index.meta.get("estimator_params", {})
     scores, attribution_ms, records = processor_run(
-        setup, "full", queries, sketches, sketcher, args.repeat
+        setup, "full", pairs, sketches, sketcher, args.repeat
     )
     old_id, old_setup_s = trak_copy(setup, sketcher, args.lambda_relative)
-    old_scores, old_ms, _ = processor_run(setup, old_id, queries, sketches, sketcher, args.repeat)
+    old_scores, old_ms, _ = processor_run(setup, old_id, pairs, sketches, sketcher, args.repeat)
 
-    span_index = ArtifactCache(setup.adapters_dir).get("full").span_index
+    artifacts = ArtifactCache(setup.adapters_dir).get("full")
+    span_index = artifacts.span_index
     span_scores = np.zeros_like(scores)
     started = time.perf_counter()
-    for q, (prompt, completion) in enumerate(queries):
+    for q, (prompt, completion) in enumerate(pairs):
         for row, credit in span_index.row_credit(completion, context=prompt).items():
             span_scores[q, row] = credit
     span_ms = (time.perf_counter() - started) * 1000 / len(queries)
-    gradient_share = Parameters().gradient_weight_ppm / 1_000_000
-    ms_note = "ms: the processor's whole attribute() (gradient + span + mix)"
+    lexical_index = artifacts.lexical_index
+    defaults = Parameters()
+    lexical_scores = np.zeros_like(scores)
+    started = time.perf_counter()
+    for q, (prompt, completion) in enumerate(pairs):
+        for row, credit in lexical_index.row_credit(completion, defaults.top_k, prompt).items():
+            lexical_scores[q, row] = credit
+    lexical_ms = (time.perf_counter() - started) * 1000 / len(queries)
+    ms_note = "ms: the processor's whole attribute() (every method + mix)"
     methods = [
         MethodResult(
-            f"ours new: {estimator[0]} v{estimator[1]} index",
+            f"ours: gradient ({estimator[0]} v{estimator[1]} index)",
             scores,
             setup.index_seconds,
             attribution_ms,
@@ -292,7 +400,7 @@ def ours(
             f"sketch {sketch_ms:.2f} ms/query",
         ),
         MethodResult(
-            "ours old: trak v1 index",
+            "ours: gradient (previous trak v1 index)",
             old_scores,
             old_setup_s,
             old_ms,
@@ -306,21 +414,60 @@ def ours(
             notes="verbatim reuse of rows, matches may start in the prompt",
         ),
         MethodResult(
-            f"ours: mix (gradient {gradient_share:.0%} + span)",
-            mixed_scores(scores, span_scores, gradient_share),
+            "ours: lexical method (BM25 over the index's rows)",
+            lexical_scores,
+            0.0,
+            lexical_ms,
+            notes="the rows it credits: top-k by BM25 of prompt + output, near the best",
+        ),
+        MethodResult(
+            f"ours: published mix (lexical {defaults.lexical_weight_ppm / 1e6:.0%}, gradient "
+            f"{defaults.gradient_weight_ppm / 1e6:.0%} of the rest, span)",
+            mix_of(scores, lexical_scores, span_scores, defaults),
             setup.index_seconds,
             attribution_ms,
-            top1=published_top1(records, setup),
-            notes="top-1 of the published contributor weights; LDS of the per-example mix; "
-            f"{ms_note}",
+            top1=published_top1(records, queries),
+            notes="top-1 of the published contributor weights; LDS and tracing of the "
+            f"per-example mix; {ms_note}",
         ),
     ]
-    extra = {
-        "sketch_ms_per_query": sketch_ms,
-        "attribution_ms_per_query": attribution_ms,
-        "planted_fact_top1_published_weights": methods[-1].top1,
-    }
-    return methods, extra
+    sweep = []
+    for weight in LEXICAL_WEIGHTS_PPM:
+        parameters = Parameters(lexical_weight_ppm=weight)
+        _, _, weighted = processor_run(setup, "full", pairs, sketches, sketcher, 1, parameters)
+        sweep.append(
+            {
+                "lexical_weight_ppm": weight,
+                "scores": mix_of(scores, lexical_scores, span_scores, parameters),
+                "planted_fact_top1": published_top1(weighted, queries),
+            }
+        )
+    return Ours(methods, sketch_ms, attribution_ms, sweep)
+
+
+def bm25_scores(setup: Setup, queries: list[Query]) -> MethodResult:
+    """rank-bm25's Okapi BM25 over the training rows, lower-cased word tokens, the query being
+    the prompt and completion together."""
+    import re
+
+    from rank_bm25 import BM25Okapi
+
+    def tokens(text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+    started = time.perf_counter()
+    bm25 = BM25Okapi([tokens(row.text) for row in setup.rows])
+    setup_s = time.perf_counter() - started
+    started = time.perf_counter()
+    scores = np.stack([bm25.get_scores(tokens(q.prompt + q.completion)) for q in queries])
+    per_query_ms = (time.perf_counter() - started) * 1000 / len(queries)
+    return MethodResult(
+        "BM25 (rank-bm25 Okapi, prompt + completion)",
+        scores.astype(np.float64),
+        setup_s,
+        per_query_ms,
+        notes="the lexical retrieval baseline of fact tracing",
+    )
 
 
 def padded_examples(
@@ -519,13 +666,16 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="attribution-eval-"))
     started = time.perf_counter()
     setup = build_setup(work, args)
-    queries = [(fact.prompt, fact.completion) for fact in setup.facts]
+    queries = make_queries(setup.facts, args.paraphrases, args.seed)
+    pairs = [q.pair for q in queries]
     print(f"setup: {len(setup.rows)} rows, {len(queries)} queries", file=sys.stderr)
 
-    methods, extra = ours(setup, queries, args)
+    mine = ours(setup, queries, args)
+    methods = list(mine.methods)
     peers: dict[str, Callable[[], MethodResult]] = {
-        "kronfluence": lambda: kronfluence_scores(setup, queries, work, args),
-        "dattri": lambda: dattri_trak_scores(setup, queries, args),
+        "bm25": lambda: bm25_scores(setup, queries),
+        "kronfluence": lambda: kronfluence_scores(setup, pairs, work, args),
+        "dattri": lambda: dattri_trak_scores(setup, pairs, args),
     }
     for peer in args.peers:
         print(f"peer: {peer}", file=sys.stderr)
@@ -541,29 +691,48 @@ def run(args: argparse.Namespace) -> dict:
     for m, spec in enumerate(specs):
         masks[m, [position[row_id] for row_id in spec.row_ids]] = 1
         losses[m] = query_losses(
-            setup.base_dir, setup.adapters_dir / spec.adapter_id, queries, setup.config.max_length
+            setup.base_dir, setup.adapters_dir / spec.adapter_id, pairs, setup.config.max_length
         )
+    relevant = fact_rows(setup, queries)
+    top_k = Parameters().top_k
+
+    def quality(scores: np.ndarray) -> dict:
+        lds, low, high = mean_with_interval(lds_per_query(scores, masks, losses), args.seed)
+        recall, mrr = fact_tracing(scores, relevant)
+        return {"lds": lds, "lds_ci95": [low, high], "recall_at_10": recall, "mrr": mrr}
+
+    rows = []
     for method in methods:
-        if method.top1 is None:
-            method.top1 = top1_from_scores(method.scores, setup, Parameters().top_k)
-    inference_rps = inference_throughput(setup, queries, args.new_tokens)
-    attribution_rps = 1000.0 / extra["attribution_ms_per_query"]
-    rows = [
+        top1 = method.top1
+        if top1 is None:
+            top1 = top1_from_scores(method.scores, setup, queries, top_k)
+        rows.append(
+            {
+                "method": method.name,
+                **quality(method.scores),
+                "planted_fact_top1": top1,
+                "setup_s": method.setup_s,
+                "ms_per_query": method.ms_per_query,
+                "notes": method.notes,
+            }
+        )
+    sweep = [
         {
-            "method": method.name,
-            "lds": lds(method.scores, masks, losses),
-            "planted_fact_top1": method.top1,
-            "setup_s": method.setup_s,
-            "ms_per_query": method.ms_per_query,
-            "notes": method.notes,
+            "lexical_weight_ppm": entry["lexical_weight_ppm"],
+            **quality(entry["scores"]),
+            "planted_fact_top1": entry["planted_fact_top1"],
         }
-        for method in methods
+        for entry in mine.sweep
     ]
+    inference_rps = inference_throughput(setup, pairs, args.new_tokens)
     return {
         "config": {
+            "task": args.task,
             "preset": args.preset,
             "contributors": args.contributors,
             "rows_per_contributor": args.rows,
+            "facts_per_contributor": args.facts,
+            "paraphrases_per_fact": args.paraphrases,
             "training_rows": len(setup.rows),
             "queries": len(queries),
             "subsets": args.subsets,
@@ -573,14 +742,15 @@ def run(args: argparse.Namespace) -> dict:
             "damping_relative": args.damping_relative,
             "threads": args.threads,
             "seed": args.seed,
+            "bootstrap_samples": BOOTSTRAP_SAMPLES,
         },
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "methods": rows,
-        "published_weights_top1": extra["planted_fact_top1_published_weights"],
+        "lexical_weight_sweep": sweep,
         "cost": {
-            "sketch_ms_per_query": extra["sketch_ms_per_query"],
-            "attribution_ms_per_query": extra["attribution_ms_per_query"],
-            "attribution_requests_per_s": attribution_rps,
+            "sketch_ms_per_query": mine.sketch_ms,
+            "attribution_ms_per_query": mine.attribution_ms,
+            "attribution_requests_per_s": 1000.0 / mine.attribution_ms,
             "inference_requests_per_s": inference_rps,
             "inference_new_tokens": args.new_tokens,
             "retrain_seconds_all_subsets": retrain_s,
@@ -589,21 +759,55 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def baseline_ratios(report: dict) -> list[str]:
+    """The published mix against kronfluence (LDS, time per query) and BM25 (MRR)."""
+    by_name = {row["method"].split(" (")[0]: row for row in report["methods"]}
+    mix = next(row for row in report["methods"] if row["method"].startswith("ours: published"))
+    lines = []
+    if "kronfluence EK-FAC" in by_name:
+        peer = by_name["kronfluence EK-FAC"]
+        lines.append(
+            f"Published mix vs kronfluence EK-FAC: LDS {mix['lds']:.3f} vs {peer['lds']:.3f}, "
+            f"{peer['ms_per_query'] / mix['ms_per_query']:.0f}x less time per query."
+        )
+    if "BM25" in by_name:
+        peer = by_name["BM25"]
+        lines.append(
+            f"Published mix vs BM25: fact-tracing MRR {mix['mrr']:.3f} vs {peer['mrr']:.3f}."
+        )
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = [
-        "| method | LDS | planted-fact top-1 | set-up s | ms / query | notes |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| method | LDS [95% CI] | recall@10 | MRR | planted-fact top-1 | set-up s | ms / query |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report["methods"]:
+        low, high = row["lds_ci95"]
         lines.append(
-            f"| {row['method']} | {row['lds']:.3f} | {row['planted_fact_top1']:.2f} | "
-            f"{row['setup_s']:.2f} | {row['ms_per_query']:.2f} | {row['notes']} |"
+            f"| {row['method']} | {row['lds']:.3f} [{low:.3f}, {high:.3f}] | "
+            f"{row['recall_at_10']:.2f} | {row['mrr']:.3f} | {row['planted_fact_top1']:.2f} | "
+            f"{row['setup_s']:.2f} | {row['ms_per_query']:.2f} |"
         )
-    cost = report["cost"]
     lines += [
         "",
-        f"Published weights (processor, default parameters): planted-fact top-1 = "
-        f"{report['published_weights_top1']:.2f}",
+        "| lexical weight (ppm) | LDS [95% CI] | recall@10 | MRR | published top-1 |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["lexical_weight_sweep"]:
+        low, high = row["lds_ci95"]
+        lines.append(
+            f"| {row['lexical_weight_ppm']:,} | {row['lds']:.3f} [{low:.3f}, {high:.3f}] | "
+            f"{row['recall_at_10']:.2f} | {row['mrr']:.3f} | {row['planted_fact_top1']:.2f} |"
+        )
+    cost, config = report["cost"], report["config"]
+    lines += [
+        "",
+        *baseline_ratios(report),
+        f"{config['task']}: {config['queries']} queries, {config['training_rows']} rows, "
+        f"{config['subsets']} retrained subsets ({cost['retrain_seconds_all_subsets']:.0f} s), "
+        f"total {report['total_seconds']:.0f} s.",
         f"Attribution {cost['attribution_requests_per_s']:.0f} req/s vs inference "
         f"{cost['inference_requests_per_s']:.1f} req/s ({cost['inference_new_tokens']} new tokens, "
         f"one batch); worker sketch {cost['sketch_ms_per_query']:.2f} ms/query.",
@@ -613,10 +817,16 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=["paraphrase", "verbatim"], default="paraphrase")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few facts and subsets: a smoke test, not a result"
+    )
     parser.add_argument("--preset", default="test", help="base model preset (test: seconds)")
-    parser.add_argument("--contributors", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=6, help="ordinary rows per contributor")
-    parser.add_argument("--subsets", type=int, default=20, help="retrained halves for LDS")
+    parser.add_argument("--contributors", type=int, help="default: the task's size")
+    parser.add_argument("--rows", type=int, help="ordinary rows per contributor")
+    parser.add_argument("--facts", type=int, help="planted facts per contributor")
+    parser.add_argument("--paraphrases", type=int, help="queries per fact (0: the fact itself)")
+    parser.add_argument("--subsets", type=int, help="retrained halves for LDS")
     parser.add_argument("--steps", type=int, default=150, help="training steps per adapter")
     parser.add_argument("--k", type=int, default=2048, help="sketch dimensions")
     parser.add_argument(
@@ -638,7 +848,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats of attribution")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument(
-        "--peers", nargs="*", default=["kronfluence", "dattri"], choices=["kronfluence", "dattri"]
+        "--peers",
+        nargs="*",
+        default=["bm25", "kronfluence", "dattri"],
+        choices=["bm25", "kronfluence", "dattri"],
     )
     parser.add_argument(
         "--dattri-regularization",
@@ -647,11 +860,18 @@ def main(argv: list[str] | None = None) -> None:
         help="dattri TRAK's ridge term (0 is singular when the datanet is smaller than k)",
     )
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "attribution_eval.json"))
+    parser.add_argument("--out", default=None, help="JSON report (default: bench/results/)")
     args = parser.parse_args(argv)
+    sizes = SIZES["quick" if args.quick else args.task]
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.task == "verbatim" and args.paraphrases:
+        parser.error("the verbatim task asks with the facts themselves: --paraphrases 0")
     report = run(args)
     print(markdown(report))
-    out = Path(args.out)
+    suffix = "" if args.task == "paraphrase" else f"_{args.task}"
+    out = Path(args.out or REPO / "bench" / "results" / f"attribution_eval{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 

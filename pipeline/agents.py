@@ -33,8 +33,8 @@ def build_pipeline(
     settings: Settings, processors: Collection[Processor] = tuple(Processor), replicas: int = 1
 ) -> PipelineApp:
     """The app with `processors` registered, its own topics created with `replicas` copies.
-    Attribution prices with governance's parameter history when governance runs in the same
-    worker, else with the defaults (version 0)."""
+    Attribution attributes and prices with governance's parameter history when governance runs
+    in the same worker, else with the defaults (version 0)."""
     app = build_app(settings.acting_as(pipeline_principal(processors)), replicas)
     parameters: ParameterSource = DEFAULTS
     if Processor.GOVERNANCE in processors:

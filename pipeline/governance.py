@@ -209,6 +209,7 @@ def changes_from_options(
     fee_split: tuple[int, int, int, int] | None = None,
     top_k: int | None = None,
     gradient_weight_ppm: int | None = None,
+    lexical_weight_ppm: int | None = None,
     min_weight_ppm: int | None = None,
     prices: Mapping[str, int] | None = None,
     default_price: int | None = None,
@@ -220,7 +221,8 @@ def changes_from_options(
         values["fee_split"] = {"contributors": contributors, "adapter_owner": owner,
                                "compute_operator": operator, "treasury": treasury}
     optional = {"top_k": top_k, "gradient_weight_ppm": gradient_weight_ppm,
-                "min_weight_ppm": min_weight_ppm, "default_price_per_token": default_price}
+                "lexical_weight_ppm": lexical_weight_ppm, "min_weight_ppm": min_weight_ppm,
+                "default_price_per_token": default_price}
     values.update({name: value for name, value in optional.items() if value is not None})
     if prices:
         values["adapter_prices"] = dict(prices)

@@ -8,7 +8,7 @@ to the dead letters), so no one else can activate parameters.
 `GovernanceState` over the tables, the parameter source the attribution processor prices with.
 
 - `parameter_history` (global table, version -> ParametersActivated JSON): every worker holds
-  all of it; `current_parameters()` and `parameters_for_epoch()` read it.
+  all of it; `parameters_for_epoch()` reads it.
 - `earned-entries` (global table, reward entry id -> [beneficiary, epoch, micro-units]), fed
   by the `rewards` topic: vote weights are sums over it. Keyed by entry id, an entry read
   twice (redelivered after a SIGKILL, its offset not committed though its table update was, or
@@ -56,7 +56,6 @@ from pipeline.rewards import epoch_of
 from schemas.codec import DecodeError, decode, encode, parse_object
 from schemas.events import (
     EpochTick,
-    Parameters,
     ParametersActivated,
     Proposal,
     ProposalTallied,
@@ -73,9 +72,8 @@ class GovernanceState:
     """The governance tables of one app, and the parameters they say are in force (a
     `pipeline.attribution.parameters.ParameterSource`)."""
 
-    def __init__(self, app: faust.App, epoch_seconds: int) -> None:
+    def __init__(self, app: faust.App) -> None:
         self._app = app
-        self._epoch_seconds = epoch_seconds
         self.parameter_history = app.GlobalTable("parameter-history", default=None, partitions=1)
         self.earned_entries = app.GlobalTable("earned-entries", default=None)
         self.open_proposals = app.Table("open-proposals", default=None, partitions=1)
@@ -91,12 +89,6 @@ class GovernanceState:
     def parameters_for_epoch(self, epoch: int) -> ParametersActivated:
         """The activation (version and parameters) in force at `epoch`."""
         return active_parameters(self.history(), epoch)
-
-    def current_parameters(self) -> Parameters:
-        """The parameters in force now, for the attribution processor."""
-        return self.parameters_for_epoch(
-            epoch_of(datetime.now(UTC), self._epoch_seconds)
-        ).parameters
 
     async def ready(self) -> None:
         """Return once Faust has recovered the tables: before that the history may be empty."""
@@ -136,7 +128,7 @@ def register(app: faust.App, settings: Settings) -> GovernanceState:
     )
     rewards_topic = registry_topic(app, "rewards", settings.topic_prefix)
     dead_letters = registry_topic(app, "dead-letters", settings.topic_prefix)
-    state = GovernanceState(app, settings.epoch_seconds)
+    state = GovernanceState(app)
 
     async def _dead_letter(event: faust.EventT, reason: str) -> None:
         message = event.message

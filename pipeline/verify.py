@@ -15,7 +15,9 @@ topics, committed data only), then checks in order, stopping at the first differ
 5. the record: recomputed from the result with the method version and parameters the record
    names and the stored index, every field must be equal (scores up to SCORE_RTOL; ids, method
    name, ppm weights, hashes and the evidence hash exactly). A record of an older method
-   version is recomputed as that version computed it;
+   version is recomputed as that version computed it. From method version 3 on, the
+   parameters the record names must be those in force at the epoch in which the broker
+   appended the result (older versions computed with the parameters current when processed);
 6. the fee: the reward entries are exactly those `split_fee` makes from the result and record
    with the parameters in force at the epoch in which the broker appended the result, so they
    sum to usage x price.
@@ -38,7 +40,7 @@ from inference.tokenizer import Prompt, encode_prompt, load_tokenizer
 from infra.kafka.events import Decoded, read_topic
 from infra.settings import Settings
 from pipeline.attribution.artifacts import ArtifactCache
-from pipeline.attribution.attributor import MethodVersion, attribute
+from pipeline.attribution.attributor import MethodVersion, attribute, has_lexical, method_params
 from pipeline.attribution.facts import Facts, RequestFacts, answered_request, usage_problem
 from pipeline.attribution.spans import DEFAULT_MIN_SPAN_TOKENS
 from pipeline.governance import active_parameters
@@ -163,6 +165,24 @@ def expected_entries(
     )
 
 
+def epoch_parameters_difference(
+    logged: LoggedResult,
+    record: AttributionRecord,
+    activations: list[ParametersActivated],
+    epoch_seconds: int,
+) -> Difference | None:
+    """Whether a record of method version 3 on names the parameters in force at its result's
+    epoch (what the processor attributes with, so a replay gets the same mix)."""
+    version = MethodVersion(record.method.version)
+    if not has_lexical(version):
+        return None
+    activation = active_parameters(activations, epoch_of(logged.appended_at, epoch_seconds))
+    for name, value in method_params(activation.parameters, version).items():
+        if record.method.params.get(name) != value:
+            return Difference(f"method.params.{name}", value, record.method.params.get(name))
+    return None
+
+
 def _entry_fields(entries: list[RewardEntry]) -> list[dict[str, Any]]:
     return sorted((entry.model_dump(mode="json") for entry in entries),
                   key=lambda fields: fields["entry_id"])
@@ -212,6 +232,8 @@ def parameters_of(record: AttributionRecord) -> Parameters:
         top_k=int(params["top_k"]),
         gradient_weight_ppm=int(params["gradient_weight_ppm"]),
         min_weight_ppm=int(params["min_weight_ppm"]),
+        # Records before method version 3 had no lexical method.
+        lexical_weight_ppm=int(params.get("lexical_weight_ppm", 0)),
     )
 
 
@@ -282,6 +304,14 @@ def verify_events(
         report.status, report.difference = "mismatch", difference
         return report
     report.checked.append("attribution recomputed")
+    difference = epoch_parameters_difference(
+        logged, record, events.activations, settings.epoch_seconds
+    )
+    if difference is not None:
+        report.status, report.difference = "mismatch", difference
+        report.message = "the record was not computed with its epoch's parameters"
+        return report
+    report.checked.append("parameters of the result's epoch")
     expected = _entry_fields(expected_entries(
         logged, record, events.activations, ArtifactCache(settings.adapters_dir),
         settings.epoch_seconds,

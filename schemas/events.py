@@ -477,7 +477,11 @@ class Parameters(Part):
     fee_split: FeeSplit = FeeSplit(
         contributors=5000, adapter_owner=2500, compute_operator=1500, treasury=1000
     )
-    gradient_weight_ppm: Ppm = 800_000  # the rest goes to the span-matching method
+    # The lexical method's share of the mix; the rest is split between the gradient and the
+    # span method by `gradient_weight_ppm` (so parameters from before the lexical method keep
+    # their meaning).
+    lexical_weight_ppm: Ppm = 300_000
+    gradient_weight_ppm: Ppm = 800_000  # of what the lexical method leaves; the rest is span's
     top_k: int = Field(default=16, ge=1, le=1024)
     min_weight_ppm: Ppm = 0
     default_price_per_token: PricePerToken = 10
@@ -488,6 +492,7 @@ class ParameterChanges(Part):
     """A proposal's changes; fields left out keep their current value."""
 
     fee_split: FeeSplit | None = None
+    lexical_weight_ppm: Ppm | None = None
     gradient_weight_ppm: Ppm | None = None
     top_k: int | None = Field(default=None, ge=1, le=1024)
     min_weight_ppm: Ppm | None = None

@@ -108,7 +108,10 @@ def register(app: typer.Typer) -> None:
         )] = None,
         top_k: Annotated[int | None, typer.Option("--top-k", min=1)] = None,
         gradient_weight_ppm: Annotated[int | None, typer.Option(
-            "--gradient-weight-ppm", min=0, help="share of the gradient method in the mix")] = None,
+            "--gradient-weight-ppm", min=0,
+            help="share of the gradient method in what the lexical method leaves")] = None,
+        lexical_weight_ppm: Annotated[int | None, typer.Option(
+            "--lexical-weight-ppm", min=0, help="share of the lexical method in the mix")] = None,
         min_weight_ppm: Annotated[int | None, typer.Option("--min-weight-ppm", min=0)] = None,
         price: Annotated[list[str] | None, typer.Option(
             "--price", help="ADAPTER=N micro-units per token (repeatable)")] = None,
@@ -123,6 +126,7 @@ def register(app: typer.Typer) -> None:
             changes = changes_from_options(
                 fee_split=parse_fee_split(fee_split) if fee_split else None,
                 top_k=top_k, gradient_weight_ppm=gradient_weight_ppm,
+                lexical_weight_ppm=lexical_weight_ppm,
                 min_weight_ppm=min_weight_ppm, prices=parse_prices(price or []),
                 default_price=default_price,
             )

@@ -17,9 +17,10 @@ result is paid only against facts in the log (`pipeline.attribution.facts`). A r
 was written before the worker could read it, so once `requests` is read to its end a result
 whose request is still missing has none: it is refused then, not held back.
 
-Parameters come from the `ParameterSource` it is given. When that is governance's (a Faust
-table), the processor starts only once the source is ready, that is once Faust has recovered
-its tables: a result priced before that would be paid with the defaults.
+Parameters come from the `ParameterSource` it is given, those of each result's epoch. When
+that is governance's (a Faust table), the processor starts only once the source is ready, that
+is once Faust has recovered its tables: a result attributed and priced before that would get
+the defaults.
 """
 
 from __future__ import annotations
@@ -82,7 +83,6 @@ async def run_attribution(
             record.value,
             origin=Origin(record.topic, record.partition, record.offset, broker_time(record)),
             facts=facts,
-            parameters=parameters.current_parameters(),
             cache=cache,
             pricing=parameters.parameters_for_epoch,
             epoch_seconds=settings.epoch_seconds,

@@ -7,8 +7,9 @@ What is read, and checked, per adapter of the adapter store (`inference.adapter_
 - its config and weights: they must be the ones the manifest registered
   (`inference.adapter_store.check_integrity`);
 - its attribution index: its hash must equal the manifest's `index_hash`.
-The span index is built from the index's own examples table: the snapshot rows the adapter was
-trained on, already covered by the index hash, so one hash pins both methods' inputs.
+The span and lexical indexes are built from the index's own examples table: the snapshot rows
+the adapter was trained on, already covered by the index hash, so one hash pins every method's
+inputs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from inference.adapter_store import (
 )
 from inference.attribution_index import AttributionIndex
 from pipeline.attribution.failures import AttributionFailure, FailureCode
+from pipeline.attribution.lexical import LexicalIndex
 from pipeline.attribution.spans import SpanIndex
 
 DEFAULT_CAPACITY = 32
@@ -43,6 +45,7 @@ class AdapterArtifacts:
     row_ids: list[str]  # per example
     owner_id: str | None = None
     _span_index: SpanIndex | None = field(default=None, repr=False)
+    _lexical_index: LexicalIndex | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -56,6 +59,14 @@ class AdapterArtifacts:
             if self._span_index is None:
                 self._span_index = SpanIndex(self.index.examples.column("text").to_pylist())
             return self._span_index
+
+    @property
+    def lexical_index(self) -> LexicalIndex:
+        """Built on first use, like the span index."""
+        with self._lock:
+            if self._lexical_index is None:
+                self._lexical_index = LexicalIndex(self.index.examples.column("text").to_pylist())
+            return self._lexical_index
 
     def example_counts(self) -> Counter[ContributorKey]:
         return Counter(self.keys)

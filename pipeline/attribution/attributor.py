@@ -2,11 +2,12 @@
 and the adapter's hashed artifacts, so `loraledger verify` can recompute it exactly.
 
 The record's method is what ran (`MethodVersion.V3`): its name is the methods the weights came
-from, the gradient method named by the index's estimator that scored it (`ekfac-projected+span`
-for a mix, `ekfac-projected` or `span` alone, `example-counts` for the fallback, `none` for a
-failed record), and its params hold the governance parameters, `min_span_tokens`, and for an ok
-record the basis, the estimator with its version and the index's projection (how both the
-query's sketch and the index's rows were computed, e.g. `factored-countsketch-v1`).
+from, joined by `+`, the gradient method named by the index's estimator that scored it
+(`ekfac-projected+lexical+span` for a mix of all three, `ekfac-projected`, `lexical` or `span`
+alone, `example-counts` for the fallback, `none` for a failed record), and its params hold the
+governance parameters, `min_span_tokens`, the lexical method's constants, and for an ok record
+the basis, the estimator with its version and the index's projection (how both the query's
+sketch and the index's rows were computed, e.g. `factored-countsketch-v1`).
 
 Evidence hash: sha256 of a canonical JSON document (sorted keys, no spaces) holding everything
 the computation read and everything the record says about how it was computed: request and
@@ -17,9 +18,10 @@ output text, and the method (name, version and every parameter). A field that wa
 (scores, weights, a failure's reason) is not hashed but recomputed by `loraledger verify`:
 scores agree across machines only up to float rounding.
 
-Records of version 1 (`MethodVersion.V1`) named every method `trak+span` and hashed only the
-governance parameters and `min_span_tokens`; records of version 2 did not name the projection.
-`attribute(..., version=...)` still computes both, so that they still verify.
+Older records are still computed as they were, so that they still verify: version 2
+(`MethodVersion.V2`) had no lexical method (its params leave out the lexical weight and the
+BM25 constants) and did not name the projection; version 1 (`MethodVersion.V1`) also named
+every method `trak+span` and hashed only the governance parameters and `min_span_tokens`.
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ from typing import Any
 
 from pipeline.attribution.artifacts import AdapterArtifacts, ArtifactCache
 from pipeline.attribution.failures import AttributionFailure, FailureCode
+from pipeline.attribution.lexical import BM25_B, BM25_K1, MIN_RELATIVE_SCORE
 from pipeline.attribution.methods import (
     NO_METHOD,
     Basis,
+    basis_of,
     gradient_influence,
+    lexical_influence,
     method_name,
+    method_weights,
     mix_weights,
     span_influence,
     top_examples,
@@ -55,7 +61,7 @@ from schemas.events import (
 class MethodVersion(StrEnum):
     V1 = "1"  # every record named V1_METHOD_NAME; the evidence hashed the parameters given only
     V2 = "2"  # named by what ran; the evidence hashes the whole method
-    V3 = "3"  # as V2, and the params name the index's projection
+    V3 = "3"  # adds the lexical method, and the params name the index's projection
 
 
 METHOD_VERSION = MethodVersion.V3
@@ -64,29 +70,48 @@ V1_METHOD_NAME = "trak+span"
 V1_UNHASHED_PARAMS = ("basis", "estimator")
 
 
-def method_params(parameters: Parameters) -> dict[str, float | int | str]:
-    """The parameters given to the computation: governance's and the span length."""
-    return {
+def has_lexical(version: MethodVersion) -> bool:
+    return version not in (MethodVersion.V1, MethodVersion.V2)
+
+
+def method_params(
+    parameters: Parameters, version: MethodVersion = METHOD_VERSION
+) -> dict[str, float | int | str]:
+    """The parameters given to the computation: governance's, the span length and, from
+    version 3, the lexical method's constants."""
+    params: dict[str, float | int | str] = {
         "gradient_weight_ppm": parameters.gradient_weight_ppm,
         "min_span_tokens": DEFAULT_MIN_SPAN_TOKENS,
         "min_weight_ppm": parameters.min_weight_ppm,
         "top_k": parameters.top_k,
     }
+    if has_lexical(version):
+        params |= {
+            "bm25_b": BM25_B,
+            "bm25_k1": BM25_K1,
+            "lexical_min_relative": MIN_RELATIVE_SCORE,
+            "lexical_weight_ppm": parameters.lexical_weight_ppm,
+        }
+    return params
 
 
 def method_info(
     version: MethodVersion,
     parameters: Parameters,
-    ran: tuple[Basis, tuple[str, str], str] | None = None,
+    ran: tuple[tuple[Basis, ...], tuple[str, str], str] | None = None,
 ) -> MethodInfo:
-    """The method of a record of `version`: `ran` is the basis of the weights, the index's
-    estimator (name, version) and its projection, None for a failed record."""
-    params = method_params(parameters)
+    """The method of a record of `version`: `ran` is the methods the weights came from, the
+    index's estimator (name, version) and its projection, None for a failed record."""
+    params = method_params(parameters, version)
     name = NO_METHOD
     if ran is not None:
-        basis, (estimator, estimator_version), projection = ran
-        name = method_name(basis, estimator)
-        params = {**params, "basis": basis.value, "estimator": f"{estimator}/{estimator_version}"}
+        used, (estimator, estimator_version), projection = ran
+        name = method_name(used, estimator)
+        params = {
+            **params,
+            "basis": basis_of(used).value,
+            "estimator": f"{estimator}/{estimator_version}",
+        }
         if version == MethodVersion.V3:
             params["projection"] = projection
     if version == MethodVersion.V1:
@@ -196,19 +221,31 @@ def failed_record(
 
 
 def attribute_with(
-    result: InferenceResult, parameters: Parameters, artifacts: AdapterArtifacts
-) -> tuple[list[ExampleScore], dict[tuple[str, str], int], Basis]:
-    """The computation proper: top examples, ppm weights per (contributor, datanet), basis."""
+    result: InferenceResult,
+    parameters: Parameters,
+    artifacts: AdapterArtifacts,
+    version: MethodVersion = METHOD_VERSION,
+) -> tuple[list[ExampleScore], dict[tuple[str, str], int], tuple[Basis, ...]]:
+    """The computation proper: top examples, ppm weights per (contributor, datanet), and the
+    methods they came from."""
     assert result.sketch is not None
     examples = top_examples(artifacts, result.sketch.to_array(), parameters.top_k)
-    weights, basis = mix_weights(
-        gradient_influence(examples),
-        span_influence(artifacts, result.output_text, DEFAULT_MIN_SPAN_TOKENS, result.prompt_text),
+    text, prompt = result.output_text, result.prompt_text
+    influence = {
+        Basis.GRADIENT: gradient_influence(examples),
+        Basis.SPAN: span_influence(artifacts, text, DEFAULT_MIN_SPAN_TOKENS, prompt),
+    }
+    lexical_weight_ppm = 0
+    if has_lexical(version):
+        influence[Basis.LEXICAL] = lexical_influence(artifacts, text, parameters.top_k, prompt)
+        lexical_weight_ppm = parameters.lexical_weight_ppm
+    weights, used = mix_weights(
+        influence,
+        method_weights(parameters.gradient_weight_ppm, lexical_weight_ppm),
         artifacts.example_counts(),
-        gradient_weight_ppm=parameters.gradient_weight_ppm,
         min_weight_ppm=parameters.min_weight_ppm,
     )
-    return examples, weights, basis
+    return examples, weights, used
 
 
 def attribute(
@@ -230,7 +267,7 @@ def attribute(
     try:
         artifacts = cache.get(result.adapter_id, result.adapter_hash)
         _check_compatible(result, artifacts)
-        examples, weights, basis = attribute_with(result, parameters, artifacts)
+        examples, weights, used = attribute_with(result, parameters, artifacts, version)
     except AttributionFailure as failure:
         return failed_record(
             result, parameters, failure, sketch=sketch, artifacts=artifacts, version=version
@@ -241,7 +278,7 @@ def attribute(
             result, parameters, failure, sketch=sketch, artifacts=artifacts, version=version
         )
     projection = str(artifacts.index.meta.get("projection"))
-    method = method_info(version, parameters, (basis, artifacts.index.estimator, projection))
+    method = method_info(version, parameters, (used, artifacts.index.estimator, projection))
     return AttributionRecord(
         request_id=result.request_id,
         adapter_id=result.adapter_id,

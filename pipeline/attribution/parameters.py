@@ -8,17 +8,13 @@ from __future__ import annotations
 from typing import Protocol
 
 from pipeline.governance import GENESIS
-from schemas.events import Parameters, ParametersActivated
+from schemas.events import ParametersActivated
 
 
 class ParameterSource(Protocol):
-    def current_parameters(self) -> Parameters:
-        """The parameters in force now: what attribution computes with."""
-        ...
-
     def parameters_for_epoch(self, epoch: int) -> ParametersActivated:
-        """The activation (version and parameters) in force at `epoch`: what a fee is priced
-        and split with."""
+        """The activation (version and parameters) in force at `epoch`: what a result of that
+        epoch is attributed with, and its fee priced and split with."""
         ...
 
     async def ready(self) -> None:
@@ -29,9 +25,6 @@ class ParameterSource(Protocol):
 
 class DefaultParameters:
     """Version 0 with the schema's defaults, at every epoch."""
-
-    def current_parameters(self) -> Parameters:
-        return GENESIS.parameters
 
     def parameters_for_epoch(self, epoch: int) -> ParametersActivated:
         return GENESIS

@@ -16,11 +16,12 @@ in, the events to send out. The agent and the tests share it.
 Rewards are computed here, from the result and the record just made, rather than by a separate
 agent joining `results` with `attributions`: the agent sends all of one result's outputs in one
 Kafka transaction with its input offset, so a request is paid exactly once exactly when it is
-attributed, and no join state has to survive a restart. The fee is priced with the parameters
-in force at the result's epoch (`pricing`), the owner's share goes to the owner named in the
-adapter's manifest. The epoch is that of the time the broker appended the result
-(`results` has log-append timestamps), never the result's own `created_at`, which its
-producer chose.
+attributed, and no join state has to survive a restart. The result is attributed, and its fee
+priced, with the parameters in force at the result's epoch (`pricing`): a result processed
+late, after a parameter change, or again from the log, gets the same mix and the same price as
+when it was appended. The owner's share goes to the owner named in the adapter's manifest. The
+epoch is that of the time the broker appended the result (`results` has log-append
+timestamps), never the result's own `created_at`, which its producer chose.
 """
 
 from __future__ import annotations
@@ -80,15 +81,14 @@ def reward_entries(
     record: AttributionRecord,
     *,
     cache: ArtifactCache,
-    pricing: Pricing,
-    epoch_seconds: int,
+    activation: ParametersActivated,
+    epoch: int,
     appended_at: datetime,
 ) -> list[RewardEntry]:
     """The entries paying for `result`, appended to `results` by the broker at `appended_at`
-    and attributed by `record` (a failed record sends the contributors' share to the treasury,
-    an adapter with no known owner the owner's share)."""
-    epoch = epoch_of(appended_at, epoch_seconds)
-    activation = pricing(epoch)
+    (in `epoch`, when `activation` was in force) and attributed by `record` (a failed record
+    sends the contributors' share to the treasury, an adapter with no known owner the owner's
+    share)."""
     return split_fee(
         result,
         record,
@@ -120,7 +120,7 @@ class Origin:
 def _paid(
     result: InferenceResult,
     payload: dict[str, Any],
-    make_record: Callable[[], AttributionRecord | None],
+    make_record: Callable[[Parameters], AttributionRecord | None],
     *,
     raw: bytes | None,
     origin: Origin,
@@ -139,12 +139,14 @@ def _paid(
     reason = refusal(result, payload, facts)
     if reason is not None:
         return [origin.refused(raw, f"not paid: {reason}")]
-    record = make_record()
+    epoch = epoch_of(origin.appended_at, epoch_seconds)
+    activation = pricing(epoch)
+    record = make_record(activation.parameters)
     if record is None:
         return []
     facts.pending.add(result.request_id)
     entries = reward_entries(
-        result, record, cache=cache, pricing=pricing, epoch_seconds=epoch_seconds,
+        result, record, cache=cache, activation=activation, epoch=epoch,
         appended_at=origin.appended_at,
     )
     return [Outgoing.of(record), *(Outgoing.of(entry) for entry in entries)]
@@ -155,14 +157,13 @@ def process_result(
     *,
     origin: Origin,
     facts: Facts,
-    parameters: Parameters,
     cache: ArtifactCache,
     pricing: Pricing,
     epoch_seconds: int,
 ) -> list[Outgoing]:
-    """`facts` are what the log shows (requests, worker keys, payments made); `parameters`
-    those attribution computes with (the current ones); `pricing` gives those the fee is priced
-    with (the epoch, of `epoch_seconds`, in which the broker appended the result)."""
+    """`facts` are what the log shows (requests, worker keys, payments made); `pricing` gives
+    the parameters the result is attributed and priced with: those of the epoch, of
+    `epoch_seconds`, in which the broker appended it."""
     paying = {
         "raw": raw, "origin": origin, "facts": facts, "cache": cache, "pricing": pricing,
         "epoch_seconds": epoch_seconds,
@@ -177,7 +178,7 @@ def process_result(
             failure = AttributionFailure(FailureCode.CORRUPT_SKETCH, exc.reason)
             out.extend(_paid(
                 result, payload,
-                lambda: failed_record(
+                lambda parameters: failed_record(
                     result, parameters, failure, sketch={"raw_sha256": sketch_sha}
                 ),
                 **paying,
@@ -186,5 +187,6 @@ def process_result(
     if result.status != "ok":
         return []
     return _paid(
-        result, parse_object(raw), lambda: attribute(result, parameters, cache), **paying
+        result, parse_object(raw), lambda parameters: attribute(result, parameters, cache),
+        **paying,
     )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from inference.data import general_corpus, generate_datanet
+from inference.data import general_corpus, generate_datanet, paraphrase
 from inference.tokenizer import train_tokenizer
 
 
@@ -51,3 +51,16 @@ def test_bad_arguments_are_refused() -> None:
         generate_datanet(domains=("astrology",))
     with pytest.raises(ValueError, match="contributors"):
         generate_datanet(contributors=0)
+
+
+def test_paraphrases_keep_a_facts_place_and_value_in_other_words():
+    facts = generate_datanet(seed=1, contributors=12, facts_per_contributor=4).facts
+    for fact in facts:
+        paraphrases = paraphrase(fact, 2, seed=0)
+        assert paraphrases == paraphrase(fact, 2, seed=0)
+        assert len({p.text for p in paraphrases}) == 2
+        value = fact.completion.strip().rstrip(".")
+        for p in paraphrases:
+            assert p.fact == fact
+            assert fact.place in p.text and value.casefold() in p.text.casefold()
+            assert fact.prompt not in p.text and p.completion.startswith(" ")

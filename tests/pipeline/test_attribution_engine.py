@@ -17,7 +17,7 @@ from infra.settings import load_settings
 from pipeline.attribution.artifacts import ArtifactCache
 from pipeline.attribution.attributor import MethodVersion, attribute, evidence_hash, sketch_evidence
 from pipeline.attribution.facts import Facts
-from pipeline.attribution.methods import Basis, mix_weights
+from pipeline.attribution.methods import Basis, method_weights, mix_weights
 from pipeline.attribution.parameters import DEFAULTS
 from pipeline.attribution.processing import Origin, process_result
 from pipeline.verify import record_difference
@@ -36,7 +36,7 @@ def cache(tmp_path):
 
 
 def test_ok_record_ranks_examples_by_trak_score_and_weights_sum_exactly(adapter, cache):
-    parameters = Parameters(top_k=5, gradient_weight_ppm=1_000_000)
+    parameters = Parameters(top_k=5, gradient_weight_ppm=1_000_000, lexical_weight_ppm=0)
     record = attribute(make_result(adapter), parameters, cache)
     assert record.status == "ok"
     features = adapter["features"].astype(np.float64)
@@ -76,7 +76,7 @@ def test_same_inputs_give_the_same_record_and_any_change_changes_the_evidence(ad
 def test_span_method_credits_the_row_the_output_repeats(adapter, cache):
     row = adapter["examples"][7]
     result = make_result(adapter, output_text=f"Sure. {row.text}", sketch=np.zeros(16))
-    record = attribute(result, Parameters(gradient_weight_ppm=0), cache)
+    record = attribute(result, Parameters(gradient_weight_ppm=0, lexical_weight_ppm=0), cache)
     assert record.method.params["basis"] == Basis.SPAN
     assert record.method.name == "span"
     assert [(w.contributor_id, w.ppm) for w in record.contributor_weights] == [
@@ -84,10 +84,13 @@ def test_span_method_credits_the_row_the_output_repeats(adapter, cache):
     ]
 
 
-def test_a_mix_is_named_by_both_methods(adapter, cache):
+def test_a_mix_is_named_by_its_methods(adapter, cache):
     row = adapter["examples"][7]
-    record = attribute(make_result(adapter, output_text=f"Sure. {row.text}"), Parameters(), cache)
+    result = make_result(adapter, output_text=f"Sure. {row.text}")
+    record = attribute(result, Parameters(), cache)
     assert record.method.params["basis"] == Basis.MIX
+    assert record.method.name == "trak+lexical+span"
+    record = attribute(result, Parameters(lexical_weight_ppm=0), cache)
     assert record.method.name == "trak+span"
 
 
@@ -122,15 +125,17 @@ def test_version_1_records_keep_their_name_and_their_evidence(adapter, cache):
     # Version 1 hashed the parameters given, not what the record reports about its method.
     relabelled = old.method.model_copy(update={"params": {**old.method.params, "basis": "span"}})
     assert _evidence_with(old, result, relabelled) == old.evidence_hash
-    current = attribute(result, Parameters(), cache)
-    assert old.contributor_weights == current.contributor_weights
-    assert old.evidence_hash != current.evidence_hash
+    version_2 = attribute(result, Parameters(), cache, MethodVersion.V2)
+    assert old.contributor_weights == version_2.contributor_weights
+    assert old.evidence_hash != version_2.evidence_hash
 
 
 def test_version_2_records_do_not_name_the_projection_version_3_records_hash_it(adapter, cache):
     result = make_result(adapter)
-    old = attribute(result, Parameters(), cache, MethodVersion.V2)
-    current = attribute(result, Parameters(), cache)
+    # Without the lexical method (new in version 3) both versions weigh alike.
+    parameters = Parameters(lexical_weight_ppm=0)
+    old = attribute(result, parameters, cache, MethodVersion.V2)
+    current = attribute(result, parameters, cache)
     assert (old.method.version, current.method.version) == ("2", "3")
     assert "projection" not in old.method.params
     assert current.method.params["projection"] == PROJECTION
@@ -158,23 +163,41 @@ def test_verify_recomputes_each_record_with_its_own_method_version(tmp_path):
 
 
 def test_mix_follows_gradient_weight():
-    gradient = {("a", "d"): 3.0}
-    span = {("b", "d"): 10.0}
-    weights, basis = mix_weights(gradient, span, {}, gradient_weight_ppm=800_000, min_weight_ppm=0)
-    assert basis == Basis.MIX
+    influence = {Basis.GRADIENT: {("a", "d"): 3.0}, Basis.SPAN: {("b", "d"): 10.0}}
+    weights, used = mix_weights(influence, method_weights(800_000, 0), {}, min_weight_ppm=0)
+    assert used == (Basis.GRADIENT, Basis.SPAN)
     assert weights == {("a", "d"): 800_000, ("b", "d"): 200_000}
+
+
+def test_the_lexical_weight_takes_its_share_before_gradient_and_span_split_the_rest():
+    influence = {
+        Basis.GRADIENT: {("a", "d"): 3.0},
+        Basis.LEXICAL: {("c", "d"): 1.0},
+        Basis.SPAN: {("b", "d"): 10.0},
+    }
+    weights, used = mix_weights(influence, method_weights(800_000, 500_000), {}, min_weight_ppm=0)
+    assert used == (Basis.GRADIENT, Basis.LEXICAL, Basis.SPAN)
+    assert weights == {("a", "d"): 400_000, ("b", "d"): 100_000, ("c", "d"): 500_000}
+    # A weighted method that found nothing leaves its share to the others, in proportion.
+    del influence[Basis.SPAN]
+    weights, used = mix_weights(influence, method_weights(800_000, 500_000), {}, min_weight_ppm=0)
+    assert used == (Basis.GRADIENT, Basis.LEXICAL)
+    assert weights == {("a", "d"): 444_444, ("c", "d"): 555_556}
 
 
 def test_no_positive_influence_falls_back_to_span_then_to_example_counts():
     counts = {("a", "d"): 1, ("b", "d"): 3}
-    weights, basis = mix_weights(
-        {}, {("b", "d"): 2.0}, counts, gradient_weight_ppm=800_000, min_weight_ppm=0
+    weights, used = mix_weights(
+        {Basis.SPAN: {("b", "d"): 2.0}}, method_weights(800_000, 0), counts, min_weight_ppm=0
     )
-    assert (weights, basis) == ({("b", "d"): PPM_TOTAL}, Basis.SPAN)
-    weights, basis = mix_weights(
-        {("a", "d"): -1.0}, {}, counts, gradient_weight_ppm=800_000, min_weight_ppm=0
+    assert (weights, used) == ({("b", "d"): PPM_TOTAL}, (Basis.SPAN,))
+    weights, used = mix_weights(
+        {Basis.GRADIENT: {("a", "d"): -1.0}, Basis.SPAN: {}},
+        method_weights(800_000, 0),
+        counts,
+        min_weight_ppm=0,
     )
-    assert basis == Basis.EXAMPLE_COUNTS
+    assert used == (Basis.EXAMPLE_COUNTS,)
     assert weights == {("a", "d"): 250_000, ("b", "d"): 750_000}
 
 
@@ -250,7 +273,7 @@ def test_unknown_adapter_fails(adapter, cache):
 def _process(raw, cache, facts=None):
     return process_result(
         raw, origin=Origin("t.results", 3, 42, datetime(2026, 1, 1, tzinfo=UTC)),
-        facts=facts or Facts(), parameters=Parameters(), cache=cache,
+        facts=facts or Facts(), cache=cache,
         pricing=DEFAULTS.parameters_for_epoch, epoch_seconds=3600,
     )
 

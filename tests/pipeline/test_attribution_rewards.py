@@ -13,10 +13,11 @@ from signing import Identity
 
 from inference.adapter_store import AdapterDir
 from pipeline.attribution.artifacts import ArtifactCache
+from pipeline.attribution.attributor import attribute
 from pipeline.attribution.facts import Facts
 from pipeline.attribution.parameters import DEFAULTS
 from pipeline.attribution.processing import Origin, process_result
-from pipeline.governance import GENESIS
+from pipeline.governance import GENESIS, active_parameters
 from pipeline.rewards import TREASURY_ID
 from schemas.events import (
     FeeSplit,
@@ -83,7 +84,7 @@ def run(
         signed_bytes(result) if raw is None else raw,
         origin=Origin("t.results", 1, 9, WHEN),
         facts=facts_for(result) if facts is None else facts,
-        parameters=Parameters(), cache=cache, pricing=pricing, epoch_seconds=EPOCH_SECONDS,
+        cache=cache, pricing=pricing, epoch_seconds=EPOCH_SECONDS,
     )
 
 
@@ -188,7 +189,7 @@ def test_owner_comes_from_a_valid_manifest_owner_only(adapter, cache, tmp_path):
 
 def test_pricing_without_governance_is_version_zero_defaults():
     assert DEFAULTS.parameters_for_epoch(12) == GENESIS
-    assert DEFAULTS.current_parameters() == Parameters()
+    assert DEFAULTS.parameters_for_epoch(12).parameters == Parameters()
 
 
 # --- what is not paid ---------------------------------------------------------------------
@@ -261,6 +262,27 @@ def test_a_request_is_paid_once_whatever_the_adapter(adapter, cache, tmp_path):
     assert "already paid" in refused(run(second, cache, facts=restarted))
 
 
+def test_a_result_of_an_old_epoch_is_attributed_with_that_epochs_mix(adapter, cache):
+    """Processed after governance changed the mix (from epoch 8 on), a result the broker
+    appended in epoch 7 gets epoch 7's mix, as a replay of the log would."""
+    old = Parameters(gradient_weight_ppm=1_000_000, lexical_weight_ppm=0, top_k=4)
+    new = Parameters(gradient_weight_ppm=0, lexical_weight_ppm=1_000_000)
+    history = [
+        ParametersActivated(version=1, effective_epoch=0, parameters=old, created_at=WHEN),
+        ParametersActivated(version=2, effective_epoch=8, parameters=new, created_at=WHEN),
+    ]
+    result = with_usage(make_result(adapter))
+    out = run(result, cache, lambda epoch: active_parameters(history, epoch))
+    (record,) = decoded(out, "attributions")
+    params = record.method.params
+    assert (params["gradient_weight_ppm"], params["lexical_weight_ppm"], params["top_k"]) == (
+        1_000_000, 0, 4,
+    )
+    assert record.contributor_weights == attribute(result, old, cache).contributor_weights
+    assert record.contributor_weights != attribute(result, new, cache).contributor_weights
+    assert {entry.parameters_version for entry in decoded(out, "rewards")} == {1}
+
+
 def test_epoch_and_entry_time_are_the_brokers_not_the_results(adapter, cache):
     epochs: list[int] = []
     from_2100 = with_usage(make_result(adapter)).model_copy(
@@ -274,6 +296,6 @@ def test_a_result_the_broker_did_not_stamp_is_not_paid(adapter, cache):
     result = with_usage(make_result(adapter))
     out = process_result(
         signed_bytes(result), origin=Origin("t.results", 1, 9, None), facts=facts_for(result),
-        parameters=Parameters(), cache=cache, pricing=priced([]), epoch_seconds=EPOCH_SECONDS,
+        cache=cache, pricing=priced([]), epoch_seconds=EPOCH_SECONDS,
     )
     assert "LogAppendTime" in refused(out)

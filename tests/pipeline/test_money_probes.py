@@ -50,7 +50,7 @@ from schemas.events import (
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-PRICE = DEFAULTS.current_parameters().default_price_per_token
+PRICE = DEFAULTS.parameters_for_epoch(0).parameters.default_price_per_token
 
 
 async def _read(settings: Settings, topic: str) -> list:

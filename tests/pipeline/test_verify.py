@@ -27,6 +27,8 @@ from pipeline.verify import (
 from schemas.events import (
     InferenceRequest,
     InferenceResult,
+    Parameters,
+    ParametersActivated,
     RewardEntry,
     Sketch,
     Usage,
@@ -162,6 +164,7 @@ def test_an_honest_record_matches_after_recomputing_sketch_and_attribution(publi
         "usage recounted",
         "sketch recomputed",
         "attribution recomputed",
+        "parameters of the result's epoch",
         "fee recomputed",
     ]
     assert report.sketch_relative_error is not None and report.sketch_relative_error <= 1e-3
@@ -181,6 +184,18 @@ def test_a_record_with_altered_weights_is_reported(published):
     assert report.status == "mismatch"
     assert report.difference.field == "contributor_weights[0].ppm"
     assert report.difference.got == report.difference.expected + 1
+
+
+def test_a_record_computed_with_other_parameters_than_its_epochs_is_reported(published):
+    events = asyncio.run(fetch_events(published.settings, published.honest))
+    (logged,) = events.results
+    events.activations = [ParametersActivated(
+        version=1, effective_epoch=0, parameters=Parameters(top_k=3),
+        created_at=logged.appended_at,
+    )]
+    report = verify_events(published.settings, published.honest, events, check_sketch=False)
+    assert report.status == "mismatch"
+    assert (report.difference.field, report.difference.expected) == ("method.params.top_k", 3)
 
 
 def test_a_sketch_that_is_not_the_adapters_gradient_is_reported(published):
