@@ -29,7 +29,7 @@ from schemas.topics import topic_name
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-RESULTS = 30
+RESULTS = 120  # several polls of the loop, so the kill lands while some are open
 
 
 def _env(settings: Settings) -> dict[str, str]:
