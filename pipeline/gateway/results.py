@@ -85,7 +85,7 @@ class ResultRouter:
                         self._route(decoded.event)
 
     def _route(self, event: Arrival) -> None:
-        if isinstance(event, InferenceResult) and event.status == "ok":
+        if isinstance(event, InferenceResult) and event.status == "ok" and event.adapter_id:
             self.cache_tiers[event.adapter_id] = event.cache_tier
         queue = self._waiting.get(event.request_id)
         if queue is not None:
