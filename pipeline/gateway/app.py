@@ -160,8 +160,11 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
 
 
 async def _next(arrivals: asyncio.Queue[Arrival], deadline: float) -> Arrival | None:
+    if not arrivals.empty():  # a burst of deltas: no timer for each
+        return arrivals.get_nowait()
     try:
-        return await asyncio.wait_for(arrivals.get(), max(0.0, deadline - time.monotonic()))
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await arrivals.get()
     except TimeoutError:
         return None
 
