@@ -287,8 +287,8 @@ def p50_e2e(timings: list[Timing]) -> float:
 
 
 def table(report: dict) -> str:
-    head = ("path", "offered req/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "e2e p50 ms",
-            "e2e p99 ms")
+    head = ("path", "offered req/s (both paths)", "req/s (this path)", "TTFT p50 ms",
+            "TTFT p99 ms", "e2e p50 ms", "e2e p99 ms")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
         cells = [row["path"], f"{row['offered_rate']:g}", f"{row['requests_per_s']:.1f}"]
