@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -236,17 +237,19 @@ def load_peft(model_dir: Path, store: Path, adapter_ids: list[str]):
 
 
 @torch.inference_mode()
-def peft_decode(model, prompts: list[list[int]], adapter_names: list[str] | None, steps: int):
-    """Prefill, then `steps` greedy decode steps with the KV cache; returns decode seconds."""
+def peft_decode(model, prompts: list[list[int]], adapter_names: list[str] | None, steps: int,
+                clock: Callable[[], float] = time.perf_counter):
+    """Prefill, then `steps` greedy decode steps with the KV cache; returns decode seconds by
+    `clock`."""
     kwargs = {} if adapter_names is None else {"adapter_names": adapter_names}
     input_ids = torch.tensor(prompts)
     out = model(input_ids=input_ids, use_cache=True, **kwargs)
     past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    started = time.perf_counter()
+    started = clock()
     for _ in range(steps):
         out = model(input_ids=token, past_key_values=past, use_cache=True, **kwargs)
         past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    return time.perf_counter() - started
+    return clock() - started
 
 
 # --- FLOP ceiling -----------------------------------------------------------------------------

@@ -239,6 +239,15 @@ def build_active_lora(
     return active
 
 
+def column_major(rows: int, columns: int) -> Tensor:
+    """An uninitialised [rows, columns] weight laid out column by column (the transposed view
+    of a contiguous [columns, rows] buffer). `F.linear(x, weight)` then multiplies by a
+    contiguous matrix without transposing it, which on the CPU (MKL) takes 1.4-2x less time
+    for the 4-64 rows of a decode batch than a row-major weight, and the same for 1-2 rows;
+    the weight reads as the same [out, in] tensor everywhere else."""
+    return torch.empty(columns, rows).t()
+
+
 class MultiLoraLinear(nn.Module):
     """A fused linear layer (q|k|v, gate|up, or a single projection) whose outputs get the
     LoRA delta of every token's own adapter."""
@@ -250,10 +259,16 @@ class MultiLoraLinear(nn.Module):
         parts: Sequence[tuple[str, int]],
         layer_index: int,
         bias: bool = False,
+        weight_column_major: bool = True,
     ) -> None:
         super().__init__()
         out_features = sum(size for _, size in parts)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        weight = (
+            column_major(out_features, in_features)
+            if weight_column_major
+            else torch.empty(out_features, in_features)
+        )
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.group = group
         self.layer_index = layer_index

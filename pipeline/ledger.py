@@ -69,10 +69,13 @@ TABLES: dict[str, TableSpec] = {
 
 Row = tuple[Any, ...]
 
+# The adapter_id column of a request the base model answered alone: no adapter id is empty.
+BASE_MODEL_COLUMN = ""
+
 
 def _result_rows(event: InferenceResult) -> dict[str, list[Row]]:
     return {"inference_results": [(
-        event.request_id, event.adapter_id, event.worker_id, event.status,
+        event.request_id, event.adapter_id or BASE_MODEL_COLUMN, event.worker_id, event.status,
         event.error_code.value if event.error_code else "",
         event.usage.prompt_tokens, event.usage.completion_tokens,
         event.timings.total_ms if event.timings else 0.0,
@@ -84,12 +87,14 @@ def _attribution_rows(event: AttributionRecord) -> dict[str, list[Row]]:
     weights = event.contributor_weights if event.status == "ok" else []
     return {
         "attributions": [(
-            event.request_id, event.adapter_id, event.status, event.failure_reason or "",
+            event.request_id, event.adapter_id or BASE_MODEL_COLUMN, event.status,
+            event.failure_reason or "",
             event.method.name, event.method.version, event.index_hash or "",
             event.evidence_hash, len(weights), event.created_at,
         )],
         "attribution_rows": [
-            (event.request_id, weight.contributor_id, weight.datanet_id, event.adapter_id,
+            (event.request_id, weight.contributor_id, weight.datanet_id,
+             event.adapter_id or BASE_MODEL_COLUMN,
              weight.ppm, event.method.name, event.created_at)
             for weight in weights
         ],
@@ -98,7 +103,8 @@ def _attribution_rows(event: AttributionRecord) -> dict[str, list[Row]]:
 
 def _reward_rows(event: RewardEntry) -> dict[str, list[Row]]:
     return {"reward_entries": [(
-        event.entry_id, event.request_id, event.adapter_id, event.epoch, event.beneficiary_id,
+        event.entry_id, event.request_id, event.adapter_id or BASE_MODEL_COLUMN, event.epoch,
+        event.beneficiary_id,
         event.role.value, event.amount, event.fee_total, event.parameters_version, event.reason,
         event.created_at, event.datanet_id or "",
     )]}

@@ -18,6 +18,10 @@ Rounding rules (the ledger's contract):
 - A failed (or empty) attribution sends the contributors' share to the treasury, and a
   result whose adapter has no known owner sends the owner's share to the treasury: a fee is
   never paid to nobody. The entries of one request always sum to its fee exactly.
+- A request to the base model alone (no adapter id) is priced at `default_price_per_token`
+  and split by the same basis points. No datanet and no adapter owner took part, so the
+  contributors' and the owner's shares go to the treasury: the compute operator earns what it
+  would for an adapter's request of the same length, and the protocol keeps the rest.
 - Zero amounts produce no entry; a zero fee produces no entries at all.
 """
 
@@ -58,7 +62,10 @@ def epoch_of(timestamp: datetime, seconds: int) -> int:
     return int(timestamp.timestamp()) // seconds
 
 
-def price_per_token(parameters: Parameters, adapter_id: str) -> int:
+def price_per_token(parameters: Parameters, adapter_id: str | None) -> int:
+    """The adapter's price, else the default (always for the base model alone)."""
+    if adapter_id is None:
+        return parameters.default_price_per_token
     return parameters.adapter_prices.get(adapter_id, parameters.default_price_per_token)
 
 
@@ -158,6 +165,9 @@ def split_fee(
     if adapter_owner:
         credit(adapter_owner, RewardRole.ADAPTER_OWNER, shares[RewardRole.ADAPTER_OWNER],
                "adapter owner")
+    elif result.adapter_id is None:
+        credit(TREASURY_ID, treasury, shares[RewardRole.ADAPTER_OWNER],
+               "base model alone: no adapter owner")
     else:
         credit(TREASURY_ID, treasury, shares[RewardRole.ADAPTER_OWNER], "adapter has no owner")
     credit(result.worker_id, RewardRole.COMPUTE_OPERATOR, shares[RewardRole.COMPUTE_OPERATOR],

@@ -7,7 +7,7 @@ import base64
 import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
@@ -95,6 +95,18 @@ class Part(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+# A field added to an event after events without it were written is left out of the JSON while
+# it holds its default, so such an event encodes exactly as it did before the field existed and
+# consumers of the earlier shape (which refuse unknown fields) still read it.
+def absent_when_none(**constraints: Any) -> Any:
+    """An optional field, None by default, that the JSON leaves out while it is None."""
+    return Field(default=None, exclude_if=_is_none, **constraints)
+
+
 # --- requests and results -------------------------------------------------------------------
 
 
@@ -120,12 +132,12 @@ Messages = Annotated[
 
 class InferenceRequest(Event):
     """A completion of `prompt`, or the assistant's next turn of the conversation `messages`:
-    exactly one of the two."""
+    exactly one of the two. Without `adapter_id` the base model alone answers."""
 
     request_id: EntityId = Field(default_factory=new_id)
-    adapter_id: AdapterId
-    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
-    messages: Messages | None = None
+    adapter_id: AdapterId | None = absent_when_none()
+    prompt: str | None = absent_when_none(min_length=1, max_length=MAX_PROMPT_CHARS)
+    messages: Messages | None = absent_when_none()
     max_new_tokens: int = Field(default=64, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -147,6 +159,12 @@ class InferenceRequest(Event):
     def prompt_input(self) -> str | list[ChatMessage]:
         """What the model is asked: the prompt text or the conversation."""
         return self.prompt if self.messages is None else self.messages
+
+    @property
+    def routing_key(self) -> str:
+        """The message key: the adapter id, so that one adapter's requests meet in one batch;
+        the request id for the base model alone, which every worker serves alike."""
+        return self.request_id if self.adapter_id is None else self.adapter_id
 
 
 class ErrorCode(StrEnum):
@@ -218,12 +236,13 @@ class Sketch(Part):
 
 class InferenceResult(Event):
     request_id: EntityId
-    adapter_id: AdapterId
+    adapter_id: AdapterId | None = absent_when_none()  # None: the base model alone answered
     status: Literal["ok", "error"]
     error_code: ErrorCode | None = None
     error_message: str | None = Field(default=None, max_length=1024)
     prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
-    messages: Messages | None = None  # the conversation of a chat request (prompt is then "")
+    # The conversation of a chat request (prompt is then "").
+    messages: Messages | None = absent_when_none()
     output_text: str = ""
     prompt_token_ids: list[NonNegativeInt] = Field(default_factory=list)
     output_token_ids: list[NonNegativeInt] = Field(default_factory=list)
@@ -310,7 +329,7 @@ class ContributorWeight(Part):
 
 class AttributionRecord(Event):
     request_id: EntityId
-    adapter_id: AdapterId
+    adapter_id: AdapterId | None = absent_when_none()  # None: a result of the base model alone
     adapter_hash: Sha256Hex | None = None
     status: Literal["ok", "failed"]
     failure_reason: str | None = Field(default=None, max_length=1024)
@@ -360,7 +379,7 @@ def reward_entry_id(
 class RewardEntry(Event):
     entry_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
     request_id: EntityId
-    adapter_id: AdapterId
+    adapter_id: AdapterId | None = absent_when_none()  # None: a request to the base model alone
     epoch: Epoch
     beneficiary_id: EntityId
     role: RewardRole

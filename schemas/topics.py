@@ -47,7 +47,7 @@ class TopicSpec:
 
 
 _SPECS = [
-    TopicSpec("requests", "adapter_id", 8, events.InferenceRequest),
+    TopicSpec("requests", "routing_key", 8, events.InferenceRequest),
     # Keyed by request id: every answer to one request lands on one partition, so one
     # attribution processor decides which of them (the first) is paid.
     TopicSpec("results", "request_id", 8, events.InferenceResult, log_append_time=True),

@@ -309,7 +309,12 @@ class ServingBackend:
                 continue
             self._stream_end(job.key, generation)
             if generation.status == "ok":
-                if self.sketches is not None and self.policy.wants(job.request.request_id):
+                # A sketch is the gradient of an adapter's parameters: the base model has none.
+                if (
+                    self.sketches is not None
+                    and job.request.adapter_id is not None
+                    and self.policy.wants(job.request.request_id)
+                ):
                     self._held.append((job, generation))
                 else:
                     completed.append(Completed(job.key, self._ok(job, generation, None)))

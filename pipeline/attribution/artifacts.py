@@ -166,10 +166,12 @@ class ArtifactCache:
                 self._entries.popitem(last=False)
         return artifacts
 
-    def owner_of(self, adapter_id: str) -> str | None:
+    def owner_of(self, adapter_id: str | None) -> str | None:
         """The adapter's owner from its manifest; None when the adapter or its owner is
-        unknown. Read even when the artifacts fail to load: a failed attribution still pays
-        the owner their share."""
+        unknown, or for the base model alone (no adapter). Read even when the artifacts fail
+        to load: a failed attribution still pays the owner their share."""
+        if adapter_id is None:
+            return None
         with self._lock:
             cached = self._entries.get(adapter_id)
         if cached is not None:

@@ -130,7 +130,7 @@ def method_evidence(method: MethodInfo) -> dict[str, Any]:
 def evidence_hash(
     *,
     request_id: str,
-    adapter_id: str,
+    adapter_id: str | None,
     result_adapter_hash: str | None,
     sketch: dict[str, Any] | None,
     adapter_hash: str | None,
@@ -260,6 +260,11 @@ def attribute(
     if result.status != "ok":
         return None
     sketch = sketch_evidence(result)
+    if result.adapter_id is None:
+        failure = AttributionFailure(
+            FailureCode.BASE_MODEL, "the base model answered alone: no datanet contributed"
+        )
+        return failed_record(result, parameters, failure, sketch=sketch, version=version)
     if result.sketch is None:
         failure = AttributionFailure(FailureCode.NO_SKETCH, "the ok result carries no sketch")
         return failed_record(result, parameters, failure, version=version)

@@ -68,7 +68,7 @@ def prompt_bytes_bound(request: InferenceRequest) -> int:
 
 @dataclass(frozen=True)
 class RequestFacts:
-    adapter_id: str
+    adapter_id: str | None  # None: the base model alone
     prompt_sha256: str
     prompt_bytes: int
     max_new_tokens: int

@@ -8,6 +8,8 @@ from enum import StrEnum
 
 
 class FailureCode(StrEnum):
+    # The base model answered alone: no adapter, so no training data to attribute to.
+    BASE_MODEL = "base_model"
     NO_SKETCH = "no_sketch"
     CORRUPT_SKETCH = "corrupt_sketch"
     UNKNOWN_ADAPTER = "unknown_adapter"

@@ -130,15 +130,13 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     model, fields = parse_body(endpoint, body)
     usage_wanted = include_usage(body)
     config = request.app[CONFIG]
-    if model == config.base_model_name:
-        raise errors.invalid(
-            f"{model!r} is the base model, which is served through its adapters only: name an "
-            "adapter from GET /v1/models.", "model")
-    if not is_valid_id(model):
+    # The base model's name asks for the base model alone: the event names no adapter.
+    adapter_id = None if model == config.base_model_name else model
+    if adapter_id is not None and not is_valid_id(adapter_id):
         raise errors.model_not_found(model)
-    event = build_request(endpoint, model, body, fields)
+    event = build_request(endpoint, adapter_id, body, fields)
     link, config = _connected(request)
-    if await link.catalog.lookup(model) is None:
+    if adapter_id is not None and await link.catalog.lookup(adapter_id) is None:
         raise errors.model_not_found(model)
     if link.router.in_flight >= config.max_in_flight:
         raise errors.too_many_requests(config.max_in_flight)
@@ -162,8 +160,11 @@ async def _serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
 
 
 async def _next(arrivals: asyncio.Queue[Arrival], deadline: float) -> Arrival | None:
+    if not arrivals.empty():  # a burst of deltas: no timer for each
+        return arrivals.get_nowait()
     try:
-        return await asyncio.wait_for(arrivals.get(), max(0.0, deadline - time.monotonic()))
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await arrivals.get()
     except TimeoutError:
         return None
 

@@ -93,20 +93,22 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def chat_request(adapter_id: str, messages: list[dict[str, str]],
+def chat_request(adapter_id: str | None, messages: list[dict[str, str]],
                  fields: dict[str, Any]) -> InferenceRequest:
     """A conversation as a request event; the worker renders it with the checkpoint's chat
     template."""
     return InferenceRequest(adapter_id=adapter_id, messages=messages, **fields)
 
 
-def completion_request(adapter_id: str, prompt: str, fields: dict[str, Any]) -> InferenceRequest:
+def completion_request(adapter_id: str | None, prompt: str,
+                       fields: dict[str, Any]) -> InferenceRequest:
     return InferenceRequest(adapter_id=adapter_id, prompt=prompt, **fields)
 
 
-def build_request(endpoint: Endpoint, adapter_id: str, body: dict[str, Any],
+def build_request(endpoint: Endpoint, adapter_id: str | None, body: dict[str, Any],
                   fields: dict[str, Any]) -> InferenceRequest:
-    """The request event, or a 400 naming the first parameter it refuses."""
+    """The request event (for the base model alone when `adapter_id` is None), or a 400 naming
+    the first parameter it refuses."""
     try:
         if endpoint == "chat":
             return chat_request(adapter_id, chat_messages(body), fields)

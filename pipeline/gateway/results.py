@@ -1,8 +1,10 @@
 """Results and token deltas back to the gateway requests waiting for them.
 
 One consumer tails every partition of `results` and `token-deltas` from the end (no group, read
-committed); each gateway keeps only the records of request ids it produced. The results it
-reads also tell the cache tier each adapter was last served from, for `/v1/models`."""
+committed); each gateway keeps only the records of request ids it produced, and decodes no
+other (both topics are keyed by request id), so its work grows with its own requests, not with
+the traffic of every gateway. Its own results also tell the cache tier each adapter was last
+served from, for `/v1/models`."""
 
 from __future__ import annotations
 
@@ -80,12 +82,16 @@ class ResultRouter:
                 continue
             for records in batch.values():
                 for record in records:
+                    if record.key is None or record.key.decode("utf-8", "replace") not in (
+                        self._waiting
+                    ):
+                        continue
                     decoded = decode_record(logical_topic(self.settings, record.topic), record)
                     if decoded.event is not None:
                         self._route(decoded.event)
 
     def _route(self, event: Arrival) -> None:
-        if isinstance(event, InferenceResult) and event.status == "ok":
+        if isinstance(event, InferenceResult) and event.status == "ok" and event.adapter_id:
             self.cache_tiers[event.adapter_id] = event.cache_tier
         queue = self._waiting.get(event.request_id)
         if queue is not None:

@@ -53,6 +53,20 @@ def test_qwen2_bias_and_tied_embeddings_match_transformers(tmp_path: Path) -> No
     torch.testing.assert_close(_prefill_logits(model, tokens), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projection_and_head_weights_load_column_major(tmp_path: Path, dtype) -> None:
+    # The layout the CPU multiplies decode batches fastest with (see lora_layers.column_major)
+    # survives building on the meta device, materialising and casting.
+    model = load_model(save_tiny_llama(tmp_path / "llama"), dtype=dtype)
+    weights = [model.embed_tokens.weight] + [
+        linear.weight
+        for layer in model.layers
+        for linear in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w_gate_up)
+    ]
+    assert all(w.dtype == dtype and w.t().is_contiguous() for w in weights)
+    assert all(layer.feed_forward.w_down.weight.is_contiguous() for layer in model.layers)
+
+
 def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     model_dir = tmp_path / "sharded"
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ from inference.datanets import DatanetStore
 from inference.engine import GenerationRequest
 from inference.hashing import base_model_hash
 from inference.model import ForwardBatch, SequenceChunk, load_model
+from inference.text_codec import TextCodec
 from inference.tokenizer import encode_prompt, load_tokenizer
 from inference.worker.backend import BackendConfig, ServingBackend
 from inference.worker.sketching import SketchMode, SketchPolicy
@@ -139,6 +140,18 @@ def test_generate_command_answers_as_transformers(
         )
         assert result["prompt_token_ids"] == expected_prompt
         assert result["output_token_ids"] == base_greedy(expected_prompt), prompt
+        assert result["output_text"] == hf_tokenizer.decode(
+            result["output_token_ids"], skip_special_tokens=True)
+
+
+def test_text_is_decoded_as_transformers_decodes_it(smollm2_dir: Path, hf_tokenizer) -> None:
+    # The checkpoint asks for clean_up_tokenization_spaces, which transformers applies to
+    # WordPiece tokenizers only: on this byte-level BPE its decode is the tokenizer file's.
+    ids = hf_tokenizer("I do n't know , do you ? It 's fine .", add_special_tokens=False)[
+        "input_ids"]
+    decoded = TextCodec.from_model_dir(smollm2_dir).decode(ids)
+    assert decoded == hf_tokenizer.decode(ids, skip_special_tokens=True)
+    assert decoded == "I do n't know , do you ? It 's fine ."
 
 
 @pytest.fixture(scope="module")

@@ -285,6 +285,28 @@ def test_every_request_yields_exactly_one_result(base_model_dir, adapters_dir):
                                                and bool(result.output_text))
 
 
+def test_a_request_without_an_adapter_is_served_by_the_base_model_alone(
+    base_model_dir, adapters_dir
+):
+    base = InferenceRequest(prompt="the price of the clay pot is", max_new_tokens=6)
+    alone = _backend(base_model_dir, adapters_dir, SketchPolicy(SketchMode.ALWAYS))
+    alone.enqueue(base)
+    (expected,) = [c.result for c in alone.run_until_idle()]
+    alone.close()
+    mixed = _backend(base_model_dir, adapters_dir, SketchPolicy(SketchMode.ALWAYS))
+    others = _requests()[:3]  # of adapters ad0 and ad1, which have an index, and ad2
+    for request in [*others, base]:
+        mixed.enqueue(request)
+    results = {c.result.request_id: c.result for c in mixed.run_until_idle()}
+    mixed.close()
+    result = results[base.request_id]
+    assert result.status == "ok" and result.adapter_id is None
+    assert result.output_token_ids == expected.output_token_ids != []
+    assert (result.adapter_hash, result.sketch) == (None, None)
+    assert result.base_model_hash == base_model_hash(base_model_dir)
+    assert results[others[0].request_id].sketch is not None
+
+
 def test_sketches_match_a_direct_computation(base_model_dir, adapters_dir):
     backend = _backend(base_model_dir, adapters_dir, SketchPolicy(SketchMode.ALWAYS))
     requests = [r for r in _requests() if r.adapter_id == "ad1"]

@@ -144,6 +144,25 @@ def test_an_unknown_adapter_pays_owner_and_contributors_shares_to_the_treasury(a
         e.reason for e in entries if e.beneficiary_id == TREASURY_ID)
 
 
+def test_a_base_model_result_pays_the_operator_and_the_rest_to_the_treasury(adapter, cache):
+    result = with_usage(make_result(adapter)).model_copy(
+        update={"adapter_id": None, "adapter_hash": None, "sketch": None}
+    )
+    out = run(result, cache, priced([]))
+    (record,) = decoded(out, "attributions")
+    entries = decoded(out, "rewards")
+    assert record.adapter_id is None and record.status == "failed"
+    assert record.failure_reason.startswith("base_model: ")
+    fee = 33 * PRICED.default_price_per_token  # no adapter, so no adapter's price
+    assert sum(e.amount for e in entries) == fee
+    assert {(e.role, e.beneficiary_id) for e in entries} == {
+        (RewardRole.COMPUTE_OPERATOR, "worker-test"), (RewardRole.TREASURY, TREASURY_ID)}
+    operator = next(e for e in entries if e.role == RewardRole.COMPUTE_OPERATOR)
+    assert operator.amount == 20  # 2000 bps of 99 = 19.8, rounded up by largest remainder
+    assert all(e.adapter_id is None for e in entries)
+    assert "no adapter owner" in next(e.reason for e in entries if e.role == RewardRole.TREASURY)
+
+
 def test_an_error_result_pays_nothing(adapter, cache):
     result = with_usage(make_result(adapter, status="error"))
     assert run(result, cache, priced([])) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -339,3 +340,69 @@ def test_events_of_the_current_version_written_before_conversations_still_decode
         b' "worker_id": "w"}',
     )
     assert result.messages is None and result.prompt_text == "p"
+
+
+# What the previous schema's producers wrote (and its consumers, which refuse unknown fields and
+# a null prompt, read): a request and a result of the same content must encode to these bytes.
+_AT = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+_PREVIOUS_REQUEST = (
+    b'{"schema_version":1,"created_at":"2026-11-01T12:00:00Z","request_id":"r1",'
+    b'"adapter_id":"a1","prompt":"Hello","max_new_tokens":64,"temperature":0.0,"top_p":1.0,'
+    b'"seed":0,"stop":[],"client_id":"c1","stream":false}'
+)
+_PREVIOUS_RESULT = (
+    b'{"schema_version":1,"created_at":"2026-11-01T12:00:00Z","request_id":"r1",'
+    b'"adapter_id":"a1","status":"ok","error_code":null,"error_message":null,"prompt":"Hello",'
+    b'"output_text":" world","prompt_token_ids":[1,2],"output_token_ids":[3],'
+    b'"finish_reason":null,"usage":{"prompt_tokens":0,"completion_tokens":0},"timings":null,'
+    b'"cache_tier":"none","adapter_hash":null,"base_model_hash":null,"worker_id":"w1",'
+    b'"sketch":null,"signature":null}'
+)
+
+
+def test_prompt_events_encode_exactly_as_before_conversations_and_the_base_model():
+    request = InferenceRequest(
+        request_id="r1", adapter_id="a1", prompt="Hello", client_id="c1", created_at=_AT
+    )
+    result = InferenceResult(
+        request_id="r1", adapter_id="a1", status="ok", prompt="Hello", output_text=" world",
+        prompt_token_ids=[1, 2], output_token_ids=[3], worker_id="w1", created_at=_AT,
+    )
+    assert encode(request) == _PREVIOUS_REQUEST
+    assert encode(result) == _PREVIOUS_RESULT
+    assert decode("requests", _PREVIOUS_REQUEST) == request
+    assert decode("results", _PREVIOUS_RESULT) == result
+
+
+def test_a_signature_covers_the_bytes_that_travel():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from schemas.signatures import public_key_b64, sign_event, signature_problem
+
+    key = Ed25519PrivateKey.generate()
+    result = sign_event(
+        InferenceResult(request_id="r1", status="ok", prompt="p", worker_id="w1"), key
+    )
+    payload = json.loads(encode(result))
+    assert "adapter_id" not in payload and "messages" not in payload
+    assert signature_problem(payload, public_key_b64(key)) is None
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        InferenceRequest(adapter_id="a1", messages=[{"role": "user", "content": "Hi"}]),
+        InferenceRequest(prompt="Hello", stream=True),
+        InferenceResult(request_id="r1", status="ok", worker_id="w1",
+                        messages=[{"role": "system", "content": ""},
+                                  {"role": "user", "content": "Hi"}]),
+    ],
+    ids=["chat", "base-model prompt", "base-model chat result"],
+)
+def test_new_events_round_trip_and_leave_out_what_they_lack(event):
+    raw = encode(event)
+    topic = "requests" if isinstance(event, InferenceRequest) else "results"
+    assert decode(topic, raw) == event
+    payload = json.loads(raw)
+    absent = {name for name in ("adapter_id", "prompt", "messages") if getattr(event, name) is None}
+    assert absent and not absent & payload.keys()

@@ -58,8 +58,15 @@ def test_export_writes_a_schema_per_event(tmp_path):
     assert len(written) == len(EXPORTED)
     schema = json.loads((tmp_path / "InferenceRequest.schema.json").read_text())
     assert schema["additionalProperties"] is False
-    assert schema["required"] == ["adapter_id"]  # and exactly one of prompt and messages
+    # No adapter asks the base model alone; exactly one of prompt and messages is checked after.
+    assert "required" not in schema
     assert {"prompt", "messages"} <= schema["properties"].keys()
+
+
+def test_base_model_requests_spread_by_request_id():
+    spec = TOPICS["requests"]
+    assert spec.key_of(InferenceRequest(request_id="r1", adapter_id="a1", prompt="p")) == b"a1"
+    assert spec.key_of(InferenceRequest(request_id="r1", prompt="p")) == b"r1"
 
 
 def test_events_without_a_key_value_get_an_empty_key():

@@ -210,6 +210,21 @@ def test_a_completion_is_an_ordinary_request_answered_from_results(stack):
     assert (produced[0].max_new_tokens, produced[0].seed, produced[0].stream) == (6, 3, False)
 
 
+def test_the_base_models_name_asks_the_base_model_alone(stack):
+    gateway = stack.gateway
+    completion = gateway.client(timeout=120).completions.create(
+        model="base", prompt=PROMPT, max_tokens=5, temperature=0,
+    )
+    assert completion.model == "base"
+    request_id = _request_id(completion.id)
+    result = _result_of(gateway.settings, request_id)
+    assert result.status == "ok" and result.adapter_id is None and result.adapter_hash is None
+    assert completion.choices[0].text == result.output_text
+    assert completion.usage.completion_tokens == result.usage.completion_tokens > 0
+    produced = [r for r in _requests_on_topic(gateway.settings) if r.request_id == request_id]
+    assert [r.adapter_id for r in produced] == [None]
+
+
 def test_streamed_deltas_concatenate_to_the_committed_text(stack):
     gateway = stack.gateway
     chunks = list(gateway.client(timeout=120).completions.create(
