@@ -7,6 +7,7 @@ import base64
 import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import cache
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -17,7 +18,9 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeInt,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -68,6 +71,30 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class _AbsentWhenNone:
+    """Field metadata: the JSON leaves the field out while it is None."""
+
+
+_ABSENT_WHEN_NONE = _AbsentWhenNone()
+
+
+# A field added to an event after events without it were written is left out of the JSON while
+# it holds its default, so such an event encodes (and is signed) exactly as it was before the
+# field existed, and consumers of the earlier shape (which refuse unknown fields) still read it.
+def absent_when_none(**constraints: Any) -> Any:
+    """An optional field, None by default, that the JSON leaves out while it is None."""
+    info = Field(default=None, **constraints)
+    info.metadata.append(_ABSENT_WHEN_NONE)
+    return info
+
+
+@cache
+def _absent_when_none_fields(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(
+        name for name, field in model.model_fields.items() if _ABSENT_WHEN_NONE in field.metadata
+    )
+
+
 class Event(BaseModel):
     """Base of every event: strict shape, immutable, versioned, timestamped in UTC."""
 
@@ -88,23 +115,19 @@ class Event(BaseModel):
                              f"to before {END_OF_CREATED_AT:%Y-%m-%d}")
         return value
 
+    @model_serializer(mode="wrap")
+    def _leave_out_absent_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        for name in _absent_when_none_fields(type(self)):
+            if name in data and data[name] is None:
+                del data[name]
+        return data
+
 
 class Part(BaseModel):
     """Base of nested values inside events."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _is_none(value: object) -> bool:
-    return value is None
-
-
-# A field added to an event after events without it were written is left out of the JSON while
-# it holds its default, so such an event encodes exactly as it did before the field existed and
-# consumers of the earlier shape (which refuse unknown fields) still read it.
-def absent_when_none(**constraints: Any) -> Any:
-    """An optional field, None by default, that the JSON leaves out while it is None."""
-    return Field(default=None, exclude_if=_is_none, **constraints)
 
 
 # --- requests and results -------------------------------------------------------------------
