@@ -251,13 +251,6 @@ def test_models_lists_the_base_model_and_every_registered_adapter(stack):
     assert {models[a].rank for a in ADAPTERS} == {4}
 
 
-needs_chat = pytest.mark.skipif(
-    "messages" not in InferenceRequest.model_fields,
-    reason="requests carry no conversations yet (chat messages on InferenceRequest)",
-)
-
-
-@needs_chat
 def test_a_chat_completion_is_answered_from_results(stack):
     gateway = stack.gateway
     before = {r.request_id for r in _requests_on_topic(gateway.settings)}
@@ -281,7 +274,6 @@ def test_a_chat_completion_is_answered_from_results(stack):
         assert chat.choices[0].message.role == "assistant"
 
 
-@needs_chat
 def test_a_streamed_chat_concatenates_to_the_committed_text(stack):
     gateway = stack.gateway
     try:
