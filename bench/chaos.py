@@ -68,6 +68,7 @@ def main() -> None:
         "requests": len(run.sent),
         "seconds": run.seconds,
         "woken_worker_fenced_commits": len(run.fenced),
+        "pipeline_restarts_after_a_fence": run.restarts,
         "phases": [
             {**asdict(phase), "paid_per_s_vs_steady": phase.paid_per_s / steady.paid_per_s,
              "p99_vs_steady": phase.p99_ms / steady.p99_ms}

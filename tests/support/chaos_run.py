@@ -66,6 +66,7 @@ PIPELINES = 2
 OWNERS = 5  # adapter owners, paid the owner's share
 WORKER_OWNS = re.compile(r"owns partitions \[([\d, ]*)\]")
 FENCED = "was fenced by its new owner"
+FAULT_EXIT = re.compile(r"Crashed reason=\w+|ProducerFenced")
 POLL_S = 0.5
 
 
@@ -308,6 +309,7 @@ class ChaosRun:
     phases: list[Phase]
     took_over: bool = False  # the stopped worker's partitions all went to the other one
     fenced: list[str] = field(default_factory=list)  # the woken worker's fence warnings
+    restarts: list[str] = field(default_factory=list)  # pipeline instances that exited fenced
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     seconds: float = 0.0  # from the first request sent to the last one paid
 
@@ -345,6 +347,7 @@ class Scenario:
         self.phases: list[Phase] = []
         self.took_over = False  # the other worker owned every partition while one was stopped
         self.fenced: list[str] = []
+        self.restarts: list[str] = []  # pipeline instances started again after a fence
         self._down: set[str] = set()  # services a fault has taken down on purpose
 
     @property
@@ -364,7 +367,7 @@ class Scenario:
                 return
             for service in self.services:
                 if service.name not in self._down:
-                    service.check_alive()
+                    self._supervise(service)
             for task in tasks:
                 if task.done():
                     task.result()
@@ -372,6 +375,19 @@ class Scenario:
                 f"timed out waiting until {what}: {len(self.stream.sent)} requests sent, "
                 f"{len(self.progress.answered)} answered, {len(self.progress.paid)} paid")
             await asyncio.sleep(POLL_S)
+
+    def _supervise(self, service: Service) -> None:
+        """A pipeline instance whose transactional producer was fenced exits by design (Faust
+        ends an exactly-once app on ProducerFenced; the broker fences a transaction left open
+        past its timeout, which a starved machine can do): like a supervisor, start it again
+        and record why. Any other exit fails the run."""
+        try:
+            service.check_alive()
+        except ServiceExited as exited:
+            if service not in self.pipelines or "ProducerFenced" not in str(exited):
+                raise
+            self.restarts.append(f"{service.name}: {FAULT_EXIT.search(str(exited)).group(0)}")
+            service.start()
 
     async def run(self) -> ChaosRun:
         for service in self.services:
@@ -419,7 +435,8 @@ class Scenario:
         first = min(self.stream.sent.values())
         return ChaosRun(
             self.config, self.env, self.settings, self.stream.sent, self.progress.answered,
-            self.progress.paid, self.phases, self.took_over, self.fenced, exit_codes,
+            self.progress.paid, self.phases, self.took_over, self.fenced, self.restarts,
+            exit_codes,
             max(self.progress.paid.values()) - first,
         )
 
