@@ -86,7 +86,8 @@ def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> None:
     raise StackError(f"the broker at {settings.kafka_bootstrap} did not answer: {last_error}")
 
 
-async def _under_replicated(settings: Settings) -> list[str]:
+async def under_replicated_partitions(settings: Settings) -> list[str]:
+    """The partitions (`topic/partition`) with fewer in-sync replicas than replicas."""
     admin = make_admin(settings, request_timeout_ms=5000)
     await admin.start()
     try:
@@ -164,7 +165,7 @@ def stack_status(settings: Settings) -> StackStatus:
     if any(state.answers for state in states):
         try:
             topics = asyncio.run(_list_topics(settings))
-            under_replicated = asyncio.run(_under_replicated(settings))
+            under_replicated = asyncio.run(under_replicated_partitions(settings))
         except Exception:  # noqa: BLE001 - status reports, it does not fail
             states = [NodeStatus(s.node_id, s.address, s.pid, False) for s in states]
         else:

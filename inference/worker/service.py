@@ -372,13 +372,14 @@ class Worker:
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self._lock:
             self._epoch += 1
-            stale = [tp for tp in self._producers if tp not in assigned]
+            # Every assigned partition gets a new producer, also one this worker held before
+            # the rebalance: while it was away (paused past its session), the partition's
+            # next owner fenced that producer, and its commits would all fail.
+            stale = list(self._producers)
             await asyncio.gather(*(self._producers.pop(tp).stop() for tp in stale),
                                  return_exceptions=True)
             try:
-                await asyncio.gather(
-                    *(self._start_producer(tp) for tp in assigned if tp not in self._producers)
-                )
+                await asyncio.gather(*(self._start_producer(tp) for tp in assigned))
             except BaseException as exc:
                 self._fatal = exc
                 self._stopping.set()

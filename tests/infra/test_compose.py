@@ -66,18 +66,34 @@ def test_the_worker_reserves_a_gpu():
     assert devices[0]["capabilities"] == ["gpu"]
 
 
-def test_the_cluster_profile_runs_three_voting_nodes_of_one_cluster():
+def test_the_cluster_profile_runs_three_secured_voting_nodes_of_one_cluster():
+    single = _compose()["services"]["kafka"]
     nodes = {name: service for name, service in _compose()["services"].items()
              if "cluster" in service.get("profiles", [])}
     assert sorted(nodes) == ["kafka-1", "kafka-2", "kafka-3"]
     envs = [nodes[name]["environment"] for name in sorted(nodes)]
     assert [env["KAFKA_NODE_ID"] for env in envs] == [1, 2, 3]
-    assert len({env["CLUSTER_ID"] for env in envs}) == 1
+    assert len({env["KAFKA_CLUSTER_ID"] for env in envs}) == 1
     assert {env["KAFKA_CONTROLLER_QUORUM_VOTERS"] for env in envs} == {
         "1@kafka-1:9093,2@kafka-2:9093,3@kafka-3:9093"}
-    assert [env["KAFKA_ADVERTISED_LISTENERS"] for env in envs] == [
-        f"PLAINTEXT://kafka-{n}:9092" for n in (1, 2, 3)]
-    assert {env["KAFKA_MIN_INSYNC_REPLICAS"] for env in envs} == {2}
+    assert [env["KAFKA_ADVERTISED_HOST"] for env in envs] == [f"kafka-{n}" for n in (1, 2, 3)]
+    assert {(env["KAFKA_REPLICAS"], env["KAFKA_MIN_INSYNC_REPLICAS"]) for env in envs} == {(3, 2)}
+    # Secured as the single node is: the same script, the admin's password from .env, and only
+    # the settings the script reads.
+    script = (ROOT / "infra" / "kafka" / "compose-broker.sh").read_text()
+    for name, node in nodes.items():
+        assert node["command"] == single["command"], name
+        assert node["environment"]["KAFKA_ADMIN_PASSWORD"] == single["environment"][
+            "KAFKA_ADMIN_PASSWORD"], name
+        assert any(volume.endswith(":/loraledger/compose-broker.sh:ro")
+                   for volume in node["volumes"]), name
+        for variable in node["environment"]:
+            assert f"${{{variable}" in script, f"{name} sets {variable}, which the script ignores"
+    assert "--command-config /tmp/admin.properties" in nodes["kafka-1"]["healthcheck"]["test"][1]
+    # Provisioning waits for the cluster's nodes when the profile runs them.
+    waits = _compose()["services"]["init"]["depends_on"]
+    assert all(waits[name] == {"condition": "service_healthy", "required": False}
+               for name in nodes)
 
 
 def test_published_ports_listen_on_the_loopback_interface_only():

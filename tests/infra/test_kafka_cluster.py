@@ -7,66 +7,29 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from kafka_cluster import START_DEADLINE_S, cli, leader_of, three_node_cluster
 
-from infra.kafka.broker import broker_nodes, cluster_bootstrap, running_pid, stop_broker
+from infra.kafka.broker import broker_nodes, running_pid
 from infra.kafka.clients import ensure_topics, make_admin
 from infra.kafka.events import publish, read_topic
-from infra.kafka.security import ADMIN
-from infra.settings import Settings, load_settings
+from infra.settings import Settings
 from infra.stack import stack_status
 from schemas.events import InferenceRequest
 from schemas.topics import topic_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-DEADLINE_S = 240.0  # three JVMs on a loaded 2-core machine start slowly
-
-
-def free_port_block(size: int = 6) -> int:
-    """A base port with `size` free ports from it, away from the shared broker's."""
-    for base in range(29100, 39000, 10):
-        try:
-            for port in range(base, base + size):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free block of ports")
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loraledger.cli", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=DEADLINE_S)
-
 
 @pytest.fixture
 def cluster(tmp_path) -> Iterator[tuple[dict[str, str], Settings]]:
     """A three-node cluster up, and the environment of a client that names every node."""
-    base = free_port_block()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LORALEDGER_HOME": str(tmp_path / "home"),
-           "KAFKA_BOOTSTRAP": f"127.0.0.1:{base}", "LORALEDGER_TOPIC_PREFIX": "",
-           "CLICKHOUSE_URL": f"chdb://{tmp_path / 'clickhouse'}"}
-    nodes = broker_nodes(load_settings(env), 3)
-    try:
-        up = cli(env, "stack", "up", "--brokers", "3")
-        assert up.returncode == 0, up.stdout + up.stderr
-        assert f"KAFKA_BOOTSTRAP={cluster_bootstrap(nodes)}" in up.stdout
-        client = {**env, "KAFKA_BOOTSTRAP": cluster_bootstrap(nodes)}
-        # The test feeds and inspects the cluster as the admin, standing in for every producer.
-        yield client, load_settings(client).as_principal(ADMIN)
-    finally:
-        stop_broker(load_settings(env))
+    with three_node_cluster(tmp_path / "home", f"chdb://{tmp_path / 'clickhouse'}") as running:
+        yield running
 
 
 async def replication_of(settings: Settings, topic: str) -> tuple[set[int], str]:
@@ -84,16 +47,6 @@ async def replication_of(settings: Settings, topic: str) -> tuple[set[int], str]
     return {len(p["replicas"]) for p in described["partitions"]}, min_isr
 
 
-async def leader_of(settings: Settings, topic: str, partition: int) -> int:
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    return next(p["leader"] for p in described["partitions"] if p["partition"] == partition)
-
-
 def requests(first: int, count: int) -> list[InferenceRequest]:
     return [InferenceRequest(request_id=f"req-{i:04d}", adapter_id=f"adapter-{i % 5}",
                              prompt=f"question {i}") for i in range(first, first + count)]
@@ -105,7 +58,7 @@ async def read_ids(settings: Settings) -> list[str]:
 
 
 def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + START_DEADLINE_S
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(1.0)

@@ -7,7 +7,6 @@ in force (each holds the whole parameter history, including the one that joined 
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from aiokafka import TopicPartition
 from attribution_support import WORKER, billable, make_adapter, make_result, request_for
 from kafka_stack import provisioned_settings
+from pipeline_process import OWNS_PARTITIONS
 
 from infra.kafka.clients import make_admin
 from infra.kafka.events import publish, read_topic
@@ -34,7 +34,6 @@ REPO = Path(__file__).resolve().parents[2]
 ADAPTERS = tuple(f"adapter-{i}" for i in range(8))  # results on most of the 8 partitions
 PRICE = 7  # differs from the default, so a result priced without the history shows
 DEADLINE_S = 180.0  # liveness bound for a loaded machine; a stuck instance runs into it
-OWNS_PARTITIONS = re.compile(r"loraledger-attribution owns partitions \[\d")
 
 
 class Instance:

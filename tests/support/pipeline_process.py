@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from infra.kafka.events import read_topic
 from infra.kafka.security import kafka_client_options
 from infra.settings import Settings
 from pipeline.app import consumer_group
+
+# What an instance logs once its attribution processor holds partitions.
+OWNS_PARTITIONS = re.compile(r"loraledger-attribution owns partitions \[\d")
 
 
 def start(env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -63,7 +67,7 @@ def committed_events(settings: Settings, topic: str) -> list:
     return asyncio.run(read())
 
 
-async def _consumed(settings: Settings, topics: tuple[str, ...]) -> bool:
+async def _consumed(settings: Settings, group: str, topics: tuple[str, ...]) -> bool:
     last: dict[TopicPartition, int] = {}
     for topic in topics:
         async for item in read_topic(settings, topic, idle_timeout_s=2.0):
@@ -72,8 +76,7 @@ async def _consumed(settings: Settings, topics: tuple[str, ...]) -> bool:
     admin = make_admin(settings)
     await admin.start()
     try:
-        committed = await admin.list_consumer_group_offsets(consumer_group(settings),
-                                                            partitions=list(last))
+        committed = await admin.list_consumer_group_offsets(group, partitions=list(last))
     finally:
         await admin.close()
     return bool(last) and all(
@@ -83,7 +86,12 @@ async def _consumed(settings: Settings, topics: tuple[str, ...]) -> bool:
 def consumed(settings: Settings, *topics: str) -> bool:
     """Whether the pipeline's group has committed past every record of `topics`: every agent
     reading them (the ledger sink among them) is done with them."""
-    return asyncio.run(_consumed(settings, topics))
+    return asyncio.run(_consumed(settings, consumer_group(settings), topics))
+
+
+def group_consumed(settings: Settings, group: str, *topics: str) -> bool:
+    """Whether consumer group `group` has committed past every record of `topics`."""
+    return asyncio.run(_consumed(settings, group, topics))
 
 
 def table_changelog(settings: Settings, table: str) -> dict:
