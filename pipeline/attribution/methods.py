@@ -110,19 +110,23 @@ def gradient_influence(examples: list[ExampleScore]) -> dict[ContributorKey, flo
 def span_influence(
     artifacts: AdapterArtifacts, text: str, min_span_tokens: int, prompt: str = ""
 ) -> dict[ContributorKey, float]:
-    influence: dict[ContributorKey, float] = {}
     credit = artifacts.span_index.row_credit(text, min_span_tokens, context=prompt)
-    for row in sorted(credit):
-        key = artifacts.keys[row]
-        influence[key] = influence.get(key, 0.0) + credit[row]
-    return influence
+    return _contributor_influence(artifacts, credit)
 
 
 def lexical_influence(
     artifacts: AdapterArtifacts, text: str, top_k: int, prompt: str = ""
 ) -> dict[ContributorKey, float]:
-    influence: dict[ContributorKey, float] = {}
     credit = artifacts.lexical_index.row_credit(text, top_k, context=prompt)
+    return _contributor_influence(artifacts, credit)
+
+
+def _contributor_influence(
+    artifacts: AdapterArtifacts, credit: dict[int, float]
+) -> dict[ContributorKey, float]:
+    """Each index row's credit summed per contributor, rows in order (float sums are then
+    the same on every machine)."""
+    influence: dict[ContributorKey, float] = {}
     for row in sorted(credit):
         key = artifacts.keys[row]
         influence[key] = influence.get(key, 0.0) + credit[row]
