@@ -115,7 +115,7 @@ def test_invalid_requests_are_dead_lettered_and_consumption_moves_on(kafka_setti
     assert len(letters) == len(BAD_VALUES)
     reasons = [letter.reason for letter in letters]
     assert "not UTF-8" in reasons[0] or "not JSON" in reasons[0]
-    assert "adapter_id: Field required" in reasons[1] and "hello" in reasons[1]
+    assert "hello: Extra inputs are not permitted" in reasons[1]
     assert "prompt" in reasons[2] and "8192" in reasons[2]
     assert "invalid id" in reasons[3]
     for letter, (name, value) in zip(letters, BAD_VALUES.items(), strict=True):
