@@ -1,6 +1,7 @@
 """Attribution quality and cost on the tiny base model and a synthetic datanet with planted facts.
 
     python bench/attribution_eval.py [--task paraphrase|verbatim] [--quick] [--peers ...]
+    python bench/attribution_eval.py --preset installed   # the checkpoint in LORALEDGER_BASE_MODEL
 
 Two tasks on the same model and data generator: `paraphrase` (the default) asks about each
 planted fact in other words and another order (`inference.data.paraphrase`), `verbatim` asks
@@ -66,6 +67,7 @@ from inference.base_model import build_base_model, load_base_model  # noqa: E402
 from inference.data import PlantedFact, generate_datanet, paraphrase  # noqa: E402
 from inference.datanets import DatanetStore, Snapshot  # noqa: E402
 from inference.factory import (  # noqa: E402
+    LORA_TARGETS,
     TrainConfig,
     subset_specs,
     train_adapter,
@@ -88,6 +90,7 @@ SIZES = {
 }
 LEXICAL_WEIGHTS_PPM = (0, 100_000, 300_000, 500_000, 700_000, 1_000_000)
 BOOTSTRAP_SAMPLES = 2000
+INSTALLED = "installed"  # --preset: the installed base model instead of a built preset
 
 
 @dataclass
@@ -105,7 +108,14 @@ class Setup:
 
 def build_setup(work: Path, args: argparse.Namespace) -> Setup:
     settings = load_settings()
-    info = build_base_model(work / "base-model", settings.cache_dir, preset_name=args.preset)
+    if args.preset == INSTALLED:
+        # The checkpoint `loraledger train` uses (LORALEDGER_BASE_MODEL), e.g. one imported
+        # with `loraledger base-model import`.
+        base_dir = settings.base_model_dir
+    else:
+        base_dir = build_base_model(
+            work / "base-model", settings.cache_dir, preset_name=args.preset
+        ).directory
     synthetic = generate_datanet(
         "commons",
         seed=args.seed,
@@ -126,10 +136,11 @@ def build_setup(work: Path, args: argparse.Namespace) -> Setup:
         seed=args.seed,
         index_lambda_relative=args.lambda_relative,
         index_damping_relative=args.damping_relative,
+        target_modules=tuple(args.target_modules),
     )
-    full = train_adapter(snapshot, "full", "owner", info.directory, work / "adapters", config)
+    full = train_adapter(snapshot, "full", "owner", base_dir, work / "adapters", config)
     return Setup(
-        info.directory,
+        base_dir,
         work / "adapters",
         snapshot,
         synthetic.facts,
@@ -738,6 +749,7 @@ def run(args: argparse.Namespace) -> dict:
             "subsets": args.subsets,
             "steps": args.steps,
             "k": args.k,
+            "target_modules": args.target_modules,
             "lambda_relative": args.lambda_relative,
             "damping_relative": args.damping_relative,
             "threads": args.threads,
@@ -815,13 +827,30 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def json_safe(value: object) -> object:
+    """`value` with NaN as null: LDS is undefined where a method scores every row alike (the
+    span method on paraphrases that share no span with any row)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["paraphrase", "verbatim"], default="paraphrase")
     parser.add_argument(
         "--quick", action="store_true", help="a few facts and subsets: a smoke test, not a result"
     )
-    parser.add_argument("--preset", default="test", help="base model preset (test: seconds)")
+    parser.add_argument(
+        "--preset",
+        default="test",
+        help=f"base model preset (test: seconds), or {INSTALLED!r}: the base model installed in "
+        "LORALEDGER_BASE_MODEL, as `loraledger train` uses (e.g. an imported checkpoint)",
+    )
     parser.add_argument("--contributors", type=int, help="default: the task's size")
     parser.add_argument("--rows", type=int, help="ordinary rows per contributor")
     parser.add_argument("--facts", type=int, help="planted facts per contributor")
@@ -829,6 +858,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subsets", type=int, help="retrained halves for LDS")
     parser.add_argument("--steps", type=int, default=150, help="training steps per adapter")
     parser.add_argument("--k", type=int, default=2048, help="sketch dimensions")
+    parser.add_argument(
+        "--target-modules", nargs="+", default=list(LORA_TARGETS), choices=LORA_TARGETS
+    )
     parser.add_argument(
         "--lambda-relative",
         type=float,
@@ -873,7 +905,7 @@ def main(argv: list[str] | None = None) -> None:
     suffix = "" if args.task == "paraphrase" else f"_{args.task}"
     out = Path(args.out or REPO / "bench" / "results" / f"attribution_eval{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    out.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":
