@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn
 
 import faust
+from aiokafka import TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from infra.kafka.security import faust_credentials
@@ -66,7 +67,10 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # nothing read yet starts from its beginning, as a built offset of -1 would have.
         unread = [tp for tp, offset in partitions.items() if offset is None or offset < 0]
         if unread:
-            await consumer.seek_to_beginning(*unread)
+            # aiokafka's seek_to_beginning takes its own TopicPartition only, not Faust's TP.
+            await consumer.seek_to_beginning(
+                *(TopicPartition(tp.topic, tp.partition) for tp in unread)
+            )
         read_offsets = self.consumer._read_offset
         for tp, offset in partitions.items():
             if tp in unread:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiokafka import TopicPartition
+from faust.types import TP
 from kafka_stack import provisioned_settings, stack_environment
 from typer.testing import CliRunner
 
@@ -72,7 +73,7 @@ def test_changelog_seek_starts_an_unbuilt_partition_from_its_beginning(tmp_path)
     # offset None; that must read it from the beginning, not crash the worker.
     settings = provisioned_settings(stack_environment(tmp_path / "clickhouse"))
     topic = topic_name("results", settings.topic_prefix)
-    unbuilt, built = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    unbuilt, built = TP(topic, 0), TP(topic, 1)  # Faust's partitions, as its recovery has them
     thread = SimpleNamespace(
         consumer=SimpleNamespace(_read_offset={unbuilt: 5}),
         app=SimpleNamespace(conf=SimpleNamespace(broker_request_timeout=60.0)),
@@ -90,8 +91,9 @@ def test_changelog_seek_starts_an_unbuilt_partition_from_its_beginning(tmp_path)
         consumer = make_consumer(settings, [], group_id=None)
         await consumer.start()
         try:
-            consumer.assign([unbuilt, built])
-            await consumer.seek_to_end(unbuilt, built)
+            ours = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+            consumer.assign(ours)
+            await consumer.seek_to_end(*ours)
             await _ConsumerThread._seek_wait(thread, consumer, {unbuilt: None, built: 2})
             return await consumer.position(unbuilt), await consumer.position(built)
         finally:
