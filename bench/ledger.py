@@ -174,7 +174,7 @@ def main() -> None:
 
     directory = args.dir or Path(tempfile.mkdtemp(prefix="ledger-bench-"))
     client = get_client(load_settings({"CLICKHOUSE_URL": f"chdb://{directory.resolve()}"}))
-    client.command(f"DROP DATABASE IF EXISTS {DATABASE} SYNC")
+    client.command("DROP DATABASE IF EXISTS {db:Identifier} SYNC", parameters={"db": DATABASE})
     apply_ddl(client, DATABASE)
     requests = args.rows // 5
 
@@ -220,7 +220,7 @@ def main() -> None:
     for row in latencies:
         print(f"| {row['query']} | {row['rows']:,} | {row['median_ms']} | {row['min_ms']} "
               f"| {row['max_ms']} |")
-    client.command(f"DROP DATABASE IF EXISTS {DATABASE} SYNC")
+    client.command("DROP DATABASE IF EXISTS {db:Identifier} SYNC", parameters={"db": DATABASE})
     if args.dir is None:
         shutil.rmtree(directory, ignore_errors=True)
 

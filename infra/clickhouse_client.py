@@ -203,4 +203,5 @@ def apply_ddl(client: Client, database: str = DEFAULT_DATABASE) -> list[int]:
 
 
 def drop_database(client: Client, database: str) -> None:
-    client.command(f"DROP DATABASE IF EXISTS {check_database(database)} SYNC")
+    client.command("DROP DATABASE IF EXISTS {db:Identifier} SYNC",
+                   parameters={"db": check_database(database)})

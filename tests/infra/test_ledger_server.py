@@ -102,8 +102,8 @@ def test_readers_see_every_batch_while_a_writer_inserts(ledger):
     database = f"t_{uuid.uuid4().hex[:12]}"
     writer_client = connect(ledger, autogenerate_session_id=False)
     apply_ddl(writer_client, database)
-    table = "{db:Identifier}.reward_entries"  # the database is a bound parameter
-    count_sql = (f"SELECT count() FROM {table} WHERE epoch = {{epoch:UInt64}} "
+    # The database is a bound parameter, {db:Identifier}, in every query below.
+    count_sql = ("SELECT count() FROM {db:Identifier}.reward_entries WHERE epoch = {epoch:UInt64} "
                  "AND beneficiary_id IN {who:Array(String)}")
     # A long list of bound values goes as a multipart form, as clients send it.
     long_list = BENEFICIARIES + [f"nobody-{index}" for index in range(3000)]
@@ -114,8 +114,10 @@ def test_readers_see_every_batch_while_a_writer_inserts(ledger):
                                     ).result_rows[0][0]
 
     def url_read() -> int:
-        return int(http_get(ledger, f"SELECT count() FROM {table} WHERE amount >= {{low:UInt64}}",
-                            param_db=database, param_low="0"))
+        return int(http_get(
+            ledger,
+            "SELECT count() FROM {db:Identifier}.reward_entries WHERE amount >= {low:UInt64}",
+            param_db=database, param_low="0"))
 
     readers = [
         Reader("clickhouse-connect 1", native_client_read(connect(ledger)), [], []),
@@ -154,14 +156,17 @@ def test_readers_see_every_batch_while_a_writer_inserts(ledger):
         assert max(reader.seen) == written
     assert written == BATCHES * BATCH_ROWS
     expected_amount = sum(index % 50 for index in range(written))
-    assert int(http_get(ledger, f"SELECT count() FROM {table}", param_db=database)) == written
-    total = connect(ledger).query(f"SELECT sum(amount) FROM {table} WHERE epoch = {{e:UInt64}}",
+    assert int(http_get(ledger, "SELECT count() FROM {db:Identifier}.reward_entries",
+                        param_db=database)) == written
+    total = connect(ledger).query(
+        "SELECT sum(amount) FROM {db:Identifier}.reward_entries WHERE epoch = {e:UInt64}",
                                   parameters={"db": database, "e": 3}).result_rows[0][0]
     assert total == expected_amount
     if shutil.which("curl"):
         plain = subprocess.run(
             ["curl", "-sS", "--fail-with-body", "--data-binary",
-             f"SELECT count() FROM {table} WHERE beneficiary_id = {{who:String}}",
+             "SELECT count() FROM {db:Identifier}.reward_entries "
+             "WHERE beneficiary_id = {who:String}",
              f"{ledger.ledger_url}/?param_who=b0&param_db={database}"],
             capture_output=True, text=True, timeout=WAIT_S,
         )
