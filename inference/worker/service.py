@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from inference.worker.backend import BackendConfig, Completed, ServingBackend
@@ -46,6 +46,7 @@ from inference.worker.metrics import WorkerMetrics
 from inference.worker.partition_backlog import PartitionBacklog, ReadyPrefix
 from inference.worker.sketching import SketchPolicy
 from infra.kafka.clients import ensure_topics, make_consumer, make_producer
+from infra.kafka.consumer_group import request_rejoin, rewind_to_committed
 from infra.kafka.dead_letters import validated
 from infra.kafka.events import Outgoing, send_event
 from infra.kafka.security import WORKER
@@ -126,6 +127,7 @@ class Worker:
         self._epoch = 0  # bumped by every rebalance callback
         self._ledgers: dict[TopicPartition, PartitionBacklog] = {}
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._consumer: AIOKafkaConsumer | None = None
         self._delta_producer: AIOKafkaProducer | None = None
         self._partition_of: dict[str, TopicPartition] = {}  # backend key -> input partition
         self._last_commit = time.monotonic()
@@ -177,6 +179,7 @@ class Worker:
         consumer.subscribe(
             [topic_name("requests", self.settings.topic_prefix)], listener=_Rebalance(self)
         )
+        self._consumer = consumer
         await consumer.start()
         log.info("worker %s joined group %s", self.config.worker_id, group_id(self.settings))
         try:
@@ -222,7 +225,13 @@ class Worker:
             return
         async with self._lock:
             if epoch != self._epoch:
-                return  # a rebalance ran meanwhile: positions went back to the committed offsets
+                # A rebalance ran meanwhile. aiokafka returns only records of the current
+                # assignment, so these may be the first ones read after it: the positions are
+                # already past them. Drop them and go back to the committed offsets, where the
+                # new assignment starts, or they would never be served while later records
+                # are, and their offsets committed with those.
+                await rewind_to_committed(consumer, [tp for tp in batch if tp in self._ledgers])
+                return
             for tp, records in batch.items():
                 ledger = self._ledgers.get(tp)
                 if ledger is None:
@@ -306,14 +315,19 @@ class Worker:
                 group_id(self.settings),
             )
         except ProducerFenced:
-            # A zombie: the group gave the partition to another worker, which fenced us. Its
-            # uncommitted records are the new owner's now.
+            # Either a zombie (the group gave the partition to another worker, which fenced
+            # us) or a transaction the broker timed out. The uncommitted records are not ours
+            # to finish; the group says whose they are: still ours, the partition gets a new
+            # producer and is read again from its committed offset.
             self.metrics.transactions.labels("fenced").inc()
-            log.warning("partition %d was fenced by its new owner; dropping its work", tp.partition)
+            log.warning("partition %d was fenced; dropping its work and rejoining the group",
+                        tp.partition)
             await self._release([tp])
             producer = self._producers.pop(tp, None)
             if producer is not None:
                 await producer.stop()
+            if self._consumer is not None:
+                request_rejoin(self._consumer)
             return
         except KafkaError as exc:
             # Aborted: nothing of it is visible. The prefix stays and is retried.

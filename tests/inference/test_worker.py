@@ -184,6 +184,51 @@ def test_transactional_ids_name_the_partition_not_the_worker():
     )
 
 
+
+class _RebalancingConsumer:
+    """Stands in for aiokafka's consumer in one call of `Worker._fetch`: a rebalance runs inside
+    `getmany` (aiokafka calls the listener there) and `getmany` then returns the first records
+    of the new assignment, which moved the position past them."""
+
+    def __init__(self, worker, tp, records: list, committed: int) -> None:
+        self.worker, self.tp, self.records, self.committed_offset = worker, tp, records, committed
+        self.seeks: list[tuple] = []
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict:
+        self.worker._epoch += 2  # revoked, then assigned again
+        self.worker._ledgers = {self.tp: PartitionBacklog()}
+        return {self.tp: self.records}
+
+    def assignment(self) -> set:
+        return {self.tp}
+
+    async def committed(self, tp) -> int:
+        return self.committed_offset
+
+    def seek(self, tp, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+def test_records_read_across_a_rebalance_are_read_again_from_the_committed_offset(tmp_path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from aiokafka import TopicPartition
+
+    from inference.worker.service import Worker, WorkerConfig
+
+    settings = load_settings({"LORALEDGER_HOME": str(tmp_path)})
+    worker = Worker(settings, WorkerConfig("w-fetch"))
+    worker.backend = SimpleNamespace(idle=lambda: True)
+    tp = TopicPartition("requests", 2)
+    records = [SimpleNamespace(offset=offset) for offset in (217, 218, 219)]
+    consumer = _RebalancingConsumer(worker, tp, records, committed=217)
+    asyncio.run(worker._fetch(consumer))
+    # Nothing of the batch is taken, and the position goes back to where the group says the
+    # partition starts: offsets 217-219 are served, not skipped by the next fetch.
+    assert len(worker._ledgers[tp]) == 0
+    assert consumer.seeks == [(tp, 217)]
+
 def test_metrics_count_committed_results():
     from schemas.events import Timings, Usage
 

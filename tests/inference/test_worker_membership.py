@@ -1,5 +1,7 @@
-"""Static group membership, against the real broker: a worker restarted with the same worker id
-gets back the partitions it had, and the other worker of the group sees no rebalance at all."""
+"""Group membership, against the real broker: a worker restarted with the same worker id gets
+back the partitions it had, and the other worker of the group sees no rebalance at all; a
+worker whose producers are fenced while its partitions are still its own asks the group again
+and serves on."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ from aiokafka import TopicPartition
 
 from inference.base_model import build_base_model
 from inference.worker.backend import BackendConfig
-from inference.worker.service import Worker, WorkerConfig
+from inference.worker.service import Worker, WorkerConfig, transactional_id
+from infra.kafka.clients import make_producer
+from infra.kafka.events import publish, read_topic
 from infra.settings import Settings, load_settings
-from schemas.topics import TOPICS
+from schemas.events import InferenceRequest
+from schemas.topics import TOPICS, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +94,50 @@ def test_a_restarted_worker_gets_its_partitions_back_without_a_rebalance(setting
         finally:
             for worker in workers:
                 worker.request_stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_fenced_without_a_rebalance_rejoins_and_serves_on(settings: Settings):
+    """The broker aborts a transaction left open past its timeout by bumping its producer's
+    epoch, which the worker sees as a fence though no other worker owns the partition, and no
+    rebalance will come. Here the test bumps every partition's epoch, as that abort does; the
+    worker must ask the group again, get its partitions back with new producers and answer the
+    requests sent after the fence."""
+    partitions = TOPICS["requests"].partitions
+
+    async def answered(request_ids: set[str]) -> set[str]:
+        return {item.event.request_id async for item in read_topic(settings, "results")
+                if item.event is not None and item.event.request_id in request_ids}
+
+    async def scenario() -> None:
+        worker = CountingWorker(settings, "wf")
+        tasks = [asyncio.create_task(worker.run())]
+        try:
+            await wait_for(lambda: len(worker.partitions) == partitions, "the worker", tasks)
+            callbacks = worker.callbacks
+            for partition in range(partitions):
+                tp = TopicPartition(topic_name("requests", settings.topic_prefix), partition)
+                fencer = make_producer(worker.settings, transactional_id(settings, tp))
+                await fencer.start()  # init_transactions bumps the epoch
+                await fencer.stop()
+            # No adapter: keyed by request id, so they spread over the partitions.
+            requests = [InferenceRequest(prompt=f"question {i}", max_new_tokens=2)
+                        for i in range(3 * partitions)]
+            await publish(settings, requests)
+            wanted = {request.request_id for request in requests}
+            deadline = time.monotonic() + DEADLINE_S
+            while (got := await answered(wanted)) != wanted:
+                assert time.monotonic() < deadline, (
+                    f"{len(wanted - got)} of {len(wanted)} requests unanswered after the fence")
+                for task in tasks:
+                    if task.done():
+                        task.result()
+            assert worker.callbacks > callbacks, "the worker never asked the group again"
+            assert len(worker.partitions) == partitions
+        finally:
+            worker.request_stop()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(scenario())
