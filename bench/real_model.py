@@ -11,10 +11,13 @@ decoding thread's CPU time unless `--clock wall` (one thread: the CPU time is wh
 core would take, which other work on a shared machine barely changes). All four
 live in one process, run after a warm-up, in rounds that rotate their order; a ratio is the
 median of its per-round ratios (the spread is shown), so a shared machine's slow spells cancel
-instead of landing on one configuration. The issue's targets: (b)/(a) >= 0.85, (b)/(c) >= 3,
-(a)/(d) >= 1.5. Prints a markdown table and writes JSON.
+instead of landing on one configuration. `--dtype bfloat16` serves base and adapter weights in
+bfloat16 in all four (transformers and peft too), so the peers compare in one precision. The
+issue's targets: (b)/(a) >= 0.85, (b)/(c) >= 3, (a)/(d) >= 1.5. Prints a markdown table and
+writes JSON.
 
     python bench/real_model.py                       # 1 thread, batch 8, 8 adapters of rank 16
+    python bench/real_model.py --dtype bfloat16      # the same in bfloat16
     python bench/real_model.py --steps 4 --batch 2 --adapters 2 --repeats 2   # quick
 """
 

@@ -13,8 +13,9 @@ Both read no padding beyond a slot's rank, compute in float32 and round into y o
 and bucketing are cached on the LoraBatch, so every layer of a forward pass reuses them.
 
 Fused pools (`add_fused_lora`, the CPU serving layout) stack the A of a fused layer's members
-and keep each member's B transposed on its own. A decode batch whose active slots lie close
-together in the pool is applied stacked: one shrink of every token against the whole run of
+and keep each member's B transposed on its own. A decode batch is applied stacked unless its
+active slots lie so far apart in the pool that reading the slots between them costs more than
+per-slot calls would (`OP_COST_ELEMENTS`): one shrink of every token against the whole run of
 slots from the first active to the last, a mask that keeps each token's own slot, and one
 expand per member against that run's B. With one token per adapter, the usual decode batch,
 that is 1 + 2 * members ops per fused layer instead of (1 + members) per slot, and each matmul
@@ -46,10 +47,11 @@ SlotViews = Sequence[tuple[Tensor, Tensor] | None]
 # single-call timings gathering looked better up to ~16k elements; the whole pass disagrees.
 GATHER_MIN_SLOTS = 3
 GATHER_MAX_SLOT_ELEMENTS = 4096
-# A stacked decode call reads the whole run of slots between the first and the last active
-# one; beyond this many slots per active slot, the unused ones it reads cost more than the
-# per-slot calls it saves.
-STACKED_MAX_SPAN_PER_SLOT = 2
+# One torch op on one CPU core costs about as long as streaming this many weight elements
+# (a few microseconds of dispatch against ~6 GB/s of matmul reads): the exchange rate of the
+# fused path's choice between reading the whole run of slots once (stacked, a fixed handful of
+# ops) and going slot by slot (a few ops per slot, active slots' weights only).
+OP_COST_ELEMENTS = 8192
 
 # Per member of a fused layer: (its columns of the layer's output, its B transposed
 # [num_slots, rank_class, width], scale folded in).
@@ -209,7 +211,11 @@ def add_fused_lora(
         return
     if batch.segments is None:
         first, span = batch.slot_span
-        if span <= STACKED_MAX_SPAN_PER_SLOT * batch.num_active_slots:
+        members = len(member_b)
+        slot_elements = lora_a[0].numel() + sum(b[0].numel() for _, b in member_b)
+        stacked = span * slot_elements + (1 + 2 * members) * OP_COST_ELEMENTS
+        per_slot = batch.num_active_slots * (slot_elements + (1 + members) * OP_COST_ELEMENTS)
+        if stacked <= per_slot:
             _add_fused_stacked(y, x, lora_a, member_b, batch, first, span)
             return
     _add_fused_grouped(y, x, lora_a, member_b, member_ranks, batch)

@@ -47,7 +47,7 @@ def expected(y, x, a, b, columns, token_slots):
     ("token_slots", "prefill", "stacked"),
     [
         ([3, -1, 1, 3, 2, 0], False, True),  # close slots, repeats, a base token: stacked
-        ([5, -1, 0], False, False),  # two slots spanning six: slot by slot
+        ([5, -1, 0], False, False),  # two slots spanning six: slot by slot, by reads alone
         ([1, 1, 1, -1, 2, 2, 1, 0], True, False),  # prefill runs, one slot in two runs
     ],
     ids=["stacked", "scattered", "prefill"],
@@ -55,6 +55,8 @@ def expected(y, x, a, b, columns, token_slots):
 def test_matches_reference(
     monkeypatch, dtype: torch.dtype, token_slots: list[int], prefill: bool, stacked: bool
 ) -> None:
+    # Ops free: the choice weighs weight reads alone, so it does not hang on the exchange rate.
+    monkeypatch.setattr(torch_path, "OP_COST_ELEMENTS", 0)
     calls = {"stacked": 0, "grouped": 0}
     for name in ("stacked", "grouped"):
         original = getattr(torch_path, f"_add_fused_{name}")
