@@ -46,7 +46,6 @@ from inference.adapters import save_peft_adapter  # noqa: E402
 from inference.base_model import PRESETS as BASE_PRESETS  # noqa: E402
 from inference.config import LORA_TARGETS, LoraServingConfig, ModelConfig  # noqa: E402
 from inference.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
-from inference.lora_layers import pool_layout  # noqa: E402
 from inference.model import load_model  # noqa: E402
 
 RANKS = (8, 16, 32)
@@ -224,16 +223,20 @@ def run_engine(engine: Engine, workload: Workload, use_adapters: bool, batch: in
 # --- (c) and (d): peft ------------------------------------------------------------------------
 
 
-def load_peft(model_dir: Path, store: Path, adapter_ids: list[str]):
+def load_peft(
+    model_dir: Path, store: Path, adapter_ids: list[str], dtype: torch.dtype = torch.float32
+):
+    """transformers + peft with every adapter loaded; base and adapter weights in `dtype`."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    base = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    base = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval()
     unique = list(dict.fromkeys(adapter_ids))
     model = PeftModel.from_pretrained(base, store / unique[0], adapter_name=unique[0])
     for adapter_id in unique[1:]:
         model.load_adapter(store / adapter_id, adapter_name=adapter_id)
-    return model.eval()
+    # peft keeps adapter weights in float32 by default; cast them to the base's dtype.
+    return model.to(dtype).eval()
 
 
 @torch.inference_mode()
@@ -265,21 +268,18 @@ def base_macs_per_token(config: ModelConfig, context: float) -> float:
     return config.num_layers * (linear + attention) + config.hidden_size * config.vocab_size
 
 
-def lora_macs_per_token(
-    config: ModelConfig, targets: tuple[str, ...], fuse: bool, rank: int
-) -> float:
-    """Multiply-adds of one token's LoRA delta as the engine computes it: a fused call packs
-    the members' ranks and expands over the whole fused width (block-diagonal B)."""
+def lora_macs_per_token(config: ModelConfig, targets: tuple[str, ...], rank: int) -> float:
+    """Multiply-adds of one token's LoRA delta: rank * (in + out) per adapted projection, fused
+    or not (a fused layer expands each member over its own columns only)."""
     per_layer = 0
-    for _, columns, members, _ in pool_layout(config, targets, fuse):
-        in_features = config.projection_shape(members[0][0])[0]
-        packed = rank * len(members)
-        per_layer += packed * (in_features + columns.stop - columns.start)
+    for target in targets:
+        in_features, out_features = config.projection_shape(target)
+        per_layer += rank * (in_features + out_features)
     return config.num_layers * per_layer
 
 
 def flop_ceiling(
-    config: ModelConfig, targets: tuple[str, ...], fuse: bool, workload: Workload, prompt_len: int
+    config: ModelConfig, targets: tuple[str, ...], workload: Workload, prompt_len: int
 ) -> float:
     """Highest (b)/(a) decode throughput ratio if both ran at the same FLOP rate: base MACs over
     base + LoRA MACs, summed over the workload's decode tokens (ranks from adapter ids)."""
@@ -288,7 +288,7 @@ def flop_ceiling(
         rank = int(adapter_id.rsplit("-r", 1)[1])
         context = prompt_len + new_tokens / 2
         base += new_tokens * base_macs_per_token(config, context)
-        lora += new_tokens * lora_macs_per_token(config, targets, fuse, rank)
+        lora += new_tokens * lora_macs_per_token(config, targets, rank)
     return base / (base + lora)
 
 
@@ -337,7 +337,7 @@ def run_shape(args: argparse.Namespace, config: ModelConfig, with_peft: bool) ->
             "a_tps": base_tps,
             "b": multi,
             "b_over_a": multi["decode_tokens_per_s"] / base_tps,
-            "flop_ceiling": flop_ceiling(config, targets, fused, workload, args.prompt_len),
+            "flop_ceiling": flop_ceiling(config, targets, workload, args.prompt_len),
             "fused": fused,
             "cache": cache_stats,
         }

@@ -11,10 +11,13 @@ decoding thread's CPU time unless `--clock wall` (one thread: the CPU time is wh
 core would take, which other work on a shared machine barely changes). All four
 live in one process, run after a warm-up, in rounds that rotate their order; a ratio is the
 median of its per-round ratios (the spread is shown), so a shared machine's slow spells cancel
-instead of landing on one configuration. The issue's targets: (b)/(a) >= 0.85, (b)/(c) >= 3,
-(a)/(d) >= 1.5. Prints a markdown table and writes JSON.
+instead of landing on one configuration. `--dtype bfloat16` serves base and adapter weights in
+bfloat16 in all four (transformers and peft too), so the peers compare in one precision. The
+issue's targets: (b)/(a) >= 0.85, (b)/(c) >= 3, (a)/(d) >= 1.5. Prints a markdown table and
+writes JSON.
 
     python bench/real_model.py                       # 1 thread, batch 8, 8 adapters of rank 16
+    python bench/real_model.py --dtype bfloat16      # the same in bfloat16
     python bench/real_model.py --steps 4 --batch 2 --adapters 2 --repeats 2   # quick
 """
 
@@ -62,6 +65,7 @@ TEXTS = (
 TARGETS = {"(b)/(a)": 0.85, "(b)/(c)": 3.0, "(a)/(d)": 1.5}
 # Every configuration computes on the calling thread when torch has one thread.
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.thread_time, "wall": time.perf_counter}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RATIOS = {"(b)/(a)": ("b", "a"), "(b)/(c)": ("b", "c"), "(a)/(d)": ("a", "d")}
 
 
@@ -78,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--clock", choices=sorted(CLOCKS), default="cpu",
         help="cpu: seconds the decoding thread ran (with one thread, what an unshared core "
         "would take; a shared machine's other work does not count); wall: elapsed seconds",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32",
+        help="serving dtype of base and adapter weights, the same for all four configurations",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
@@ -134,7 +142,7 @@ def markdown(
         "c": "(c) transformers + peft, mixed adapters (adapter_names)",
         "d": "(d) transformers, base model",
     }
-    lines = [f"| configuration | decode tokens/s by the {clock} clock (median of {repeats}) |",
+    lines = [f"| configuration | decode tokens/s by the {clock} (median of {repeats}) |",
              "| --- | ---: |"]
     lines += [f"| {names[key]} | {value:,.1f} |" for key, value in tps.items()]
     lines += [
@@ -165,6 +173,7 @@ def measure_round(
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    dtype = DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model_dir = smollm2_checkpoint(load_settings().cache_dir)
@@ -179,12 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
             write_random_adapter(store, adapter_id, config, rank=args.rank,
                                  targets=LORA_TARGETS, seed=number)  # fmt: skip
         engine = Engine.from_model_dir(
-            model_dir, store,
+            model_dir, store, dtype=dtype,
             config=EngineConfig(max_batch_size=args.batch,
                                 max_seq_len=args.prompt_len + args.steps + 2),
         )  # fmt: skip
-        mixed = load_peft(model_dir, store, adapters)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        mixed = load_peft(model_dir, store, adapters, dtype)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         clock = CLOCKS[args.clock]
         runners: dict[str, Callable[[], float]] = {
             "a": lambda: engine_decode(engine, batch, None, args.steps, clock),
@@ -209,10 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     ratios = {name: statistics.median(values) for name, values in per_round.items()}
     spread = {name: (min(values), max(values)) for name, values in per_round.items()}
-    print(markdown(tps, ratios, spread, args.repeats, args.clock))
+    print(markdown(tps, ratios, spread, args.repeats, f"{args.clock} clock, {args.dtype}"))
     result = {
         "benchmark": "real_model",
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
+        "model": f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized, served in {args.dtype})",
         "peers": "transformers + peft (c, d)",
         "args": {k: v.name if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {

@@ -282,9 +282,9 @@ class LoraServingConfig:
     # A disk read of one adapter that takes longer fails it (stuck or very slow storage), so a
     # request never waits on it for ever; the adapter is retried once its files change.
     load_timeout_s: float = 30.0
-    # One kernel call per fused layer (q|k|v, gate|up) instead of one per projection: fewer,
-    # larger calls at the price of block-diagonal B padding in device memory. None = fuse on
-    # the CPU, where per-call overhead dominates, and not on accelerators, where memory does.
+    # The fused layout (q|k|v, gate|up: one shrink per fused layer, computed by the torch path)
+    # instead of one kernel call per projection: fewer, larger calls. None = fuse on the CPU,
+    # where per-call overhead dominates, and not on accelerators, which run the Triton kernels.
     fuse_projections: bool | None = None
 
     def __post_init__(self) -> None:

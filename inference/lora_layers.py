@@ -1,13 +1,18 @@
 """Multi-LoRA linear layers and the device slot pools they read.
 
-A `LoraPool` holds the adapters of one rank class in stacked tensors: `a [num_slots, rank, in]`,
-`b [num_slots, out, rank]` per adapted layer. A rank-8 adapter takes a slot of the rank-8 pool,
-so small adapters do not pay for the padding of large ones. A forward pass carries one
-`ActiveLora` per pool that has tokens in the batch, and every `MultiLoraLinear` calls
-`kernels.dispatch.add_lora_trusted` once per pool and params set: once per projection, or, with
-fused pools, once per fused layer (q|k|v, gate|up), which halves the calls where per-call
-overhead dominates (small models on the CPU). The pool validates ranks when a slot is written,
-so those calls skip the per-call input checks.
+A `LoraPool` holds the adapters of one rank class in stacked tensors. A rank-8 adapter takes a
+slot of the rank-8 pool, so small adapters do not pay for the padding of large ones. A forward
+pass carries one `ActiveLora` per pool that has tokens in the batch. Two layouts:
+
+- per projection (`LoraParams`, the GPU default): `a [num_slots, rank, in]`,
+  `b [num_slots, out, rank]`, applied by `kernels.dispatch.add_lora_trusted` (Triton or torch).
+- fused (`FusedLoraParams`, the CPU default): one params set per fused layer (q|k|v, o,
+  gate|up, down) with the members' A stacked, `a [num_slots, members * rank, in]`, and each
+  member's B transposed on its own, `[num_slots, rank, width]`: one shrink per fused layer and
+  one expand per member, reading no padding between the members' columns. Applied by
+  `kernels.torch_path.add_fused_lora`.
+
+The pool validates ranks when a slot is written, so the calls skip per-call input checks.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import Tensor, nn
 from inference.adapters import AdapterWeights
 from inference.config import ModelConfig
 from kernels.dispatch import LoraBatch, add_lora_trusted
+from kernels.torch_path import add_fused_lora
 
 # A position in a pool's stacked tensors; never an adapter id.
 SlotIndex = NewType("SlotIndex", int)
@@ -39,12 +45,10 @@ PROJECTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 @dataclass
 class LoraParams:
-    """The slots of one pool for some columns of one fused layer of one decoder layer.
+    """The slots of one pool for one adapted projection of one decoder layer (the layout of
+    unfused pools), over that projection's columns of its fused layer's output.
 
-    Unfused, each adapted projection has its own params over its own columns. Fused, the
-    projections of a group share one call: their A matrices are stacked along the rank (slot
-    rank = sum of member ranks) and B is block-diagonal over the group's columns. Either way
-    each member's scale is folded into B when the slot is written and the slot scale is 1,
+    The adapter's scale is folded into B when the slot is written and the slot scale is 1,
     which spares every call a per-token scale (the kernels still honour other scales).
     """
 
@@ -67,6 +71,31 @@ class LoraParams:
             self.host_ranks = self.ranks.tolist()
             self.host_scales = self.scales.tolist()
             self.slot_views = [None] * len(self.host_ranks)
+
+
+@dataclass
+class FusedLoraParams:
+    """The slots of one pool for one fused layer of one decoder layer (CPU layout).
+
+    Member m's A takes rows [m * rank_class, m * rank_class + r_m) of `a` and its B, transposed
+    and scaled, `b[m][:, :r_m]`; rows beyond a member's rank stay zero, and a member the adapter
+    leaves alone has rank 0.
+    """
+
+    rank_class: int
+    members: tuple[tuple[str, int, int], ...]  # (projection, first column, width) in the layer
+    a: Tensor  # [num_slots, len(members) * rank_class, in_features]
+    b: tuple[Tensor, ...]  # per member [num_slots, rank_class, width], B.T * scale
+    member_ranks: list[tuple[int, ...]]  # [num_slots] host ranks per member, all 0 when empty
+    users: int = 0  # occupied slots with a rank > 0; 0 lets the layer skip the call
+    # (columns of the layer's output, b[m]) per member, for the kernel
+    member_b: tuple[tuple[slice, Tensor], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.member_b = tuple(
+            (slice(first, first + width), b)
+            for (_, first, width), b in zip(self.members, self.b, strict=True)
+        )
 
 
 def pool_layout(
@@ -111,15 +140,33 @@ class LoraPool:
         self.num_slots = num_slots
         self.device = torch.device(device)
         # params[layer][group] -> the params sets the fused layer `group` applies.
-        self.params: list[dict[str, list[LoraParams]]] = []
+        self.params: list[dict[str, list[LoraParams | FusedLoraParams]]] = []
         for _ in range(model_config.num_layers):
-            layer: dict[str, list[LoraParams]] = {}
+            layer: dict[str, list[LoraParams | FusedLoraParams]] = {}
             for group, columns, members, multiple in pool_layout(
                 model_config, target_modules, fuse
             ):
                 in_features = model_config.projection_shape(members[0][0])[0]
                 max_rank = rank_class * multiple
                 width = columns.stop - columns.start
+                if fuse:
+                    layer.setdefault(group, []).append(
+                        FusedLoraParams(
+                            rank_class=rank_class,
+                            members=members,
+                            a=torch.zeros(
+                                num_slots, max_rank, in_features, dtype=dtype, device=device
+                            ),
+                            b=tuple(
+                                torch.zeros(
+                                    num_slots, rank_class, w, dtype=dtype, device=device
+                                )
+                                for _, _, w in members
+                            ),
+                            member_ranks=[(0,) * len(members)] * num_slots,
+                        )
+                    )
+                    continue
                 layer.setdefault(group, []).append(
                     LoraParams(
                         columns=columns,
@@ -131,7 +178,7 @@ class LoraPool:
                     )
                 )
             self.params.append(layer)
-        self._occupied: dict[SlotIndex, list[LoraParams]] = {}
+        self._occupied: dict[SlotIndex, list[LoraParams | FusedLoraParams]] = {}
 
     @staticmethod
     def bytes_per_slot(
@@ -145,7 +192,11 @@ class LoraPool:
         per_layer = 0
         for _, columns, members, multiple in pool_layout(model_config, target_modules, fuse):
             in_features = model_config.projection_shape(members[0][0])[0]
-            per_layer += rank_class * multiple * (in_features + columns.stop - columns.start)
+            # Fused B has no padding between members: each member's B spans its own columns.
+            widths = sum(width for _, _, width in members) if fuse else (
+                multiple * (columns.stop - columns.start)
+            )
+            per_layer += rank_class * (multiple * in_features + widths)
         return per_layer * model_config.num_layers * element
 
     def write(self, slot: SlotIndex, weights: AdapterWeights) -> None:
@@ -159,13 +210,39 @@ class LoraPool:
                 f"rank-{self.rank_class} pool"
             )
         self.clear(slot)
-        used: list[LoraParams] = []
+        used: list[LoraParams | FusedLoraParams] = []
         for layer, groups in enumerate(self.params):
             for params_list in groups.values():
                 for params in params_list:
-                    if self._write_params(params, slot, layer, weights):
+                    written = (
+                        self._write_fused(params, slot, layer, weights)
+                        if isinstance(params, FusedLoraParams)
+                        else self._write_params(params, slot, layer, weights)
+                    )
+                    if written:
                         used.append(params)
         self._occupied[slot] = used
+
+    def _write_fused(
+        self, params: FusedLoraParams, slot: SlotIndex, layer: int, weights: AdapterWeights
+    ) -> bool:
+        ranks = []
+        for member, (target, _, _) in enumerate(params.members):
+            module = weights.modules.get((layer, target))
+            if module is None:
+                ranks.append(0)
+                continue
+            first = member * self.rank_class
+            params.a[slot, first : first + module.rank].copy_(module.a, non_blocking=True)
+            params.b[member][slot, : module.rank].copy_(
+                (module.b * module.scale).t(), non_blocking=True
+            )
+            ranks.append(module.rank)
+        if not any(ranks):
+            return False
+        params.member_ranks[slot] = tuple(ranks)
+        params.users += 1
+        return True
 
     def _write_params(
         self, params: LoraParams, slot: SlotIndex, layer: int, weights: AdapterWeights
@@ -195,6 +272,13 @@ class LoraPool:
     def clear(self, slot: SlotIndex) -> None:
         """Empty a slot; clearing an empty slot does nothing."""
         for params in self._occupied.pop(slot, []):
+            if isinstance(params, FusedLoraParams):
+                params.a[slot].zero_()
+                for b in params.b:
+                    b[slot].zero_()
+                params.member_ranks[slot] = (0,) * len(params.members)
+                params.users -= 1
+                continue
             params.a[slot].zero_()
             params.b[slot].zero_()
             params.ranks[slot] = 0
@@ -283,6 +367,11 @@ class MultiLoraLinear(nn.Module):
         for active in lora:
             for params in active.pool.params[self.layer_index].get(self.group, ()):
                 if params.users == 0:
+                    continue
+                if isinstance(params, FusedLoraParams):
+                    add_fused_lora(
+                        y, x, params.a, params.member_b, params.member_ranks, active.batch
+                    )
                     continue
                 # Shapes are fixed by the pool, ranks checked on write, slots when the batch
                 # was built: nothing is left for per-call checks to find.

@@ -59,6 +59,9 @@ class LoraBatch:
     _buckets: dict[tuple[int, ...], list[GatherBucket]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _span_masks: dict[torch.dtype, Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +82,26 @@ class LoraBatch:
     @property
     def num_active_slots(self) -> int:
         return len(self.slot_rows())
+
+    @property
+    def slot_span(self) -> tuple[int, int]:
+        """(first active slot, last active slot - first + 1); (0, 0) when none is active."""
+        slots = self.active_slots
+        return (slots[0], slots[-1] - slots[0] + 1) if slots else (0, 0)
+
+    def span_mask(self, dtype: torch.dtype) -> Tensor:
+        """[num_tokens, span, 1] of `dtype`: 1 where token i uses slot `first + j` of
+        `slot_span`, else 0; built once per dtype and cached."""
+        mask = self._span_masks.get(dtype)
+        if mask is None:
+            first, span = self.slot_span
+            rows = [[0.0] * span for _ in self.host_slots]
+            for row, slot in zip(rows, self.host_slots, strict=True):
+                if slot >= 0:
+                    row[slot - first] = 1.0
+            mask = torch.tensor(rows, dtype=dtype, device=self.token_slots.device)
+            mask = self._span_masks[dtype] = mask.unsqueeze(2)
+        return mask
 
     @classmethod
     def from_token_slots(

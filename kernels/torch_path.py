@@ -11,6 +11,18 @@ Two strategies, picked per call by how many distinct slots the batch holds:
 
 Both read no padding beyond a slot's rank, compute in float32 and round into y once. Grouping
 and bucketing are cached on the LoraBatch, so every layer of a forward pass reuses them.
+
+Fused pools (`add_fused_lora`, the CPU serving layout) stack the A of a fused layer's members
+and keep each member's B transposed on its own. A decode batch is applied stacked unless its
+active slots lie so far apart in the pool that reading the slots between them costs more than
+per-slot calls would (`OP_COST_ELEMENTS`): one shrink of every token against the whole run of
+slots from the first active to the last, a mask that keeps each token's own slot, and one
+expand per member against that run's B. With one token per adapter, the usual decode batch,
+that is 1 + 2 * members ops per fused layer instead of (1 + members) per slot, and each matmul
+reads a long contiguous run of weights, which a single core streams several times faster
+than many short ones. The shrink's extra multiplies (every token times every slot of the run)
+cost little next to reading the weights, which the run reads once. Prefill and scattered
+slots go slot by slot.
 """
 
 from __future__ import annotations
@@ -35,6 +47,15 @@ SlotViews = Sequence[tuple[Tensor, Tensor] | None]
 # single-call timings gathering looked better up to ~16k elements; the whole pass disagrees.
 GATHER_MIN_SLOTS = 3
 GATHER_MAX_SLOT_ELEMENTS = 4096
+# One torch op on one CPU core costs about as long as streaming this many weight elements
+# (a few microseconds of dispatch against ~6 GB/s of matmul reads): the exchange rate of the
+# fused path's choice between reading the whole run of slots once (stacked, a fixed handful of
+# ops) and going slot by slot (a few ops per slot, active slots' weights only).
+OP_COST_ELEMENTS = 8192
+
+# Per member of a fused layer: (its columns of the layer's output, its B transposed
+# [num_slots, rank_class, width], scale folded in).
+MemberB = Sequence[tuple[slice, Tensor]]
 
 
 def add_lora_torch(
@@ -167,3 +188,79 @@ def _add_bucket(
         y[rows] = updated
     else:
         y.index_copy_(0, rows, updated)
+
+
+def add_fused_lora(
+    y: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    member_b: MemberB,
+    member_ranks: Sequence[Sequence[int]],
+    batch: LoraBatch,
+) -> None:
+    """y[i, cols_m] += (x[i] @ A[s, m-th rank block].T) @ B_m[s] for every member m of a fused
+    layer and every token i with slot s >= 0.
+
+    lora_a [num_slots, members * rank_class, in_features] holds member m's A in rows
+    [m * rank_class, m * rank_class + r_m), zero beyond; `member_ranks[s]` is the host list of
+    r_m. Inputs are trusted, as the pool that owns them validated them on write. The matmuls
+    run in the pool's dtype (BLAS accumulates in float32; in half precision the [n, rank]
+    shrink rounds once before the expand, as peft's does).
+    """
+    if batch.num_active == 0:
+        return
+    if batch.segments is None:
+        first, span = batch.slot_span
+        members = len(member_b)
+        slot_elements = lora_a[0].numel() + sum(b[0].numel() for _, b in member_b)
+        stacked = span * slot_elements + (1 + 2 * members) * OP_COST_ELEMENTS
+        per_slot = batch.num_active_slots * (slot_elements + (1 + members) * OP_COST_ELEMENTS)
+        if stacked <= per_slot:
+            _add_fused_stacked(y, x, lora_a, member_b, batch, first, span)
+            return
+    _add_fused_grouped(y, x, lora_a, member_b, member_ranks, batch)
+
+
+def _add_fused_stacked(
+    y: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    member_b: MemberB,
+    batch: LoraBatch,
+    first: int,
+    span: int,
+) -> None:
+    rank_class = lora_a.shape[1] // len(member_b)
+    num_tokens = x.shape[0]
+    # [n, span * members * rank_class]: every token against every slot of the run.
+    shrunk = F.linear(x, lora_a[first : first + span].view(-1, lora_a.shape[2]))
+    per_member = shrunk.view(num_tokens, span, len(member_b), rank_class)
+    mask = batch.span_mask(shrunk.dtype)  # [n, span, 1]: keeps each token's own slot
+    for member, (columns, b) in enumerate(member_b):
+        # The product is a fresh contiguous [n, span, rank_class]: no copy before the expand.
+        picked = (per_member[:, :, member] * mask).view(num_tokens, span * rank_class)
+        y[:, columns].addmm_(picked, b[first : first + span].view(span * rank_class, -1))
+
+
+def _add_fused_grouped(
+    y: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    member_b: MemberB,
+    member_ranks: Sequence[Sequence[int]],
+    batch: LoraBatch,
+) -> None:
+    rank_class = lora_a.shape[1] // len(member_b)
+    for slot, rows in batch.slot_rows():
+        ranks = member_ranks[slot]
+        if not any(ranks):
+            continue
+        shrunk = F.linear(x[rows], lora_a[slot])  # [k, members * rank_class]
+        for member, ((columns, b), rank) in enumerate(zip(member_b, ranks, strict=True)):
+            if rank == 0:
+                continue
+            part = shrunk[:, member * rank_class : member * rank_class + rank]
+            if isinstance(rows, slice):
+                y[rows, columns].addmm_(part, b[slot, :rank])
+            else:
+                y[:, columns].index_add_(0, rows, part @ b[slot, :rank])

@@ -13,7 +13,7 @@ from inference.adapter_cache import AdapterCache, AdapterStatus, LatencyHistogra
 from inference.adapter_store import AdapterRefused, AdapterStore, UnknownAdapter
 from inference.adapters import save_peft_adapter
 from inference.config import LORA_TARGETS, LoraServingConfig, ModelConfig
-from inference.lora_layers import LoraPool
+from inference.lora_layers import FusedLoraParams, LoraPool
 from inference.slot_plan import SlotBudgetTooSmall
 from schemas.events import CacheTier
 
@@ -210,6 +210,9 @@ def test_reused_slot_holds_nothing_of_the_previous_adapter(tmp_path: Path, fuse:
     for layer in pool.params:
         for params_list in layer.values():
             for params in params_list:
+                if isinstance(params, FusedLoraParams):
+                    _assert_fused_slot_holds_narrow(params, slot.slot)
+                    continue
                 members = {target for target, _, _ in params.members}
                 rank = int(params.ranks[slot.slot])
                 # The host mirrors the CPU path reads instead of the tensors stay in step.
@@ -224,6 +227,19 @@ def test_reused_slot_holds_nothing_of_the_previous_adapter(tmp_path: Path, fuse:
                 else:
                     assert rank == 0 and params.users == 0 and views is None
                     assert not params.a[slot.slot].any() and not params.b[slot.slot].any()
+
+
+def _assert_fused_slot_holds_narrow(params: FusedLoraParams, slot: int) -> None:
+    """Rank 4 on q and v, nothing elsewhere: every row and column beyond is zero again."""
+    ranks = params.member_ranks[slot]
+    assert ranks == tuple(4 if t in ("q_proj", "v_proj") else 0 for t, _, _ in params.members)
+    assert params.users == (1 if any(ranks) else 0)
+    rank_class = params.rank_class
+    for member, rank in enumerate(ranks):
+        rows = params.a[slot, member * rank_class : (member + 1) * rank_class]
+        assert bool(rows[:rank].any()) == (rank > 0) and not rows[rank:].any()
+        assert bool(params.b[member][slot, :rank].any()) == (rank > 0)
+        assert not params.b[member][slot, rank:].any()
 
 
 def test_device_budget_sizes_the_pools(tmp_path: Path) -> None:
@@ -244,8 +260,8 @@ def test_device_budget_sizes_the_pools(tmp_path: Path) -> None:
     )
     assert cache.stats()["slots"] == {8: 3, 16: 2}
     assert per_slot[16] == 2 * per_slot[8]
-    fused = LoraPool.bytes_per_slot(TINY, 8, LORA_TARGETS, torch.float32, fuse=True)
-    assert fused > per_slot[8]  # block-diagonal B costs memory
+    # Fused slots hold the same weights: members' B are stored apart, without padding.
+    assert LoraPool.bytes_per_slot(TINY, 8, LORA_TARGETS, torch.float32, fuse=True) == per_slot[8]
     with pytest.raises(SlotBudgetTooSmall, match="leaves rank class 8 without a slot"):
         AdapterCache(AdapterStore(tmp_path), TINY, LoraServingConfig(device_budget_bytes=10))
 

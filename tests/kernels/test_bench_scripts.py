@@ -76,20 +76,10 @@ def test_multi_lora_flop_count_follows_the_pool_layout() -> None:
     config = ModelConfig.from_preset("tiny")
     shapes = [config.projection_shape(t) for t in LORA_TARGETS]
     per_rank_unfused = config.num_layers * sum(i + o for i, o in shapes)
-    assert multi_lora.lora_macs_per_token(config, LORA_TARGETS, False, 8) == 8 * per_rank_unfused
-    # Fused, B is block-diagonal: each member's rank also expands over its siblings' columns.
-    fused = multi_lora.lora_macs_per_token(config, LORA_TARGETS, True, 8)
-    assert fused > 8 * per_rank_unfused
-    qkv_out = sum(config.projection_shape(t)[1] for t in ("q_proj", "k_proj", "v_proj"))
-    gate_up_out = 2 * config.intermediate_size
-    hidden, inter = config.hidden_size, config.intermediate_size
-    expected_layer = (
-        3 * 8 * (hidden + qkv_out)
-        + 8 * (hidden + hidden)
-        + 2 * 8 * (hidden + gate_up_out)
-        + 8 * (inter + hidden)
+    assert multi_lora.lora_macs_per_token(config, LORA_TARGETS, 8) == 8 * per_rank_unfused
+    assert multi_lora.lora_macs_per_token(config, ("q_proj",), 4) == (
+        config.num_layers * 4 * sum(config.projection_shape("q_proj"))
     )
-    assert fused == config.num_layers * expected_layer
 
 
 @pytest.mark.slow
