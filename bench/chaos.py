@@ -67,6 +67,7 @@ def main() -> None:
         "machine": {"platform": platform.platform()},
         "requests": len(run.sent),
         "seconds": run.seconds,
+        "groups_drained": run.drained,
         "woken_worker_fenced_commits": len(run.fenced),
         "pipeline_restarts_after_a_fence": run.restarts,
         "phases": [
@@ -78,7 +79,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(figures))
-    print(f"\n{len(run.sent)} requests in {run.seconds:.0f} s; wrote {args.out}")
+    print(f"\n{len(run.sent)} requests in {run.seconds:.0f} s; every consumer group committed "
+          f"past everything: {'yes' if run.drained else 'NO'}; wrote {args.out}")
 
 
 if __name__ == "__main__":
