@@ -82,13 +82,6 @@ class ChaosConfig:
     session_timeout_ms: int = 6000  # the workers' group
     deadline_s: float = 240.0  # liveness bound of each wait, for a loaded machine
 
-    @property
-    def stop_s(self) -> float:
-        """How long the stopped worker stays stopped: past its session timeout, so the group
-        has given its partitions away."""
-        timeout_s = self.session_timeout_ms / 1000
-        return timeout_s + max(2.0, timeout_s / 2)
-
 
 @dataclass
 class Phase:
@@ -523,7 +516,7 @@ class Scenario:
         partitions = list(range(TOPICS["requests"].partitions))
         self._down.add(stopped.name)
         stopped.signal(signal.SIGSTOP)
-        await asyncio.sleep(self.config.stop_s)  # the fault itself: silent past the timeout
+        # Stopped until the group has expired its session and given all its partitions away.
         await self.wait_for(lambda: owned_partitions(other) == partitions,
                             f"{other.name} owns every partition", tasks)
         self.took_over = True
