@@ -68,6 +68,7 @@ def main() -> None:
         "requests": len(run.sent),
         "seconds": run.seconds,
         "groups_drained": run.drained,
+        "partitions_behind": run.undrained,
         "woken_worker_fenced_commits": len(run.fenced),
         "pipeline_restarts_after_a_fence": run.restarts,
         "phases": [
@@ -81,6 +82,8 @@ def main() -> None:
     print(table(figures))
     print(f"\n{len(run.sent)} requests in {run.seconds:.0f} s; every consumer group committed "
           f"past everything: {'yes' if run.drained else 'NO'}; wrote {args.out}")
+    for behind in run.undrained:
+        print(f"  behind: {behind}")
 
 
 if __name__ == "__main__":

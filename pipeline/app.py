@@ -20,6 +20,10 @@ producers that are no longer in a transaction: `IllegalOperation('Not in the mid
 transaction')`. That abandons the consumer's stop before its fetcher thread stops, and the
 thread keeps the process alive after the event loop has closed (the hang). Had the commit
 gone through, it would have marked skipped events as done.
+
+Faust waits in step 2 on every rebalance too. There the wait commits what the streams finished
+and keeps the transactions open and the agents running: the instance goes on with the
+partitions it keeps.
 """
 
 from __future__ import annotations
@@ -27,14 +31,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 import faust
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+from faust.transport.consumer import TransactionManager
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from infra.kafka.security import faust_credentials
+from infra.kafka.transactions import after_last_committed
 from infra.settings import Settings
 from schemas.topics import topic_spec
 
@@ -51,14 +58,32 @@ DRAIN_STALL_S = 3.0  # with no acknowledgement at all
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     async def _highwaters(self, partitions: list[Any]) -> Any:
-        # Faust 0.15.3 takes a transactional app's changelog highwaters from the consumer's
-        # fetch state (`last_stable_offset`), which is empty for a partition not fetched since
-        # the last rebalance: the highwater reads -1. Recovery then thinks there is nothing to
-        # read (a table, the governance parameters among them, starts incomplete), and a table
-        # already holding offset 9 of a partition fails the consistency check ("9 > -1") when
-        # an instance joins or leaves the group. The consumer reads committed, so the end
-        # offset the broker reports is the last stable offset, fetched or not.
-        return await self._ensure_consumer().end_offsets(partitions)
+        # Recovery reads a changelog partition until it has applied the record at highwater-1.
+        # Faust 0.15.3 takes a transactional app's highwaters from the consumer's fetch state
+        # (`last_stable_offset`), which is empty for a partition not fetched since the last
+        # rebalance: the highwater reads -1. Recovery then thinks there is nothing to read (a
+        # table, the governance parameters among them, starts incomplete), and a table already
+        # holding offset 9 of a partition fails the consistency check ("9 > -1") when an
+        # instance joins or leaves the group. The end offset the broker reports is no better:
+        # below it lie transaction markers and, after an instance was killed, the records of its
+        # aborted transactions, which recovery never sees. Faust checks for that only once its
+        # changelog queue has been idle for ten seconds, which never happens while another
+        # instance writes the tables: the instance would recover for ever. So the highwater is
+        # the offset after the last committed record.
+        ends = await self._ensure_consumer().end_offsets(partitions)
+        by_kafka_tp = {TopicPartition(tp.topic, tp.partition): tp for tp in ends}
+        try:
+            after = await asyncio.wait_for(
+                after_last_committed(
+                    self.app.kafka_settings,
+                    {kafka_tp: ends[tp] for kafka_tp, tp in by_kafka_tp.items()},
+                ),
+                timeout=self.app.conf.broker_request_timeout,
+            )
+        except (KafkaError, TimeoutError) as error:
+            log.warning("changelog tails unread (%r): recovery waits on the end offsets", error)
+            return ends
+        return {by_kafka_tp[kafka_tp]: offset for kafka_tp, offset in after.items()}
 
     async def _seek_wait(self, consumer: Any, partitions: Mapping[Any, int | None]) -> None:
         # Faust 0.15.3 seeks the standby changelog partitions it holds, including one a
@@ -88,12 +113,127 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class _Consumer(faust_aiokafka.Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lost_heads: dict[Any, int] = {}
+
     def _new_consumer_thread(self) -> _ConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def _new_offset(self, tp: Any) -> int | None:
+        # Faust 0.15.3 commits the first run of consecutive offsets among those acknowledged,
+        # after adding the offsets its gaps cover (transaction markers between records). A gap
+        # it records ends at the record that revealed it, which is acknowledged as well: the
+        # offset appears twice, the run ends there, and each commit advances by one
+        # transaction. Behind any backlog the group's offsets then fall ever further behind
+        # (seen: committed 169 with every offset up to 627 done). Merge the gaps here and drop
+        # the duplicates, so a commit covers everything done.
+        merge_acknowledged(self._acked[tp], self._gap.get(tp))
+        return super()._new_offset(tp)
+
+    async def force_commit(self, *args: Any, **kwargs: Any) -> bool:
+        self._forget_revoked()
+        await self._reread_lost_heads()
+        return await super().force_commit(*args, **kwargs)
+
+    def _forget_revoked(self) -> None:
+        # A rebalance clears the acknowledgements of the partitions it revokes, but an agent
+        # still holding one of their records acknowledges it afterwards. Committing that offset
+        # would go through the partition's transactional producer, which its new owner has
+        # fenced: Faust crashes the app. The new owner reads the record again instead.
+        assigned = self.assignment()
+        for tp in [tp for tp in self._acked if tp not in assigned]:
+            self._forget_acknowledgements(tp)
+
+    def _forget_acknowledgements(self, tp: Any) -> None:
+        for state in (self._acked, self._acked_index, self._gap):
+            state.pop(tp, None)
+
+    async def _reread_lost_heads(self) -> None:
+        # Faust commits a partition up to the first offset not yet acknowledged. After a member
+        # was killed and the group rebalanced twice in a few seconds, an instance that kept a
+        # partition was seen with committed offset 13 and every offset from 15 on acknowledged,
+        # nothing in flight, and it never committed again. A rebalance clears a partition's
+        # acknowledgements and seeks it to its committed offset; records fetched before the
+        # seek and delivered after it would move the read offset past the records re-read
+        # from there, which Faust then drops as already read. When two commits in a row find
+        # such a hole with nothing in flight below it, read the partition again from its
+        # committed offset: the agents are idempotent (ids), so a record processed twice is
+        # counted once.
+        # A record taken before the last rebalance and cleared from its agent's queue stays
+        # unacknowledged for good: only this generation's records are in flight.
+        generation = self.app.consumer_generation_id
+        lost = holes_at_head(
+            self._acked, self._gap, self._committed_offset,
+            ((message.tp, message.offset) for message in self._unacked_messages
+             if message.generation_id == generation),
+        )
+        seen, self._lost_heads = self._lost_heads, lost
+        for tp, committed in lost.items():
+            if seen.get(tp) != committed:
+                continue
+            log.warning("%s: offsets from %d were never acknowledged; reading them again",
+                        tp, committed)
+            self._forget_acknowledgements(tp)
+            await self.seek(tp, committed)
+
+
+def merge_acknowledged(acked: list[int], gaps: Any) -> None:
+    """Add to `acked` (in place, sorted, without duplicates) the offsets that `gaps` (Faust's
+    interval tree of offsets known to hold no record) covers up to its highest offset, and
+    remove those intervals from `gaps`."""
+    if acked and gaps:
+        covered = [n for interval in gaps.overlap(0, max(acked))
+                   for n in range(interval.begin, interval.end)]
+        if covered:
+            acked.extend(covered)
+            gaps.chop(0, max(acked) + 1)
+    acked[:] = sorted(set(acked))
+
+
+def holes_at_head(
+    acked: Mapping[Any, list[int]],
+    gaps: Mapping[Any, Any],
+    committed: Mapping[Any, int | None],
+    in_flight: Iterable[tuple[Any, int]],
+) -> dict[Any, int]:
+    """The partitions Faust cannot commit and nothing will fix, each with its committed offset:
+    the first offset acknowledged (or known to hold no record, an interval of `gaps`) lies more
+    than one past the committed offset, and no record in flight lies below it."""
+    waiting: dict[Any, int] = {}
+    for tp, offset in in_flight:
+        waiting[tp] = min(offset, waiting.get(tp, offset))
+    holes = {}
+    for tp, offsets in acked.items():
+        at = committed.get(tp)
+        starts = [*offsets, *(interval.begin for interval in gaps.get(tp, ()))]
+        if not at or not starts:
+            continue
+        head = min(starts)
+        if head - at > 1 and waiting.get(tp, head) >= head:
+            holes[tp] = at
+    return holes
+
+
+class _TransactionManager(TransactionManager):
+    async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any) -> None:
+        # Faust stops the transactional producers of the partitions it counts as revoked, and
+        # after a member left and came back it counted none, so an instance kept the producers
+        # of partitions that had moved away. Their new owner fenced them; when the partitions
+        # came back, Faust reused the fenced producers and the instance crashed on its next send
+        # ("Can't send messages while not in transaction"). Stop every producer whose
+        # partitions are not in the new assignment.
+        ours = self._tps_to_transactional_ids(assigned)
+        stale = sorted(set(self.producer._transaction_producers) - ours)
+        if stale:
+            log.info("stopping the transactional producers of partitions moved away: %s", stale)
+            await self._stop_transactions(stale)
+        await super().on_rebalance(assigned, revoked, newly_assigned)
 
 
 class _Transport(faust_aiokafka.Transport):
     Consumer = _Consumer
+    TransactionManager = _TransactionManager
 
 
 class PipelineApp(faust.App):
@@ -131,32 +271,46 @@ class PipelineApp(faust.App):
             await super()._consumer_wait_empty(consumer, logger)
             return
         logger.info("Wait for streams...")
-        # Faust's own wait loop (Consumer.wait_empty), minus its final commit that ends the
-        # transactions: that one must come after the last event is processed.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_TIMEOUT_S
-        last_progress, waiting = loop.time(), len(consumer._unacked_messages)
-        while consumer._unacked_messages:
-            now = loop.time()
-            if len(consumer._unacked_messages) < waiting:
-                last_progress, waiting = now, len(consumer._unacked_messages)
-            # An event read by two agents can stay unacknowledged for good (one agent's queue
-            # copy was cleared when the flow stopped); stop waiting once nothing moves.
-            if now > deadline or now - last_progress > DRAIN_STALL_S:
-                stuck = Counter(message.topic for message in consumer._unacked_messages)
-                logger.info("%s unprocessed at stop, redone after a restart", dict(stuck))
-                break
+        await _wait_streams(consumer, logger)
+        if not self.should_stop:
+            # Faust also waits here when a rebalance revokes partitions, and the agents go on
+            # afterwards. Commit what the streams finished, in transactions that go on: Faust's
+            # own wait ends them, and its periodic commit then commits into a producer with no
+            # transaction open (IllegalOperation: the instance crashes). The partitions revoked
+            # are committed here; their next owner's producers fence ours.
             await consumer.commit()
-            if not consumer._unacked_messages:
-                break
-            await consumer._wait_for_ack(timeout=1)
-            consumer._clean_unacked_messages()
+            return
+        # Stopping: one last commit ends the transactions, after the last event is processed.
         await consumer.commit_and_end_transactions()
         # From here on an acknowledgement is not a processed event: the streams acknowledge
         # what flow control makes them skip and what they drop when cancelled. Committing
         # those would lose them, and would fail anyway (no transaction is open).
         consumer.commit = _no_commit
         await self.agents.stop()
+
+
+async def _wait_streams(consumer: Any, logger: Any) -> None:
+    """Faust's own wait loop (Consumer.wait_empty), minus its final commit that ends the
+    transactions, and bounded: wait until the streams acknowledged what they took, committing
+    as they go."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_TIMEOUT_S
+    last_progress, waiting = loop.time(), len(consumer._unacked_messages)
+    while consumer._unacked_messages:
+        now = loop.time()
+        if len(consumer._unacked_messages) < waiting:
+            last_progress, waiting = now, len(consumer._unacked_messages)
+        # An event read by two agents can stay unacknowledged for good (one agent's queue copy
+        # was cleared when the flow stopped); stop waiting once nothing moves.
+        if now > deadline or now - last_progress > DRAIN_STALL_S:
+            stuck = Counter(message.topic for message in consumer._unacked_messages)
+            logger.info("%s unprocessed, redone by the partitions' next owner", dict(stuck))
+            break
+        await consumer.commit()
+        if not consumer._unacked_messages:
+            break
+        await consumer._wait_for_ack(timeout=1)
+        consumer._clean_unacked_messages()
 
 
 async def _no_commit(*args: Any, **kwargs: Any) -> bool:

@@ -1,6 +1,7 @@
 """Outputs and offsets in one transaction, against the real broker: a committed call makes
 both visible; a producer fenced by a newer one with its transactional id makes neither
-visible."""
+visible. And where a partition's committed records end, past markers and aborted
+transactions."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from infra.kafka.clients import make_admin, make_producer
+from infra.kafka.clients import make_admin, make_consumer, make_producer
 from infra.kafka.events import Outgoing, read_topic
-from infra.kafka.transactions import send_and_commit
+from infra.kafka.transactions import TAIL_WINDOW, after_last_committed, send_and_commit
 from infra.settings import Settings
 from schemas.events import ErrorCode, InferenceResult
 from schemas.topics import topic_name
@@ -77,3 +78,47 @@ def test_outputs_and_offsets_commit_together_or_not_at_all(kafka_settings):
     assert sorted(results) == ["r1", "r2"]
     assert committed == {source: 2}
     assert fenced.get(source, -1) == -1
+
+
+async def _transaction(producer, tp: TopicPartition, count: int, commit: bool) -> None:
+    await producer.begin_transaction()
+    for n in range(count):
+        await producer.send(tp.topic, f"record {n}".encode(), partition=tp.partition)
+    if commit:
+        await producer.commit_transaction()
+    else:
+        await producer.abort_transaction()
+
+
+async def _tails(settings: Settings) -> tuple[dict, dict, dict]:
+    topic = topic_name("results", settings.topic_prefix)
+    tps = [TopicPartition(topic, partition) for partition in range(4)]
+    producer = make_producer(settings, transactional_id=f"{settings.topic_prefix}tails")
+    await producer.start()
+    try:
+        await _transaction(producer, tps[0], 3, commit=True)  # offsets 0-2, marker 3
+        await _transaction(producer, tps[0], 2, commit=False)  # 4-5, marker 6
+        await _transaction(producer, tps[2], 5, commit=False)
+        # More aborted offsets than the first window reads back from the end.
+        await _transaction(producer, tps[3], 7, commit=True)  # 0-6, marker 7
+        await _transaction(producer, tps[3], TAIL_WINDOW + 40, commit=False)
+    finally:
+        await producer.stop()
+    consumer = make_consumer(settings, (), None)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+    expected = {tps[0]: 3, tps[1]: 0, tps[2]: 0, tps[3]: 7}
+    assert await after_last_committed(settings, {tps[1]: 0}) == {tps[1]: 0}
+    return ends, await after_last_committed(settings, ends), expected
+
+
+def test_the_offset_after_the_last_committed_record_skips_markers_and_aborted_records(
+    kafka_settings,
+):
+    ends, after, expected = asyncio.run(_tails(kafka_settings))
+    assert after == expected
+    # The read-committed end offsets lie past markers and aborted records.
+    assert all(ends[tp] > offset for tp, offset in expected.items() if tp.partition != 1)

@@ -16,7 +16,7 @@ from infra.kafka.clients import make_consumer, make_producer
 from infra.settings import load_settings
 from loraledger.cli import app as cli
 from pipeline.agents import Processor, build_pipeline
-from pipeline.app import _ConsumerThread, consumer_group
+from pipeline.app import _ConsumerThread, consumer_group, holes_at_head, merge_acknowledged
 from schemas.topics import topic_name
 
 GOVERNANCE_TABLES = [
@@ -101,3 +101,29 @@ def test_changelog_seek_starts_an_unbuilt_partition_from_its_beginning(tmp_path)
 
     assert asyncio.run(seek()) == (0, 2)
     assert thread.consumer._read_offset == {built: 2}
+
+
+def test_a_hole_after_the_committed_offset_with_nothing_in_flight_is_reported():
+    holes, filled, waiting, contiguous, never = (TP("rewards", n) for n in range(5))
+    acked = {holes: [15, 16, 17], filled: [16, 17], waiting: [15, 16], contiguous: [14, 15],
+             never: [3, 4]}
+    # Faust's gaps: offsets known to hold no record (markers), counted as acknowledged.
+    gaps = {filled: [SimpleNamespace(begin=14, end=16)]}
+    committed = {holes: 13, filled: 13, waiting: 13, contiguous: 13, never: None}
+    in_flight = [(waiting, 14), (holes, 20)]  # an unfinished record below the head, or above
+
+    assert holes_at_head(acked, gaps, committed, in_flight) == {holes: 13}
+
+
+def test_acknowledged_offsets_and_gaps_merge_into_one_run_without_duplicates():
+    from faust.transport.consumer import IntervalTree
+
+    # Records at 4-6 and 8-9, a transaction marker at 7; Faust's gap for the marker ends at
+    # the record that revealed it (8), which is acknowledged too.
+    acked, gaps = [4, 5, 6, 8, 9], IntervalTree()
+    gaps.addi(7, 9)
+    gaps.addi(20, 22)  # past everything acknowledged: kept for later
+    merge_acknowledged(acked, gaps)
+
+    assert acked == [4, 5, 6, 7, 8, 9]
+    assert sorted((i.begin, i.end) for i in gaps) == [(20, 22)]

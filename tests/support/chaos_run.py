@@ -39,7 +39,7 @@ from adapter_manifests import write_manifest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from kafka_cluster import BROKERS, REPO, leader_of, three_node_cluster
-from pipeline_process import OWNS_PARTITIONS, group_consumed
+from pipeline_process import OWNS_PARTITIONS, group_unconsumed
 from random_adapters import write_random_adapters
 
 from inference.adapter_store import AdapterStore
@@ -306,6 +306,7 @@ class ChaosRun:
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     seconds: float = 0.0  # from the first request sent to the last one paid
     drained: bool = False  # every consumer group committed past everything before the stop
+    undrained: list[str] = field(default_factory=list)  # else the partitions behind, and where
 
     def figures(self) -> list[PhaseFigures]:
         figures = []
@@ -343,6 +344,7 @@ class Scenario:
         self.fenced: list[str] = []
         self.restarts: list[str] = []  # pipeline instances started again after a fence
         self._down: set[str] = set()  # services a fault has taken down on purpose
+        self.undrained: list[str] = []  # partitions a group had not committed past, last seen
 
     @property
     def services(self) -> list[Service]:
@@ -436,7 +438,7 @@ class Scenario:
             self.config, self.env, self.settings, self.stream.sent, self.progress.answered,
             self.progress.paid, self.phases, self.took_over, self.fenced, self.restarts,
             exit_codes,
-            max(self.progress.paid.values()) - first, drained,
+            max(self.progress.paid.values()) - first, drained, self.undrained,
         )
 
     def _paid_up_to(self, moment: float) -> bool:
@@ -445,10 +447,15 @@ class Scenario:
 
     async def _groups_done(self) -> bool:
         # The sink and governance commit with the pipeline's group; the workers with theirs.
-        return await asyncio.to_thread(
-            lambda: group_consumed(self.settings, worker_group(self.settings), "requests")
-            and group_consumed(self.settings, consumer_group(self.settings),
-                               "results", "attributions", "rewards"))
+        def behind() -> list[str]:
+            return [
+                *group_unconsumed(self.settings, worker_group(self.settings), "requests"),
+                *group_unconsumed(self.settings, consumer_group(self.settings),
+                                  "results", "attributions", "rewards"),
+            ]
+
+        self.undrained = await asyncio.to_thread(behind)
+        return not self.undrained
 
     async def kill_broker(self, tasks: tuple[asyncio.Task, ...]) -> None:
         """SIGKILL the leader of a partition the stream writes to; restart it once another node

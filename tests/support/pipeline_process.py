@@ -28,8 +28,15 @@ OWNS_PARTITIONS = re.compile(r"loraledger-attribution owns partitions \[\d")
 def start(env: dict[str, str], log: Path) -> subprocess.Popen:
     """Every processor (governance, attribution, the sink) in one worker, its output appended
     to `log`."""
+    return start_processors(env, log, [])
+
+
+def start_processors(env: dict[str, str], log: Path, processors: list[str]) -> subprocess.Popen:
+    """`loraledger pipeline` running `processors` (all of them when empty), its output
+    appended to `log`."""
+    chosen = [arg for name in processors for arg in ("-p", name)]
     return subprocess.Popen(
-        [sys.executable, "-m", "loraledger.cli", "pipeline", "-l", "info"],
+        [sys.executable, "-m", "loraledger.cli", "pipeline", "-l", "info", *chosen],
         env=env, cwd=log.parent, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
 
@@ -67,7 +74,11 @@ def committed_events(settings: Settings, topic: str) -> list:
     return asyncio.run(read())
 
 
-async def _consumed(settings: Settings, group: str, topics: tuple[str, ...]) -> bool:
+async def _progress(
+    settings: Settings, group: str, topics: tuple[str, ...]
+) -> dict[TopicPartition, tuple[int | None, int]]:
+    """Per partition of `topics` that holds records: (the offset `group` committed, None when
+    none, and the offset of its last record)."""
     last: dict[TopicPartition, int] = {}
     for topic in topics:
         async for item in read_topic(settings, topic, idle_timeout_s=2.0):
@@ -79,8 +90,17 @@ async def _consumed(settings: Settings, group: str, topics: tuple[str, ...]) -> 
         committed = await admin.list_consumer_group_offsets(group, partitions=list(last))
     finally:
         await admin.close()
-    return bool(last) and all(
-        tp in committed and committed[tp].offset > offset for tp, offset in last.items())
+    return {tp: (committed[tp].offset if tp in committed else None, offset)
+            for tp, offset in last.items()}
+
+
+def _behind(progress: dict[TopicPartition, tuple[int | None, int]]) -> dict:
+    return {tp: (at, last) for tp, (at, last) in progress.items() if at is None or at <= last}
+
+
+async def _consumed(settings: Settings, group: str, topics: tuple[str, ...]) -> bool:
+    progress = await _progress(settings, group, topics)
+    return bool(progress) and not _behind(progress)
 
 
 def consumed(settings: Settings, *topics: str) -> bool:
@@ -89,9 +109,12 @@ def consumed(settings: Settings, *topics: str) -> bool:
     return asyncio.run(_consumed(settings, consumer_group(settings), topics))
 
 
-def group_consumed(settings: Settings, group: str, *topics: str) -> bool:
-    """Whether consumer group `group` has committed past every record of `topics`."""
-    return asyncio.run(_consumed(settings, group, topics))
+def group_unconsumed(settings: Settings, group: str, *topics: str) -> list[str]:
+    """The partitions of `topics` that `group` has not committed past, each as
+    "topic[partition] committed C, last record L"."""
+    behind = _behind(asyncio.run(_progress(settings, group, topics)))
+    return [f"{tp.topic}[{tp.partition}] committed {at}, last record {last}"
+            for tp, (at, last) in sorted(behind.items())]
 
 
 def table_changelog(settings: Settings, table: str) -> dict:
