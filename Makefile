@@ -44,8 +44,8 @@ test: venv lint
 	$(VPY) -m pytest -m "not gpu and not chaos" $(PYTEST_ARGS); status=$$?; \
 	$(LORALEDGER) stack down; exit $$status
 
-# The chaos scenario as a test (about 8 minutes on 2 cores; it starts its own cluster, so no
-# stack is needed). Kept out of `make test` to hold the suite well under 30 minutes.
+# The chaos scenario as a test (4-8 minutes on 2 cores; it starts its own cluster, so no stack
+# is needed). Kept out of `make test` to hold the suite well under 30 minutes.
 test-chaos: venv
 	$(VPY) -m pytest -m chaos $(PYTEST_ARGS)
 
