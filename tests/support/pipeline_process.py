@@ -57,12 +57,16 @@ def kill(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def wait_until(condition: Callable[[], bool], what: str, log: Path,
+def wait_until(condition: Callable[[], bool], what: str, log: Path | list[Path],
                timeout_s: float = 180.0) -> None:
+    """Poll `condition` until it holds; past the deadline, fail with the tail of each log."""
+    logs = [log] if isinstance(log, Path) else log
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}; log: {log.read_text()[-3000:]}")
+            tails = "\n".join(f"{path.name}: {path.read_text(errors='replace')[-3000:]}"
+                              for path in logs if path.exists())
+            raise AssertionError(f"timed out waiting until {what}; logs:\n{tails}")
         time.sleep(0.5)
 
 
