@@ -38,7 +38,7 @@ from aiokafka import (
 from aiokafka.errors import ProducerFenced
 
 from infra.kafka.clients import make_consumer, make_producer
-from infra.kafka.consumer_group import rewind_to_committed
+from infra.kafka.consumer_group import request_rejoin, rewind_to_committed
 from infra.kafka.events import Outgoing
 from infra.kafka.transactions import send_and_commit
 from infra.settings import Settings
@@ -193,11 +193,15 @@ async def _process_partition(
     except asyncio.CancelledError:
         raise
     except ProducerFenced:
-        # A zombie: the group gave the partition to another instance, whose producer fenced
-        # ours. The records are the new owner's; read no more of them until the group says so.
-        log.warning("%s partition %d was fenced by its new owner", config.source, tp.partition)
+        # Either a zombie (the group gave the partition to another instance, whose producer
+        # fenced ours) or a transaction the broker timed out. Read no more of it and ask the
+        # group: a partition still ours gets a new producer and resumes from its committed
+        # offset, one that is not stays with its new owner.
+        log.warning("%s partition %d was fenced; rejoining the group", config.source,
+                    tp.partition)
         consumer.pause(tp)
         await producers.drop([tp])
+        request_rejoin(consumer)
     except Exception:
         # The transaction was aborted: rewind to the committed offset so the batch is redone.
         log.exception("transaction failed; rewinding %s to the committed offset", tp)

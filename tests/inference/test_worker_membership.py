@@ -6,10 +6,10 @@ and serves on."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from aiokafka import TopicPartition
+from task_waits import wait_for
 
 from inference.base_model import build_base_model
 from inference.worker.backend import BackendConfig
@@ -21,9 +21,6 @@ from schemas.events import InferenceRequest
 from schemas.topics import TOPICS, topic_name
 
 pytestmark = pytest.mark.integration
-
-DEADLINE_S = 120.0  # liveness bound for a loaded machine
-
 
 class CountingWorker(Worker):
     """A worker that counts the rebalance callbacks it receives."""
@@ -41,17 +38,6 @@ class CountingWorker(Worker):
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
         self.callbacks += 1
         await super()._on_revoked(revoked)
-
-
-async def wait_for(condition, what: str, tasks: list[asyncio.Task]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        for task in tasks:
-            if task.done():
-                task.result()  # a worker that stopped raises here
-                raise AssertionError(f"a worker stopped while waiting for {what}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -127,13 +113,12 @@ def test_a_worker_fenced_without_a_rebalance_rejoins_and_serves_on(settings: Set
                         for i in range(3 * partitions)]
             await publish(settings, requests)
             wanted = {request.request_id for request in requests}
-            deadline = time.monotonic() + DEADLINE_S
-            while (got := await answered(wanted)) != wanted:
-                assert time.monotonic() < deadline, (
-                    f"{len(wanted - got)} of {len(wanted)} requests unanswered after the fence")
-                for task in tasks:
-                    if task.done():
-                        task.result()
+
+            async def all_answered() -> bool:
+                return await answered(wanted) == wanted
+
+            await wait_for(all_answered, f"answers to all {len(wanted)} requests sent after "
+                           "the fence", tasks)
             assert worker.callbacks > callbacks, "the worker never asked the group again"
             assert len(worker.partitions) == partitions
         finally:
