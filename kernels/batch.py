@@ -62,6 +62,9 @@ class LoraBatch:
     _span_masks: dict[torch.dtype, Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _active_tokens: tuple[SlotRows, Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def num_tokens(self) -> int:
@@ -151,6 +154,19 @@ class LoraBatch:
         if self._slot_rows is None:
             self._slot_rows = _group_rows(self)
         return self._slot_rows
+
+    def active_tokens(self) -> tuple[SlotRows, Tensor]:
+        """(rows, slots) of every token with a slot, in token order; computed once and cached
+        (the fused gathered path, where padding beyond a slot's ranks is zero and needs no
+        bucketing by rank)."""
+        if self._active_tokens is None:
+            rows = [i for i, slot in enumerate(self.host_slots) if slot >= 0]
+            slots = [self.host_slots[i] for i in rows]
+            device = self.token_slots.device
+            self._active_tokens = (
+                _rows(rows, device), torch.tensor(slots, dtype=torch.int64, device=device)
+            )
+        return self._active_tokens
 
     def gather_buckets(self, rank_of: Sequence[int]) -> list[GatherBucket]:
         """Active tokens bucketed by their slot's rank (`rank_of[slot]`), rank-0 slots left

@@ -21,8 +21,9 @@ expand per member against that run's B. With one token per adapter, the usual de
 that is 1 + 2 * members ops per fused layer instead of (1 + members) per slot, and each matmul
 reads a long contiguous run of weights, which a single core streams several times faster
 than many short ones. The shrink's extra multiplies (every token times every slot of the run)
-cost little next to reading the weights, which the run reads once. Prefill and scattered
-slots go slot by slot.
+cost little next to reading the weights, which the run reads once. Scattered slots that are
+small (a tiny model's) are gathered as in the unfused layout, a fixed handful of ops however
+many slots; large scattered slots and prefill go slot by slot.
 """
 
 from __future__ import annotations
@@ -215,8 +216,13 @@ def add_fused_lora(
         slot_elements = lora_a[0].numel() + sum(b[0].numel() for _, b in member_b)
         stacked = span * slot_elements + (1 + 2 * members) * OP_COST_ELEMENTS
         per_slot = batch.num_active_slots * (slot_elements + (1 + members) * OP_COST_ELEMENTS)
-        if stacked <= per_slot:
+        # Every token copies its slot's weights, and the batched matmuls read the copies.
+        gathered = 2 * batch.num_active * slot_elements + (2 + 3 * members) * OP_COST_ELEMENTS
+        if stacked <= min(per_slot, gathered):
             _add_fused_stacked(y, x, lora_a, member_b, batch, first, span)
+            return
+        if gathered < per_slot:
+            _add_fused_gathered(y, x, lora_a, member_b, batch)
             return
     _add_fused_grouped(y, x, lora_a, member_b, member_ranks, batch)
 
@@ -240,6 +246,22 @@ def _add_fused_stacked(
         # The product is a fresh contiguous [n, span, rank_class]: no copy before the expand.
         picked = (per_member[:, :, member] * mask).view(num_tokens, span * rank_class)
         y[:, columns].addmm_(picked, b[first : first + span].view(span * rank_class, -1))
+
+
+def _add_fused_gathered(
+    y: Tensor, x: Tensor, lora_a: Tensor, member_b: MemberB, batch: LoraBatch
+) -> None:
+    rank_class = lora_a.shape[1] // len(member_b)
+    rows, slots = batch.active_tokens()
+    # Rows beyond a member's rank are zero in A and B: the full rank class is exact.
+    shrunk = torch.bmm(lora_a.index_select(0, slots), x[rows].unsqueeze(2))  # [k, m * rc, 1]
+    for member, (columns, b) in enumerate(member_b):
+        part = shrunk[:, member * rank_class : (member + 1) * rank_class].transpose(1, 2)
+        delta = torch.bmm(part, b.index_select(0, slots)).squeeze(1)  # [k, width]
+        if isinstance(rows, slice):
+            y[rows, columns] += delta
+        else:
+            y[:, columns].index_add_(0, rows, delta)
 
 
 def _add_fused_grouped(

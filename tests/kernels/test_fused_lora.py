@@ -1,4 +1,5 @@
-"""The fused-pool CPU path (`add_fused_lora`): stacked decode and slot-by-slot, against float64."""
+"""The fused-pool CPU path (`add_fused_lora`): stacked decode, gathered decode and slot by slot,
+against float64."""
 
 import pytest
 import torch
@@ -10,8 +11,14 @@ from kernels.torch_path import add_fused_lora
 WIDTHS = (24, 8, 8)  # a q|k|v-like layer: members of different widths
 RANK_CLASS = 4
 IN_FEATURES = 16
-# member ranks per slot: slot 1 leaves k alone, slot 2 is under-ranked, slot 4 is empty
-SLOT_RANKS = [(4, 4, 4), (4, 0, 4), (2, 3, 1), (4, 4, 4), (0, 0, 0), (4, 4, 4)]
+# member ranks per slot: slot 1 leaves k alone, slot 2 is under-ranked, slot 4 is empty; the
+# slots after 5 make room for scattered batches
+SLOT_RANKS = [(4, 4, 4), (4, 0, 4), (2, 3, 1), (4, 4, 4), (0, 0, 0), (4, 4, 4)] + [
+    (4, 4, 4), (3, 4, 2), (4, 4, 0), (1, 1, 1), (4, 2, 4), (4, 4, 4), (0, 4, 4), (4, 4, 4),
+    (2, 2, 2), (4, 3, 4),
+]
+# Elements of one slot (A and every member's B): the exchange rate of one op in the cases below.
+SLOT_ELEMENTS = len(WIDTHS) * RANK_CLASS * IN_FEATURES + RANK_CLASS * sum(WIDTHS)
 
 
 def fused_layer(dtype: torch.dtype, seed: int):
@@ -44,21 +51,28 @@ def expected(y, x, a, b, columns, token_slots):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("token_slots", "prefill", "stacked"),
+    ("token_slots", "prefill", "op_cost", "path"),
     [
-        ([3, -1, 1, 3, 2, 0], False, True),  # close slots, repeats, a base token: stacked
-        ([5, -1, 0], False, False),  # two slots spanning six: slot by slot, by reads alone
-        ([1, 1, 1, -1, 2, 2, 1, 0], True, False),  # prefill runs, one slot in two runs
+        # Ops free: the choice weighs weight reads alone.
+        ([3, -1, 1, 3, 2, 0], False, 0, "stacked"),  # close slots, repeats, a base token
+        ([5, -1, 0], False, 0, "grouped"),  # two slots spanning six: slot by slot
+        ([1, 1, 1, -1, 2, 2, 1, 0], True, 0, "grouped"),  # prefill runs, one slot in two runs
+        # An op costs a slot's reads: four slots spread over sixteen are cheapest gathered.
+        ([15, 0, -1, 8, 2], False, SLOT_ELEMENTS, "gathered"),
     ],
-    ids=["stacked", "scattered", "prefill"],
+    ids=["stacked", "scattered", "prefill", "gathered"],
 )
 def test_matches_reference(
-    monkeypatch, dtype: torch.dtype, token_slots: list[int], prefill: bool, stacked: bool
+    monkeypatch,
+    dtype: torch.dtype,
+    token_slots: list[int],
+    prefill: bool,
+    op_cost: int,
+    path: str,
 ) -> None:
-    # Ops free: the choice weighs weight reads alone, so it does not hang on the exchange rate.
-    monkeypatch.setattr(torch_path, "OP_COST_ELEMENTS", 0)
-    calls = {"stacked": 0, "grouped": 0}
-    for name in ("stacked", "grouped"):
+    monkeypatch.setattr(torch_path, "OP_COST_ELEMENTS", op_cost)
+    calls = {"stacked": 0, "gathered": 0, "grouped": 0}
+    for name in calls:
         original = getattr(torch_path, f"_add_fused_{name}")
 
         def counted(*args, _original=original, _name=name, **kwargs):
@@ -73,7 +87,7 @@ def test_matches_reference(
     batch = LoraBatch.from_token_slots(torch.tensor(token_slots), prefill=prefill)
     member_b = [(cols, bm.to(dtype)) for cols, bm in zip(columns, b, strict=True)]
     add_fused_lora(y, x, a.to(dtype), member_b, SLOT_RANKS, batch)
-    assert calls == {"stacked": int(stacked), "grouped": int(not stacked)}
+    assert calls == {name: int(name == path) for name in calls}
     tolerance = 1e-5 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(y.double(), want, atol=tolerance, rtol=tolerance * 0.1)
     base_rows = [i for i, slot in enumerate(token_slots) if slot < 0]
