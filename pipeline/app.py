@@ -131,17 +131,6 @@ class _Consumer(faust_aiokafka.Consumer):
         merge_acknowledged(self._acked[tp], self._gap.get(tp))
         return super()._new_offset(tp)
 
-    async def _commit_offsets(self, *args: Any, **kwargs: Any) -> bool:
-        # A table write is queued in the producer's buffer (`send_soon`) before its event is
-        # acknowledged, and sent by a background task. Faust flushes that buffer before a plain
-        # commit but not before a transactional one: a write could miss the transaction that
-        # commits its event (lost if the instance then dies), and after the last commit at
-        # stop it reached a producer with no transaction open (IllegalOperation: the instance
-        # exited 1). Send what the buffer holds first.
-        if self.in_transaction:
-            await self.app.producer.buffer.flush()
-        return await super()._commit_offsets(*args, **kwargs)
-
     async def force_commit(self, *args: Any, **kwargs: Any) -> bool:
         self._forget_revoked()
         await self._reread_lost_heads()
