@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 DEADLINE_S = 120.0  # liveness bound for a loaded machine
-POLL_S = 0.1
+POLL_S = 0.1  # how often the condition is checked while the tasks run
 
 
 async def wait_for(
@@ -19,7 +19,10 @@ async def wait_for(
     tasks: Sequence[asyncio.Task],
     deadline_s: float = DEADLINE_S,
 ) -> None:
-    """Poll `condition` (a plain or an async function) until it holds."""
+    """Check `condition` (a plain or an async function) until it holds; between checks, wait
+    on the tasks themselves, so one that stops ends the wait at once."""
+    if not tasks:
+        raise ValueError("wait_for needs the tasks under test")
     deadline = time.monotonic() + deadline_s
     while True:
         held = condition()
@@ -27,9 +30,8 @@ async def wait_for(
             held = await held
         if held:
             return
-        for task in tasks:
-            if task.done():
-                task.result()  # a task that raised raises here
-                raise AssertionError(f"a task under test stopped while waiting for {what}")
+        stopped, _ = await asyncio.wait(tasks, timeout=POLL_S)
+        for task in stopped:
+            task.result()  # a task that raised raises here
+            raise AssertionError(f"a task under test stopped while waiting for {what}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(POLL_S)
