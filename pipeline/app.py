@@ -10,8 +10,8 @@ Stopping (SIGTERM, Ctrl-C) under `exactly_once` runs in this order:
 2. Faust stops fetching, and `_consumer_wait_empty` waits until every event the agents took
    has been processed and acknowledged (the ledger sink writes its current batch), committing
    as it goes;
-3. one last commit ends the transactions, and the consumer commits nothing after it; then
-   the agents are stopped.
+3. one last commit ends the transactions, and the consumer commits nothing after it (nor sends
+   a table write: see `_Consumer._commit_offsets`); then the agents are stopped.
 
 Faust 0.15.3 ends the transactions at the end of 2, but its streams keep acknowledging
 events afterwards: those that flow control makes them skip (unprocessed) and, once the agents
@@ -39,6 +39,8 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from faust.transport.consumer import TransactionManager
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.transport.producer import ProducerBuffer
+from faust.types.tuples import FutureMessage
 
 from infra.kafka.security import faust_credentials
 from infra.kafka.transactions import after_last_committed
@@ -130,6 +132,21 @@ class _Consumer(faust_aiokafka.Consumer):
         # the duplicates, so a commit covers everything done.
         merge_acknowledged(self._acked[tp], self._gap.get(tp))
         return super()._new_offset(tp)
+
+    async def _commit_offsets(self, offsets: Mapping[Any, int],
+                              start_new_transaction: bool = True) -> bool:
+        # Table writes wait in the producer's buffer (`send_soon`) until a background task sends
+        # them; Faust flushes it before a plain commit but not before a transactional one. A
+        # write queued before its event was acknowledged could then miss the transaction that
+        # commits the event, and after the last commit at stop it found no transaction open
+        # (IllegalOperation): the buffer crashed and the instance exited 1. The offsets are
+        # fixed by now, so every write of an event they cover is in the buffer or being sent.
+        if self.in_transaction:
+            buffer = self.app.producer.buffer
+            await buffer.drain()
+            if not start_new_transaction:
+                buffer.closed = True
+        return await super()._commit_offsets(offsets, start_new_transaction=start_new_transaction)
 
     async def force_commit(self, *args: Any, **kwargs: Any) -> bool:
         self._forget_revoked()
@@ -231,8 +248,52 @@ class _TransactionManager(TransactionManager):
         await super().on_rebalance(assigned, revoked, newly_assigned)
 
 
+class _ProducerBuffer(ProducerBuffer):
+    """Faust's buffer of table writes (`send_soon`), which a background task sends: drained
+    before every transactional commit, and closed by the last one at stop."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._sending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.closed = False
+
+    async def _send_pending(self, fut: FutureMessage) -> None:
+        if self.closed:
+            # Written by an event processed after the last commit: the event stays uncommitted
+            # and its partition's next owner processes it again, writing this again.
+            return
+        self._sending += 1
+        self._idle.clear()
+        try:
+            await super()._send_pending(fut)
+        finally:
+            self._sending -= 1
+            if not self._sending:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Send every write queued, and wait for the one the background task is sending."""
+        while True:
+            try:
+                fut = self.pending.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            await self._send_pending(fut)
+        await self._idle.wait()
+
+
+class _Producer(faust_aiokafka.Producer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffer = _ProducerBuffer(loop=self.loop, beacon=self.beacon)
+        self.buffer.app = self.app
+
+
 class _Transport(faust_aiokafka.Transport):
     Consumer = _Consumer
+    Producer = _Producer
     TransactionManager = _TransactionManager
 
 

@@ -16,7 +16,13 @@ from infra.kafka.clients import make_consumer, make_producer
 from infra.settings import load_settings
 from loraledger.cli import app as cli
 from pipeline.agents import Processor, build_pipeline
-from pipeline.app import _ConsumerThread, consumer_group, holes_at_head, merge_acknowledged
+from pipeline.app import (
+    _ConsumerThread,
+    _ProducerBuffer,
+    consumer_group,
+    holes_at_head,
+    merge_acknowledged,
+)
 from schemas.topics import topic_name
 
 GOVERNANCE_TABLES = [
@@ -127,3 +133,45 @@ def test_acknowledged_offsets_and_gaps_merge_into_one_run_without_duplicates():
 
     assert acked == [4, 5, 6, 7, 8, 9]
     assert sorted((i.begin, i.end) for i in gaps) == [(20, 22)]
+
+
+def test_the_table_write_buffer_drains_with_the_write_in_flight_and_drops_writes_once_closed(
+    tmp_path,
+):
+    # Faust's background task has taken one write off the buffer and is still sending it; two
+    # more wait. Draining (before a transactional commit) sends both and waits for the third.
+    assert isinstance(build_pipeline(_settings(tmp_path, "p4.")).producer.buffer, _ProducerBuffer)
+
+    async def scenario() -> list[str]:
+        published: list[str] = []
+        release, queued_sent = asyncio.Event(), asyncio.Event()
+
+        class Channel:
+            async def publish_message(self, fut, wait: bool) -> None:
+                if fut.name == "in flight":
+                    await release.wait()
+                published.append(fut.name)
+                if fut.name == "queued 2":
+                    queued_sent.set()
+
+        def write(name: str) -> SimpleNamespace:
+            return SimpleNamespace(name=name, message=SimpleNamespace(channel=Channel()))
+
+        buffer = _ProducerBuffer()
+        buffer.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))
+        in_flight = asyncio.create_task(buffer._send_pending(write("in flight")))
+        buffer.put(write("queued 1"))
+        buffer.put(write("queued 2"))
+        draining = asyncio.create_task(buffer.drain())
+        await queued_sent.wait()
+        assert buffer.size == 0
+        assert not draining.done()  # the write in flight is not sent yet
+        release.set()
+        await asyncio.gather(draining, in_flight)
+        # After the last commit at stop no transaction is open: a write is dropped (its event is
+        # not committed, and is processed again), not sent into an error that crashes the app.
+        buffer.closed = True
+        await buffer._send_pending(write("after the last commit"))
+        return published
+
+    assert asyncio.run(scenario()) == ["queued 1", "queued 2", "in flight"]
