@@ -24,10 +24,7 @@ with fewer adapters and requests.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+
+from bench_report import machine_facts, write_report  # noqa: E402
 
 from inference.adapter_cache import AdapterCache  # noqa: E402
 from inference.adapter_store import AdapterStore  # noqa: E402
@@ -488,12 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "multi_lora",
         "args": {k: shown_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": {"preset": args.preset, **config.to_hf_config()},
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "load_average": os.getloadavg(),
-        },
+        "machine": machine_facts(),
         "decode_tokens_per_s": {
             "a_base": base_tps,
             "a_base_runs": [
@@ -513,9 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peft_load_seconds": main_run["peft_load_seconds"],
         "shapes": {name: shape_json(run) for name, run in shapes.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    write_report(args.out, result)
     return result
 
 

@@ -24,9 +24,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "support"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_report import machine_facts, write_report  # noqa: E402
 from multi_lora import load_peft, peft_decode  # noqa: E402
 from random_adapters import write_random_adapter  # noqa: E402
 from smollm2 import smollm2_checkpoint  # noqa: E402
@@ -224,21 +222,14 @@ def main(argv: list[str] | None = None) -> dict:
         "model": f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized, served in {args.dtype})",
         "peers": "transformers + peft (c, d)",
         "args": {k: v.name if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "load_average": os.getloadavg(),
-        },
+        "machine": machine_facts(),
         "decode_tokens_per_s_median": tps,
         "rounds": rounds,
         "ratios_median_of_rounds": ratios,
         "ratios_per_round": per_round,
         "targets": TARGETS,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    write_report(args.out, result)
     return result
 
 

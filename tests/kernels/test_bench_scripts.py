@@ -98,3 +98,36 @@ def test_real_model_bench_reports_the_four_configurations(tmp_path: Path, smollm
     assert set(report["ratios_median_of_rounds"]) == set(report["targets"]) == ratios
     assert all(len(values) == 2 for values in report["ratios_per_round"].values())
     assert "| (b)/(c) |" in result.stdout
+
+
+def test_cpu_products_bench_times_every_layout_against_transformers(tmp_path: Path) -> None:
+    out = tmp_path / "cpu_products.json"
+    result = run_script(
+        "bench/cpu_products.py",
+        *("--layers", "2", "--vocab", "2048", "--repeats", "2", "--out", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    rows = {row["path"]: row for row in report["rows"]}
+    assert {"transformers", "this engine", "read ceiling"} <= set(rows)
+    assert rows["transformers"]["ratios_per_round"] == [1.0, 1.0]
+    assert all(row["gb_per_s"] > 0 and len(row["ratios_per_round"]) == 2 for row in rows.values())
+    assert all(row["error"] < 1e-4 for name, row in rows.items() if name != "read ceiling")
+    assert report["products_per_pass"] == 2 * 4 + 1
+    assert "| this engine |" in result.stdout
+
+
+def test_cpu_products_bench_refuses_a_product_that_differs_from_float64() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from cpu_products import check_against_reference
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    weights = [torch.randn(6, 4)]
+    inputs = {4: torch.randn(3, 4)}
+    good = {"right": [lambda x: x @ weights[0].T]}
+    assert check_against_reference(good, weights, inputs)["right"] < 1e-6
+    wrong = {"off by one percent": [lambda x: x @ weights[0].T * 1.01]}
+    with pytest.raises(SystemExit, match="off by one percent: products differ from float64"):
+        check_against_reference(wrong, weights, inputs)

@@ -1,0 +1,29 @@
+"""What every benchmark's JSON report carries, and how it is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def machine_facts() -> dict:
+    """Python and torch versions, the CPU, and the load average while it ran (a benchmark on a
+    shared machine reads its numbers against it)."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "load_average": os.getloadavg(),
+    }
+
+
+def write_report(out: Path, report: dict) -> None:
+    """Write the report as JSON (values JSON lacks, such as paths, as text) and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwrote {out}", file=sys.stderr)
