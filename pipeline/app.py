@@ -59,6 +59,11 @@ DRAIN_STALL_S = 3.0  # with no acknowledgement at all
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    async def seek_to_committed(self) -> Mapping[Any, int | None]:
+        return await self.call_thread(
+            seek_to_committed, self._ensure_consumer(), self.app.tables.changelog_topics
+        )
+
     async def _highwaters(self, partitions: list[Any]) -> Any:
         # Recovery reads a changelog partition until it has applied the record at highwater-1.
         # Faust 0.15.3 takes a transactional app's highwaters from the consumer's fetch state
@@ -372,6 +377,27 @@ async def _wait_streams(consumer: Any, logger: Any) -> None:
             break
         await consumer._wait_for_ack(timeout=1)
         consumer._clean_unacked_messages()
+
+
+async def seek_to_committed(
+    consumer: Any, changelog_topics: Iterable[str] = ()
+) -> dict[TopicPartition, int | None]:
+    """Seek every assigned partition to its committed offset, and the stream partitions without
+    one (or at 0) to their beginning; returns the committed offsets. Table changelogs are never
+    committed: recovery and the standby reads keep their positions.
+
+    When a rebalance stops the flow, Faust drops the records it has fetched and not yet handed
+    to the streams, and relies on this seek to fetch them again. aiokafka's own seek skips the
+    partitions with no committed offset above 0 and leaves them where the fetch left them: a
+    partition that nobody had committed yet (its first owner was killed) kept its position past
+    records that no one processed, and the group never committed it. They start again from the
+    beginning, as `consumer_auto_offset_reset='earliest'` would have started them."""
+    committed = await consumer.seek_to_committed()
+    changelogs = set(changelog_topics)
+    unset = [tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs]
+    if unset:
+        await consumer.seek_to_beginning(*unset)
+    return committed
 
 
 async def _no_commit(*args: Any, **kwargs: Any) -> bool:

@@ -22,6 +22,7 @@ from pipeline.app import (
     consumer_group,
     holes_at_head,
     merge_acknowledged,
+    seek_to_committed,
 )
 from schemas.topics import topic_name
 
@@ -107,6 +108,48 @@ def test_changelog_seek_starts_an_unbuilt_partition_from_its_beginning(tmp_path)
 
     assert asyncio.run(seek()) == (0, 2)
     assert thread.consumer._read_offset == {built: 2}
+
+
+@pytest.mark.integration
+def test_the_seek_to_committed_offsets_starts_a_partition_nobody_committed_from_its_beginning(
+    tmp_path,
+):
+    # Records fetched and then dropped when a rebalance stopped the flow are fetched again by
+    # this seek. A partition without a committed offset must go back too, not stay past them.
+    settings = provisioned_settings(stack_environment(tmp_path / "clickhouse"))
+    topic = topic_name("results", settings.topic_prefix)
+    never, committed = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    changelog = TopicPartition(topic_name("attributions", settings.topic_prefix), 0)
+
+    async def seek() -> tuple[dict, int, int]:
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            for tp in (never, committed, changelog):
+                for _ in range(3):
+                    await producer.send_and_wait(tp.topic, b"row", partition=tp.partition)
+        finally:
+            await producer.stop()
+        consumer = make_consumer(settings, [], group_id=f"{settings.topic_prefix}seek-test")
+        await consumer.start()
+        try:
+            consumer.assign([never, committed, changelog])
+            await consumer.commit({committed: 2})
+            # Fetched to the end: partition 0 from its beginning, partition 1 from offset 2.
+            last = {never: -1, committed: -1, changelog: -1}
+            while min(last.values()) < 2:
+                fetched = await consumer.getmany(timeout_ms=30_000)
+                assert fetched, "the records sent were not fetched"
+                last.update({tp: records[-1].offset for tp, records in fetched.items()})
+            # A table's changelog (any topic named as one) keeps its position.
+            offsets = await seek_to_committed(consumer, [changelog.topic])
+            return offsets, [await consumer.position(tp) for tp in (never, committed, changelog)]
+        finally:
+            await consumer.stop()
+
+    offsets, positions = asyncio.run(seek())
+    assert offsets == {never: None, committed: 2, changelog: None}
+    assert positions == [0, 2, 3]
 
 
 def test_a_hole_after_the_committed_offset_with_nothing_in_flight_is_reported():
