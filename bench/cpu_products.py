@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "support"))
 
-from bench_report import machine_facts, write_report  # noqa: E402
+from bench_report import machine_facts, measure_round, write_report  # noqa: E402
 
 from inference.lora_layers import column_major  # noqa: E402
 
@@ -189,23 +189,23 @@ def main(argv: list[str] | None = None) -> dict:
     runners["read ceiling"] = lambda: read_pass(weights, clock)
     for runner in runners.values():  # warm-up: packed buffers and caches touched once
         runner()
-    names = list(runners)
     rounds: list[dict[str, float]] = []
     for number in range(args.repeats):
-        shift = number % len(names)
-        rounds.append({name: runners[name]() for name in names[shift:] + names[:shift]})
+        rounds.append(measure_round(runners, number))
         print(f"round {number + 1}/{args.repeats}: " + "  ".join(
-            f"{name} {rounds[-1][name] * 1e3:.1f} ms" for name in names), file=sys.stderr)
+            f"{name} {seconds * 1e3:.1f} ms" for name, seconds in rounds[-1].items()),
+            file=sys.stderr)
     rows = []
-    for name in names:
+    for name in runners:
         seconds = statistics.median(r[name] for r in rounds)
+        # A ratio above 1: the path takes less time than the baseline.
+        per_round = [r[BASELINE] / r[name] for r in rounds]
         rows.append({
             "path": name,
             "seconds": seconds,
             "gb_per_s": weight_bytes / seconds / 1e9,
-            # A ratio above 1: the path takes less time than the baseline.
-            "ratio": statistics.median(r[BASELINE] / r[name] for r in rounds),
-            "ratios_per_round": [r[BASELINE] / r[name] for r in rounds],
+            "ratio": statistics.median(per_round),
+            "ratios_per_round": per_round,
             "error": errors.get(name),
         })
     print(markdown(rows, args.batch, args.dtype, args.clock, args.repeats))

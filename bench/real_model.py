@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "support"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_report import machine_facts, write_report  # noqa: E402
+from bench_report import machine_facts, measure_round, write_report  # noqa: E402
 from multi_lora import load_peft, peft_decode  # noqa: E402
 from random_adapters import write_random_adapter  # noqa: E402
 from smollm2 import smollm2_checkpoint  # noqa: E402
@@ -154,19 +154,6 @@ def markdown(
         for name, value in ratios.items()
     ]
     return "\n".join(lines)
-
-
-def measure_round(
-    runners: dict[str, Callable[[], float]], round_index: int
-) -> dict[str, float]:
-    """Tokens/s of every configuration once, starting from a different one each round, so that
-    a slow spell of a shared machine does not always fall on the same configuration."""
-    keys = list(runners)
-    shift = round_index % len(keys)
-    tps = {}
-    for key in keys[shift:] + keys[:shift]:
-        tps[key] = runners[key]()
-    return {key: tps[key] for key in keys}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -380,7 +380,7 @@ async def _wait_streams(consumer: Any, logger: Any) -> None:
 
 
 async def seek_to_committed(
-    consumer: Any, changelog_topics: Iterable[str] = ()
+    consumer: Any, changelog_topics: Iterable[str]
 ) -> dict[TopicPartition, int | None]:
     """Seek every assigned partition to its committed offset, and the stream partitions without
     one (or at 0) to their beginning; returns the committed offsets. Table changelogs are never

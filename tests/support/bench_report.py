@@ -1,4 +1,5 @@
-"""What every benchmark's JSON report carries, and how it is written."""
+"""What the benchmarks share: rounds that rotate their configurations, the machine facts every
+JSON report carries, and how a report is written."""
 
 from __future__ import annotations
 
@@ -6,9 +7,21 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+
+def measure_round(
+    runners: dict[str, Callable[[], float]], round_index: int
+) -> dict[str, float]:
+    """Every runner's result once, starting from a different one each round, so that a slow
+    spell of a shared machine does not always fall on the same configuration."""
+    keys = list(runners)
+    shift = round_index % len(keys)
+    results = {key: runners[key]() for key in keys[shift:] + keys[:shift]}
+    return {key: results[key] for key in keys}
 
 
 def machine_facts() -> dict:
